@@ -1,0 +1,75 @@
+"""Rendering: Jinja2 templates print what the plan computed (DESIGN.md section 1)."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import jinja2
+
+from .plan import Loop, Plan
+
+TEMPLATE_PACKAGE = "gncodegen.templates"
+
+
+def template_dir() -> Path:
+    """Return the folder holding the templates (the source tree's or the installed copy)."""
+    here = Path(__file__).resolve().parent.parent / "templates"
+    if (here / "_macros.j2").is_file():
+        return here
+    return Path(str(resources.files(TEMPLATE_PACKAGE)))
+
+
+def offset_expr(loops: tuple[Loop, ...]) -> str:
+    """Return the element offset of a loop nest's current iteration, e.g. `i_t * t_s + c`."""
+    terms = [lp.index if lp.stride_expr == "1" else f"{lp.index} * {lp.stride_expr}"
+             for lp in loops]
+    return " + ".join(terms) if terms else "0"
+
+
+def product(factors) -> str:
+    """Return factors joined by ' * ', leaving out literal ones (all ones give '0'-safe '1')."""
+    kept = [str(f) for f in factors if str(f) != "1"]
+    if any(str(f) == "0" for f in factors):
+        return "0"
+    return " * ".join(kept) if kept else "1"
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> jinja2.Environment:
+    """Return the strict Jinja2 environment shared by every target."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(template_dir())),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=False,
+        lstrip_blocks=False,
+        autoescape=False,
+    )
+    env.filters["offset_expr"] = offset_expr
+    env.filters["product"] = product
+    return env
+
+
+@dataclass(frozen=True)
+class Source:
+    """One generated file: its name and text."""
+
+    name: str
+    text: str
+
+
+def render_template(name: str, **context) -> str:
+    """Return a template rendered with context, ending in exactly one newline."""
+    text = environment().get_template(name).render(**context)
+    lines = [line.rstrip() for line in text.splitlines()]
+    return "\n".join(lines).strip("\n") + "\n"
+
+
+def render_c(plan: Plan, spec_name: str) -> tuple[Source, Source]:
+    """Return the C header and source for one layer."""
+    ctx = dict(plan=plan, spec_name=spec_name)
+    return (Source(f"{plan.prefix}.h", render_template("c/header.h.j2", **ctx)),
+            Source(f"{plan.prefix}.c", render_template("c/source.c.j2", **ctx)))
