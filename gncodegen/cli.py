@@ -1,0 +1,148 @@
+"""The command line: chains the pipeline's steps and prints their reports (DESIGN.md 5a).
+
+Exit status: 0 success, 1 verification failed, 2 bad spec or usage.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import GncodegenError
+from .pipeline import Result, run, write_output
+from .targets import target_choices
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _report(result: Result, verified: bool) -> str:
+    rows = [["layer", "target", "ran on", "compiled", "max error", "tolerance", "status"]]
+    for t in result.targets:
+        outcome = result.outcomes.get(t.name)
+        if not verified or outcome is None:
+            for p in result.plans:
+                rows.append([p.prefix, t.name, "-", "no", "-", "-", "not verified"])
+            continue
+        for r in outcome.reports:
+            rows.append([r.layer, t.name, r.runner, "yes", f"{r.max_rel:.2g}",
+                         f"{r.tolerance:g}", "pass" if r.passed else "FAIL"])
+    lines = [_table(rows)]
+    for outcome in result.outcomes.values():
+        lines.extend(outcome.notes)
+    failed = [f"{r.layer}/{r.target}: {c.case} (error {c.max_rel:.2g}, "
+              f"{c.nan_mismatch} NaN mismatches)"
+              for o in result.outcomes.values() for r in o.reports for c in r.cases
+              if not c.passed]
+    if failed:
+        lines.append("failed cases:")
+        lines.extend(f"  {f}" for f in failed)
+    return "\n".join(lines)
+
+
+def _fail(exc: GncodegenError) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+target_option = click.option(
+    "--target", "-t", default="c", show_default=True,
+    type=click.Choice(target_choices(), case_sensitive=False), help="What to generate.")
+allow_code_option = click.option(
+    "--allow-code", is_flag=True, help="Allow module:function initializers to run Python code.")
+keep_option = click.option("--keep", is_flag=True, help="Print where the build folder is.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gncodegen")
+def main() -> None:
+    """Generate, build and verify C and CUDA for MATLAB-style group normalization layers."""
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False),
+              help="Output folder [default: generated/<spec stem>/].")
+@target_option
+@click.option("--no-verify", is_flag=True, help="Write the sources without compiling them.")
+@allow_code_option
+@keep_option
+def build(spec: str, out_dir: str | None, target: str, no_verify: bool, allow_code: bool,
+          keep: bool) -> None:
+    """Render, compile and verify SPEC, then write the sources and manifest.json."""
+    try:
+        result = run(spec, target=target.lower(), verify=not no_verify, allow_code=allow_code,
+                     keep=keep)
+        click.echo(_report(result, verified=not no_verify))
+        if not result.passed:
+            click.echo("error: verification failed; nothing was written", err=True)
+            sys.exit(1)
+        out = Path(out_dir) if out_dir else Path("generated") / Path(spec).stem
+        write_output(out, result.sources, result.manifest)
+    except GncodegenError as exc:
+        _fail(exc)
+    names = ", ".join(s.name for s in result.sources)
+    click.echo(f"wrote {out}/: {names}, manifest.json")
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@target_option
+@allow_code_option
+@keep_option
+def verify(spec: str, target: str, allow_code: bool, keep: bool) -> None:
+    """Build SPEC in a scratch folder and verify it against the reference; write nothing."""
+    try:
+        result = run(spec, target=target.lower(), verify=True, allow_code=allow_code, keep=keep)
+    except GncodegenError as exc:
+        _fail(exc)
+    click.echo(_report(result, verified=True))
+    if not result.passed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@allow_code_option
+def show(spec: str, allow_code: bool) -> None:
+    """Print the resolved layers of SPEC and their plans."""
+    try:
+        result = run(spec, target="c", verify=False, allow_code=allow_code)
+    except GncodegenError as exc:
+        _fail(exc)
+    for plan in result.plans:
+        layer = plan.layer
+        click.echo(f"layer {layer.name}")
+        rows = [
+            ("num_groups", f"{layer.num_groups} ({layer.num_groups_given})"),
+            ("num_channels", str(layer.num_channels)),
+            ("format", f"{layer.format} ({layer.layout})"),
+            ("input_size", " x ".join(map(str, layer.input_size))),
+            ("epsilon", repr(layer.epsilon)),
+            ("dtype", layer.dtype),
+            ("scale", f"{layer.scale_source}: {_preview(plan.scale_values)}"),
+            ("offset", f"{layer.offset_source}: {_preview(plan.offset_values)}"),
+            ("learn rate factors", f"scale {layer.scale_learn_rate_factor:g}, "
+                                   f"offset {layer.offset_learn_rate_factor:g}"),
+            ("L2 factors", f"scale {layer.scale_l2_factor:g}, offset {layer.offset_l2_factor:g}"),
+            ("threads", str(layer.threads)),
+        ]
+        for key, value in rows:
+            click.echo(f"  {key:<20} {value}")
+        click.echo("  plan")
+        for line in plan.summary:
+            click.echo(f"    {line}")
+
+
+def _preview(values: tuple[float, ...], n: int = 4) -> str:
+    head = ", ".join(f"{v:.6g}" for v in values[:n])
+    return f"[{head}{', ...' if len(values) > n else ''}] ({len(values)} values)"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,94 @@
+"""The targets gncodegen renders for, as data: each renders sources and knows how to verify them.
+
+A target the machine cannot serve raises TargetUnavailable naming what is missing; a target
+that does not exist yet says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .errors import SpecError, TargetUnavailable
+from .plan import Plan
+from .render import Source, render_c
+from .spec import Spec
+from .verify import Report
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What verifying a target produced: reports, manifest extras and table lines to print."""
+
+    reports: tuple[Report, ...]
+    manifest: dict = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target: which dtypes it takes, how it renders, how it verifies."""
+
+    name: str
+    description: str
+    dtypes: tuple[str, ...]
+    render: Callable[[Spec, tuple[Plan, ...]], list[Source]]
+    verify: Callable[[Spec, tuple[Plan, ...], list[Source], bool], Outcome]
+
+    def check(self, spec: Spec) -> None:
+        """Raise SpecError when a layer's dtype is one this target cannot produce."""
+        for layer in spec.layers:
+            if layer.dtype not in self.dtypes:
+                raise SpecError(f"{layer.field_prefix}dtype",
+                                f"{layer.dtype} is not available on the {self.name} target "
+                                f"(it takes {', '.join(self.dtypes)})")
+
+
+def render_c_sources(spec: Spec, plans: tuple[Plan, ...]) -> list[Source]:
+    """Return every layer's C header and source."""
+    name = spec.path.replace("\\", "/").rsplit("/", 1)[-1]
+    return [src for plan in plans for src in render_c(plan, name)]
+
+
+def verify_c(spec: Spec, plans: tuple[Plan, ...], sources: list[Source], keep: bool) -> Outcome:
+    """Build the C sources for this host with cffi and verify every layer."""
+    from .build import build_c_module
+    from .verify import c_runner, verify_layer
+
+    c_sources = [s for s in sources if s.name.endswith((".c", ".h")) and
+                 not s.name.endswith("_cuda.h")]
+    module = build_c_module(plans, c_sources, keep=keep)
+    return Outcome(tuple(verify_layer(p.layer, "c", "host", c_runner(p, module))
+                         for p in plans))
+
+
+def _unavailable(name: str, why: str):
+    def fail(*_args, **_kwargs):
+        raise TargetUnavailable(f"target '{name}': {why}")
+    return fail
+
+
+TARGETS: dict[str, Target] = {
+    "c": Target("c", "portable C99 (host build through cffi)", ("single", "double"),
+                render_c_sources, verify_c),
+    "cuda": Target("cuda", "CUDA", ("single", "double", "half", "bfloat16"),
+                   _unavailable("cuda", "not available yet"),
+                   _unavailable("cuda", "not available yet")),
+}
+# Names --target accepts besides the targets themselves.
+TARGET_GROUPS = {"all": ("c", "cuda")}
+
+
+def resolve_targets(name: str) -> tuple[Target, ...]:
+    """Return the targets a --target value names."""
+    names = TARGET_GROUPS.get(name, (name,))
+    missing = [n for n in names if n not in TARGETS]
+    if missing:
+        raise TargetUnavailable(f"unknown target '{missing[0]}' "
+                                f"(choose from {', '.join(target_choices())})")
+    return tuple(TARGETS[n] for n in names)
+
+
+def target_choices() -> list[str]:
+    """Return every value --target accepts."""
+    return [*TARGETS, *TARGET_GROUPS]
