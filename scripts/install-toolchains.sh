@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Install the toolchains gncodegen's firmware targets and strict-flag tests use, on Debian or
+# Ubuntu: the Arm bare-metal compiler with newlib, QEMU for Arm system and user mode, the AArch64
+# Linux cross compiler with its C library, clang and valgrind.
+#
+# Idempotent: installs only the packages that are missing (apt-get update runs only then) and
+# prints nothing when everything is already there. Run as root, or with sudo available.
+#
+#   scripts/install-toolchains.sh           install what is missing
+#   scripts/install-toolchains.sh --check   list what is missing and exit 1, install nothing
+set -euo pipefail
+
+PACKAGES=(
+    gcc g++ make
+    gcc-arm-none-eabi binutils-arm-none-eabi libnewlib-arm-none-eabi
+    qemu-system-arm qemu-user
+    gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+    clang
+    valgrind
+)
+# Commands the tests run; each must exist once the packages are in.
+COMMANDS=(
+    gcc g++ make arm-none-eabi-gcc arm-none-eabi-size arm-none-eabi-nm qemu-system-arm
+    qemu-aarch64 aarch64-linux-gnu-gcc clang valgrind
+)
+
+fail() {
+    echo "install-toolchains: $*" >&2
+    exit 1
+}
+
+missing=()
+for package in "${PACKAGES[@]}"; do
+    status=$(dpkg-query -W -f='${Status}' "$package" 2>/dev/null || true)
+    if [[ "$status" != "install ok installed" ]]; then
+        missing+=("$package")
+    fi
+done
+
+if [[ "${1:-}" == "--check" ]]; then
+    if (( ${#missing[@]} )); then
+        echo "install-toolchains: missing packages: ${missing[*]}" >&2
+        exit 1
+    fi
+    exit 0
+elif [[ $# -gt 0 ]]; then
+    fail "unknown argument '$1' (usage: $0 [--check])"
+fi
+
+if (( ${#missing[@]} )); then
+    command -v apt-get >/dev/null || fail "apt-get not found: install ${missing[*]} by hand"
+    sudo=()
+    if [[ $(id -u) -ne 0 ]]; then
+        command -v sudo >/dev/null || fail "not root and no sudo: cannot install ${missing[*]}"
+        sudo=(sudo -n)
+    fi
+    log=$(mktemp)
+    trap 'rm -f "$log"' EXIT
+    export DEBIAN_FRONTEND=noninteractive
+    apt=(apt-get -q -o DPkg::Lock::Timeout=600)
+    if ! { "${sudo[@]}" "${apt[@]}" update && \
+           "${sudo[@]}" "${apt[@]}" install -y --no-install-recommends "${missing[@]}"; } \
+           >"$log" 2>&1; then
+        tail -n 20 "$log" >&2
+        fail "apt-get failed to install: ${missing[*]}"
+    fi
+fi
+
+for cmd in "${COMMANDS[@]}"; do
+    command -v "$cmd" >/dev/null || fail "'$cmd' is still not on PATH after installing"
+done
