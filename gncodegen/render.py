@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import jinja2
 
 from .plan import Loop, Plan
 
-TEMPLATE_PACKAGE = "gncodegen.templates"
-
-
 def template_dir() -> Path:
-    """Return the folder holding the templates (the source tree's or the installed copy)."""
-    here = Path(__file__).resolve().parent.parent / "templates"
-    if (here / "_macros.j2").is_file():
-        return here
-    return Path(str(resources.files(TEMPLATE_PACKAGE)))
+    """Return the folder holding the templates (the installed copy or the source tree's)."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "templates", package.parent / "templates"):
+        if (candidate / "_macros.j2").is_file():
+            return candidate
+    raise FileNotFoundError(f"gncodegen's templates are missing beside {package}")
 
 
 def offset_expr(loops: tuple[Loop, ...]) -> str:

@@ -161,7 +161,7 @@ def c_runner(plan: Plan, module) -> Runner:
     predict_with = getattr(lib, f"{plan.prefix}_predict_with_params")
 
     def run(case: Case) -> np.ndarray:
-        x = np.ascontiguousarray(case.x, dtype=np_dtype)
+        x = np.array(case.x, dtype=np_dtype)  # a copy: in-place cases must not touch case.x
         y = x if case.in_place else np.full_like(x, np.nan)
         px = ffi.from_buffer(f"{ctype}[]", x)
         py = px if case.in_place else ffi.from_buffer(f"{ctype}[]", y)

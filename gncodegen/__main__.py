@@ -1,0 +1,5 @@
+"""`python -m gncodegen` runs the command line."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,53 @@
+"""Shared helpers: specs from dicts, built C modules, the torch oracle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from gncodegen.build import build_c_module
+from gncodegen.plan import lower
+from gncodegen.render import render_c
+from gncodegen.spec import Layer, parse_spec
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+
+
+def make_layer(base_dir: Path | None = None, allow_code: bool = False, **keys) -> Layer:
+    """Return the one Layer of a spec given as keyword arguments."""
+    keys.setdefault("name", "t")
+    spec = parse_spec(yaml.safe_dump(keys), base_dir or Path("."), "t", allow_code=allow_code)
+    return spec.layers[0]
+
+
+def build_layers(*layers: Layer, flags=None):
+    """Return (plans, module) for layers compiled together through the build cache."""
+    plans = tuple(lower(layer) for layer in layers)
+    sources = [s for p in plans for s in render_c(p, "test.yaml")]
+    kwargs = {} if flags is None else {"flags": flags}
+    return plans, build_c_module(plans, sources, **kwargs)
+
+
+def torch_group_norm(x: np.ndarray, layer: Layer, batch: int, scale, offset) -> np.ndarray:
+    """Return torch.nn.functional.group_norm of a flat buffer in the layer's layout (float64 out)."""
+    import torch
+
+    from gncodegen.reference import canonical, from_canonical, to_flat, to_logical
+
+    canon = canonical(to_logical(x, layer, batch), layer)          # (N, C, R) float64 values
+    dtype = torch.float64 if layer.dtype == "double" else torch.float32
+    t = torch.from_numpy(np.ascontiguousarray(canon)).to(dtype)
+    y = torch.nn.functional.group_norm(
+        t, layer.num_groups, torch.tensor(np.asarray(scale)).to(dtype),
+        torch.tensor(np.asarray(offset)).to(dtype), layer.epsilon)
+    out = y.to(torch.float64).numpy()
+    return to_flat(from_canonical(out, layer, batch), layer)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
