@@ -32,7 +32,7 @@ from . import __version__
 from .build import STRICT_WARNINGS, cache_root, compiler_version, run_compiler
 from .errors import GncodegenError, TargetUnavailable, VerificationError
 from .plan import Plan
-from .render import Source, render_template
+from .render import Source, render_template, template_dir
 from .spec import Layer, Spec
 from .verify import Case, Report, make_cases, verify_layer
 
@@ -64,6 +64,7 @@ class FirmwareTarget:
     flash: Region | None = None      # where code and constants go (bare metal)
     ram: Region | None = None        # where .data, .bss and the stack go (bare metal)
     stack_size: int = 16 * KiB
+    vectors: Region | None = None    # where the vector table goes when not at FLASH's start
     tools_prefix: str = ""           # binutils prefix (arm-none-eabi-)
 
     @property
@@ -98,12 +99,13 @@ FIRMWARE_TARGETS: dict[str, FirmwareTarget] = {
                        M7_FLAGS, "-O2", "qemu-system-arm", "mps2-an500",
                        Region(0x00000000, 4 * MiB), Region(0x20000000, 4 * MiB),
                        tools_prefix="arm-none-eabi-"),
-        # AN547: 512 KiB ITCM at 0 for code and constants, 512 KiB DTCM at 0x20000000.
+        # AN547: the vector table in the ITCM at 0, code and constants in the 2 MiB SRAM at
+        # 0x01000000, data and stack in the 512 KiB DTCM at 0x20000000.
         # -O3: lets gcc vectorize with MVE (Helium), the path this core exists for.
         FirmwareTarget("cortex-m55", "Cortex-M55 with MVE (qemu mps3-an547)",
                        "arm-none-eabi-gcc", M55_FLAGS, "-O3", "qemu-system-arm", "mps3-an547",
-                       Region(0x00000000, 512 * KiB), Region(0x20000000, 512 * KiB),
-                       tools_prefix="arm-none-eabi-"),
+                       Region(0x01000000, 2 * MiB), Region(0x20000000, 512 * KiB),
+                       tools_prefix="arm-none-eabi-", vectors=Region(0x00000000, 1 * KiB)),
         # A Linux program run by qemu-aarch64 in user mode; -O3 vectorizes with NEON.
         FirmwareTarget("aarch64-linux", "AArch64 Linux (qemu-aarch64 user mode)",
                        "aarch64-linux-gnu-gcc", (), "-O3", "qemu-aarch64",
@@ -445,10 +447,7 @@ def support_sources(target: FirmwareTarget) -> list[Source]:
     """Return the start-up and I/O sources a target's image links besides the harness."""
     names = (["fw_io.h", "startup_cortex_m.c", "semihosting.c"] if target.bare_metal
              else ["fw_io.h", "hosted_io.c"])
-    folder = Path(__file__).resolve().parent.parent / "templates" / "firmware"
-    if not folder.is_dir():
-        from .render import template_dir
-        folder = template_dir() / "firmware"
+    folder = template_dir() / "firmware"
     return [Source(n, (folder / n).read_text()) for n in names]
 
 
@@ -667,6 +666,13 @@ def verify_layer_on(target: FirmwareTarget, plan: Plan, layer_sources: list[Sour
 def _layer_pair(plan: Plan, sources: list[Source]) -> tuple[Source, Source]:
     by_name = {s.name: s for s in sources}
     return by_name[f"{plan.prefix}.h"], by_name[f"{plan.prefix}.c"]
+
+
+def verifier(name: str):
+    """Return the verify hook of targets.Target for the firmware target `name`."""
+    def verify(spec: Spec, plans: tuple[Plan, ...], sources: list[Source], keep: bool):
+        return verify_target(name, spec, plans, sources, keep)
+    return verify
 
 
 def verify_target(name: str, spec: Spec, plans: tuple[Plan, ...], sources: list[Source],
