@@ -156,3 +156,14 @@ def test_parse_spec_relative_files_resolve_against_spec_folder(tmp_path):
     spec = parse_spec("num_groups: 1\nformat: CB\ninput_size: [2]\nscale: {file: s.npy}\n",
                       tmp_path / "sub", "x")
     assert spec.layers[0].scale == (1.0, 1.0)
+
+
+def test_mat_without_scipy_says_how_to_get_it(tmp_path, monkeypatch):
+    from scipy.io import savemat
+
+    savemat(tmp_path / "w.mat", {"gamma": np.ones(4)})
+    monkeypatch.setitem(sys.modules, "scipy.io", None)     # import now fails as if missing
+    with pytest.raises(SpecError, match=r"^scale\.file: reading \.mat files needs scipy: "
+                                        r"pip install 'gncodegen\[mat\]'$"):
+        make_layer(tmp_path, num_groups=2, format="CB", input_size=[4],
+                   scale={"file": "w.mat", "var": "gamma"})
