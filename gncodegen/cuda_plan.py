@@ -1,0 +1,353 @@
+"""CUDA lowering: launch geometry, strategies and index arithmetic for one layer.
+
+Pure functions from a Plan to everything the CUDA templates print (DESIGN.md section 5). The
+decisions live here and are asserted here: how many threads own one (observation, group)
+("a team"), whether the team is part of a warp, a block or a thread-block cluster, how many
+elements each thread keeps in registers, the vector width of the loads, and which kernel the
+host code launches for which device and batch.
+
+Strategies
+  warp     a group of at most 32 * on-chip elements is owned by 2..32 lanes of a warp; a block
+           holds several teams; reductions are warp shuffles only.
+  block    one block owns a group and keeps it in registers (read once, written once).
+  cluster  a group is split across the blocks of a thread-block cluster (sm_90): every block
+           keeps its share in registers, partial sums meet in distributed shared memory and
+           every block adds them in rank order, so the result is deterministic and no atomics
+           are used.
+  looped   a group too large for one cluster's registers: the team sweeps global memory twice
+           (statistics, then apply; the second sweep mostly hits L2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import TargetUnavailable
+from .plan import Plan, c_literal
+
+WARP = 32
+MAX_CLUSTER = 8            # the portable cluster size limit
+VECTOR_BYTES = 16          # one 128-bit load or store per thread per step
+ONCHIP_BYTES = 64          # input bytes a thread keeps in registers (16 floats)
+BLOCK_THREADS = (256, 512, 1024)
+WARP_TEAM_BLOCK = 256      # threads per block for the warp strategy
+GRID_LIMIT = 2**31 - 1
+SIZE_MAX = 2**64 - 1
+AB_SMEM_BYTES = 16 * 1024  # folded a/b per channel staged in shared memory up to this size
+MIN_WAVES = 2              # the wide variant is used below this many blocks per SM
+
+
+@dataclass(frozen=True)
+class CudaScalar:
+    """How one dtype is spelled in CUDA: storage type, conversions, numpy view for tests."""
+
+    dtype: str
+    elem: str          # storage type
+    acc: str           # accumulation type
+    to_acc: str        # function from elem to acc ('' for none)
+    from_acc: str      # function from acc to elem ('' for none)
+    header: str        # extra CUDA header, '' for none
+    bytes: int
+    numpy: str         # numpy dtype used to hold the bits on the host
+
+
+CUDA_SCALARS = {
+    "single": CudaScalar("single", "float", "float", "", "", "", 4, "float32"),
+    "double": CudaScalar("double", "double", "double", "", "", "", 8, "float64"),
+    "half": CudaScalar("half", "__half", "float", "__half2float", "__float2half_rn",
+                       "cuda_fp16.h", 2, "float16"),
+    "bfloat16": CudaScalar("bfloat16", "__nv_bfloat16", "float", "__bfloat162float",
+                           "__float2bfloat16_rn", "cuda_bf16.h", 2, "uint16"),
+}
+
+
+@dataclass(frozen=True)
+class CudaOptions:
+    """Knobs of the geometry; the defaults are the real ones, tests shrink them to emulate."""
+
+    block_threads: tuple[int, ...] = BLOCK_THREADS
+    warp_team_block: int = WARP_TEAM_BLOCK
+    onchip_bytes: int = ONCHIP_BYTES
+    max_cluster: int = MAX_CLUSTER
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One kernel instantiation and its launch geometry."""
+
+    name: str          # role: warp, narrow, wide, portable, scalar
+    strategy: str      # warp, block, cluster, looped
+    threads: int       # threads per block
+    lanes: int         # threads per team (warp strategy: lanes per group; else threads*cluster)
+    cluster: int       # blocks per group
+    vec: int           # elements per load
+    items: int         # vectors per thread kept in registers (0: looped)
+    teams_per_block: int
+    needs_sm90: bool
+    why: str
+
+    @property
+    def template_args(self) -> str:
+        """The kernel's template arguments, without the trailing BAKED flag."""
+        if self.strategy == "warp":
+            return f"{self.lanes}, {self.vec}, {self.items}"
+        return f"{self.threads}, {self.cluster}, {self.vec}, {self.items}"
+
+    @property
+    def kernel(self) -> str:
+        """Which kernel template the variant instantiates."""
+        return "warp_kernel" if self.strategy == "warp" else "group_kernel"
+
+    @property
+    def elements_per_thread(self) -> int:
+        """Elements one thread holds in registers (0 when looped)."""
+        return self.items * self.vec
+
+
+@dataclass(frozen=True)
+class OffsetTerm:
+    """One loop of the flat-index decomposition: ((i / div) % mod) * stride."""
+
+    div: int
+    mod: int | None    # None: the outermost loop needs no modulo
+    stride: int
+    per_batch: bool
+    labels: str
+
+
+@dataclass(frozen=True)
+class CudaPlan:
+    """Everything the CUDA templates print for one layer."""
+
+    plan: Plan
+    scalar: CudaScalar
+    archs: tuple[int, ...]
+    vec: int                          # widest legal vector (elements)
+    offset_terms: tuple[OffsetTerm, ...]
+    offset_type: str                  # int, or size_t when a stride depends on the batch
+    channel_div: int                  # channel of flat index i: (i / div) % cpg
+    channel_mod: int | None
+    group_stride: int                 # elements between group g and g+1 of one observation
+    group_stride_per_batch: bool
+    batch_stride: int
+    max_batch: int
+    variants: tuple[Variant, ...]
+    warp: Variant | None
+    narrow: Variant | None            # sm_90, enough blocks: smallest cluster that fits
+    wide: Variant | None              # sm_90, few groups: split each group further
+    portable: Variant | None          # any arch: one block per group
+    scalar_variant: Variant           # unaligned pointers
+    min_blocks_per_sm: int
+    ab_in_smem: bool                  # stage folded a/b per channel in shared memory
+    uses_cluster: bool
+    epsilon_literal: str
+    inv_numel_literal: str
+    scale_literals: tuple[str, ...]
+    offset_literals: tuple[str, ...]
+    summary: tuple[str, ...]
+
+    @property
+    def group_numel(self) -> int:
+        """Elements in one (observation, group)."""
+        return self.plan.group_numel
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def vector_width(plan: Plan, elem_bytes: int) -> int:
+    """Return the widest load (elements, up to 16 bytes) every group's layout allows."""
+    lay = plan.layout
+    inner = lay.stats_loops[-1]
+    if inner.stride != 1:
+        return 1
+    group_stride = plan.channels_per_group * lay.channel_stride
+    w = VECTOR_BYTES // elem_bytes
+    while w > 1:
+        ok = (inner.extent % w == 0
+              and all(lp.stride % w == 0 for lp in lay.stats_loops[:-1])
+              and lay.batch_stride % w == 0 and group_stride % w == 0)
+        if ok:
+            return w
+        w //= 2
+    return 1
+
+
+def offset_terms(plan: Plan) -> tuple[OffsetTerm, ...]:
+    """Return the decomposition of a flat in-group index into an element offset."""
+    loops = plan.layout.stats_loops
+    terms = []
+    inner = plan.group_numel
+    for k, lp in enumerate(loops):
+        inner //= lp.extent
+        terms.append(OffsetTerm(div=inner, mod=None if k == 0 else lp.extent,
+                                stride=lp.stride, per_batch=lp.per_batch, labels=lp.labels))
+    assert inner == 1
+    return tuple(terms)
+
+
+def _channel_index(plan: Plan) -> tuple[int, int | None]:
+    """Return (div, mod) so that the channel of flat index i is (i / div) % mod."""
+    loops = plan.layout.group_loops
+    k = next(i for i, lp in enumerate(loops) if lp.is_channel)
+    div = math.prod(lp.extent for lp in loops[k + 1:])
+    return div, (None if k == 0 else plan.channels_per_group)
+
+
+def _warp_variant(numel: int, vec: int, opts: CudaOptions, e_max: int) -> Variant:
+    vectors = _ceil(numel, vec)
+    lanes = min(WARP, _next_pow2(vectors))
+    items = _ceil(vectors, lanes)
+    assert items * vec <= max(e_max, vec) and lanes * items * vec >= numel
+    threads = opts.warp_team_block
+    assert threads % WARP == 0 and threads % lanes == 0
+    return Variant("warp", "warp", threads, lanes, 1, vec, items, threads // lanes, False,
+                   f"a group of {numel} fits {lanes} lanes x {items * vec} elements")
+
+
+def _block_variant(name: str, numel: int, vec: int, cluster: int, threads: int,
+                   e_max: int, looped: bool, why: str) -> Variant:
+    items = 0 if looped else _ceil(numel, cluster * threads * vec)
+    if not looped:
+        assert items * vec <= e_max, (items, vec, e_max)
+        assert cluster * threads * vec * items >= numel
+        # blocks take slabs of threads*vec elements in turn: none is left without one
+        assert (cluster - 1) * threads * vec < numel
+    strategy = "looped" if looped else ("cluster" if cluster > 1 else "block")
+    return Variant(name, strategy, threads, threads * cluster, cluster, vec, items, 1,
+                   cluster > 1, why)
+
+
+def _fit(numel: int, vec: int, e_max: int, max_cluster: int,
+         block_threads: tuple[int, ...]) -> tuple[int, int] | None:
+    """Return (threads, cluster) of the smallest team that holds a group on chip, or None."""
+    for threads in block_threads:
+        cluster = _ceil(numel, threads * e_max)
+        if cluster <= max_cluster:
+            # fewest blocks that still hold it, with no block left empty
+            while cluster > 1 and _ceil(numel, cluster * threads * vec) * vec > e_max:
+                cluster += 1
+            return threads, cluster
+    return None
+
+
+def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
+    """Return the CudaPlan for one layer."""
+    opts = options or CudaOptions()
+    layer = plan.layer
+    sc = CUDA_SCALARS[layer.dtype]
+    numel = plan.group_numel
+    e_max = max(1, opts.onchip_bytes // sc.bytes)
+    vec = vector_width(plan, sc.bytes)
+    while vec > e_max:
+        vec //= 2
+    archs = tuple(sorted(layer.cuda_arch))
+    has_sm90 = any(a >= 90 for a in archs)
+    cluster_max = opts.max_cluster if has_sm90 else 1
+
+    warp = narrow = wide = portable = None
+    if numel <= WARP * e_max:
+        warp = _warp_variant(numel, vec, opts, e_max)
+        scalar = _warp_variant(numel, 1, opts, e_max)
+        scalar = Variant("scalar", **{k: getattr(scalar, k) for k in (
+            "strategy", "threads", "lanes", "cluster", "vec", "items", "teams_per_block",
+            "needs_sm90")}, why="x or y not aligned for vector loads")
+    else:
+        bt = opts.block_threads
+        fit90 = _fit(numel, vec, e_max, cluster_max, bt) if has_sm90 else None
+        if fit90 is not None and fit90[1] > 1:
+            t, k = fit90
+            narrow = _block_variant("narrow", numel, vec, k, t, e_max, False,
+                                    f"{k} blocks of {t} threads hold a group on chip")
+        elif has_sm90 and fit90 is None:
+            t = bt[-1]
+            narrow = _block_variant("narrow", numel, vec, cluster_max, t, e_max, True,
+                                    f"a group of {numel} exceeds {cluster_max} blocks of "
+                                    f"{t} threads x {e_max} elements: two sweeps")
+        fit1 = _fit(numel, vec, e_max, 1, bt)
+        if fit1 is not None:
+            t, _ = fit1
+            portable = _block_variant("portable", numel, vec, 1, t, e_max, False,
+                                      f"one block of {t} threads holds a group on chip")
+        else:
+            t = bt[-1]
+            portable = _block_variant("portable", numel, vec, 1, t, e_max, True,
+                                      f"a group of {numel} exceeds one block's registers: "
+                                      "two sweeps")
+        # Few groups: split each over a full cluster so that more SMs stream it.
+        if has_sm90:
+            base = narrow or portable
+            t = base.threads
+            k = min(cluster_max, _ceil(numel, t * vec))
+            if k > base.cluster:
+                looped = base.strategy == "looped" or _ceil(numel, k * t * vec) * vec > e_max
+                wide = _block_variant("wide", numel, vec, k, t, e_max, looped,
+                                      f"few groups: {k} blocks per group fill more SMs")
+        sv = 1
+        pt = portable
+        if pt.strategy == "looped":
+            scalar = _block_variant("scalar", numel, sv, 1, pt.threads, e_max, True,
+                                    "x or y not aligned for vector loads")
+        else:
+            fit_s = _fit(numel, sv, e_max, 1, bt)
+            scalar = _block_variant("scalar", numel, sv, 1, fit_s[0], e_max, False,
+                                    "x or y not aligned for vector loads")
+    variants = tuple(v for v in (warp, narrow, wide, portable, scalar) if v is not None)
+    for v in variants:
+        assert v.threads % WARP == 0 and v.threads <= 1024, v
+        assert v.cluster <= opts.max_cluster
+        assert not v.needs_sm90 or has_sm90
+
+    lay = plan.layout
+    group_stride = plan.channels_per_group * lay.channel_stride
+    max_teams_per_group = max(v.cluster for v in variants)
+    if plan.has_batch:
+        max_batch = min(GRID_LIMIT // (plan.num_groups * max_teams_per_group),
+                        SIZE_MAX // plan.observation_numel)
+    else:
+        max_batch = 1
+    assert max_batch >= 1
+    div, mod = _channel_index(plan)
+    per_batch = any(t.per_batch for t in offset_terms(plan))
+    block_variants = [v for v in variants if v.strategy != "warp"]
+    ab_bytes = plan.channels_per_group * 2 * (8 if sc.acc == "double" else 4)
+    ab_in_smem = bool(block_variants) and plan.channels_per_group > 1 and ab_bytes <= AB_SMEM_BYTES
+
+    acc = "double" if sc.acc == "double" else "single"
+    lines = list(plan.summary[:6])
+    lines.append(f"CUDA: {sc.elem} in memory, {sc.acc} accumulation; loads of {vec} "
+                 f"element{'s' if vec > 1 else ''}; archs {', '.join(f'sm_{a}' for a in archs)}")
+    for v in variants:
+        where = "sm_90+" if v.needs_sm90 else "any arch"
+        lines.append(f"kernel {v.name} ({where}): {v.strategy}, {v.threads} threads"
+                     + (f" x {v.cluster}-block cluster" if v.cluster > 1 else "")
+                     + (f", {v.teams_per_block} groups per block" if v.teams_per_block > 1 else "")
+                     + (f", {v.elements_per_thread} elements per thread in registers"
+                        if v.items else ", two sweeps over memory")
+                     + f": {v.why}")
+    return CudaPlan(
+        plan=plan, scalar=sc, archs=archs, vec=vec, offset_terms=offset_terms(plan),
+        offset_type="size_t" if per_batch else "int",
+        channel_div=div, channel_mod=mod, group_stride=group_stride,
+        group_stride_per_batch=lay.channel_per_batch, batch_stride=lay.batch_stride,
+        max_batch=max_batch, variants=variants, warp=warp, narrow=narrow, wide=wide,
+        portable=portable, scalar_variant=scalar, min_blocks_per_sm=MIN_WAVES,
+        ab_in_smem=ab_in_smem, uses_cluster=any(v.cluster > 1 for v in variants),
+        epsilon_literal=c_literal(layer.epsilon, acc),
+        inv_numel_literal=c_literal(1.0 / numel, acc),
+        scale_literals=tuple(c_literal(v, acc) for v in plan.scale_values),
+        offset_literals=tuple(c_literal(v, acc) for v in plan.offset_values),
+        summary=tuple(lines),
+    )
+
+
+def check_cuda_dtype(plan: Plan) -> None:
+    """Raise TargetUnavailable for a dtype the CUDA target cannot produce."""
+    if plan.layer.dtype not in CUDA_SCALARS:
+        raise TargetUnavailable(f"CUDA target: dtype {plan.layer.dtype} is not supported")

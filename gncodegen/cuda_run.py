@@ -1,0 +1,285 @@
+"""Building and running the CUDA target: on a GPU with nvcc, or on the host under emulation.
+
+The generated `.cu` is compiled unchanged either way. Under emulation g++ compiles it against
+the stand-in CUDA headers in templates/cuda/emulation (one host thread per CUDA thread); with
+`tsan=True` the same build is instrumented by ThreadSanitizer. A small test driver
+(templates/cuda/harness.cu.j2) runs one call per process on files of raw elements.
+Builds are cached by content: sources, flags and the compiler's version.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .build import cache_root, compiler_version, run_compiler
+from .cuda_plan import CudaPlan
+from .errors import BuildError, TargetUnavailable
+from .plan import Plan
+from .render import Source, render_template, template_dir
+from .verify import Case, Runner
+
+EMULATION_FLAGS = ("-std=c++17", "-O1", "-g", "-pthread", "-fno-strict-aliasing", "-Wall",
+                   "-Wextra", "-Wno-unknown-pragmas", "-Werror")
+TSAN_FLAGS = ("-fsanitize=thread",)
+NVCC_FLAGS = ("-std=c++17", "-O3", "-Xcompiler", "-Wall,-Wextra", "-Werror", "all-warnings")
+
+
+def emulation_include() -> Path:
+    """Return the folder of the stand-in CUDA headers for the host emulation."""
+    return template_dir() / "cuda" / "emulation"
+
+
+def gencode_flags(archs: tuple[int, ...]) -> list[str]:
+    """Return nvcc -gencode flags: machine code per arch, PTX of the newest for later GPUs."""
+    flags = []
+    for a in archs:
+        flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    flags += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+    return flags
+
+
+@functools.lru_cache(maxsize=1)
+def gpu_name() -> str | None:
+    """Return the first NVIDIA GPU's name when one is present and nvcc can build for it."""
+    if shutil.which("nvidia-smi") is None or shutil.which("nvcc") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    names = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    return names[0] if out.returncode == 0 and names else None
+
+
+def _digest(parts: list[str]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:24]
+
+
+def harness_source(plan: Plan, cp: CudaPlan) -> Source:
+    """Return the test driver for one layer."""
+    return Source(f"{plan.prefix}_harness.cu",
+                  render_template("cuda/harness.cu.j2", plan=plan, cp=cp))
+
+
+def build_harness(plan: Plan, cp: CudaPlan, sources: list[Source], mode: str = "emulation",
+                  keep: bool = False) -> Path:
+    """Return the path of a built test driver for one layer (mode: emulation, tsan or gpu)."""
+    names = {f"{plan.prefix}.cu", f"{plan.prefix}_cuda.h"}
+    own = [s for s in sources if s.name in names]
+    if len(own) != 2:
+        raise BuildError(plan.prefix, [], f"sources {sorted(names)} not rendered")
+    harness = harness_source(plan, cp)
+    files = [*own, harness]
+    if mode in ("emulation", "tsan"):
+        cc = "g++"
+        flags = [*EMULATION_FLAGS, *(TSAN_FLAGS if mode == "tsan" else ())]
+        emu = emulation_include()
+        emu_text = "".join(p.read_text() for p in sorted(emu.glob("*.h")))
+        commands = [[cc, *flags, f"-I{emu}", "-I.", "-x", "c++", f"{plan.prefix}.cu",
+                     "-x", "c++", harness.name, "-o", "harness"]]
+    elif mode == "gpu":
+        cc = "nvcc"
+        flags = [*NVCC_FLAGS, *gencode_flags(cp.archs)]
+        emu_text = ""
+        commands = [[cc, *flags, "-I.", f"{plan.prefix}.cu", harness.name, "-o", "harness"]]
+    else:
+        raise ValueError(mode)
+    key = _digest([__version__, mode, compiler_version(cc), " ".join(commands[0]), emu_text,
+                   *(f"{s.name}\n{s.text}" for s in files)])
+    folder = cache_root() / f"cuda-{key}"
+    exe = folder / "harness"
+    if not exe.is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".cuda-{key}.", dir=folder.parent))
+        try:
+            for s in files:
+                (work / s.name).write_text(s.text)
+            for cmd in commands:
+                run_compiler(f"{plan.prefix} ({mode})", cmd, cwd=work)
+            try:
+                os.rename(work, folder)
+            except OSError:
+                if not exe.is_file():
+                    raise
+        finally:
+            if work.exists():
+                shutil.rmtree(work, ignore_errors=True)
+    if keep:
+        print(f"build folder: {folder}")
+    return exe
+
+
+# --------------------------------------------------------------------------- element bits
+
+
+def to_bits(values: np.ndarray, dtype: str) -> bytes:
+    """Return float64 values (already representable in dtype) as the dtype's raw bytes."""
+    v = np.asarray(values, dtype=np.float64)
+    if dtype == "bfloat16":
+        return (v.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes()
+    return v.astype({"single": np.float32, "double": np.float64, "half": np.float16}[dtype]).tobytes()
+
+
+def from_bits(raw: bytes, dtype: str) -> np.ndarray:
+    """Return a dtype's raw bytes as float64 values."""
+    if dtype == "bfloat16":
+        u = np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16
+        return u.view(np.float32).astype(np.float64)
+    np_type = {"single": np.float32, "double": np.float64, "half": np.float16}[dtype]
+    return np.frombuffer(raw, dtype=np_type).astype(np.float64)
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """What one driver run printed and returned."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    y: np.ndarray | None
+
+
+def run_call(exe: Path, plan: Plan, mode: str, batch: int, x: np.ndarray,
+             scale: np.ndarray | None = None, offset: np.ndarray | None = None,
+             env: dict | None = None, timeout: float = 600) -> CallResult:
+    """Run the driver once and return its output and y (None when the call failed)."""
+    dtype = plan.layer.dtype
+    with tempfile.TemporaryDirectory(prefix="gn-cuda-") as tmp:
+        t = Path(tmp)
+        (t / "x.bin").write_bytes(to_bits(x, dtype))
+        args = [str(exe), mode, str(batch), str(t / "x.bin"), str(t / "y.bin")]
+        if scale is not None:
+            (t / "s.bin").write_bytes(to_bits(scale, dtype))
+            (t / "o.bin").write_bytes(to_bits(offset, dtype))
+            args += [str(t / "s.bin"), str(t / "o.bin")]
+        full_env = {**os.environ, **(env or {})}
+        proc = subprocess.run(args, capture_output=True, text=True, env=full_env,
+                              timeout=timeout, check=False)
+        y = None
+        if proc.returncode == 0 and (t / "y.bin").is_file():
+            y = from_bits((t / "y.bin").read_bytes(), dtype)
+    return CallResult(proc.returncode, proc.stdout, proc.stderr, y)
+
+
+def cuda_runner(plan: Plan, exe: Path, env: dict | None = None) -> Runner:
+    """Return a verify Runner that calls the layer's CUDA entry points through the driver."""
+
+    def run(case: Case) -> np.ndarray:
+        params = case.scale is not None
+        if case.in_place:
+            mode = "inplace_params" if params else "inplace"
+        else:
+            mode = "params" if params else "baked"
+        res = run_call(exe, plan, mode, case.batch, case.x, case.scale, case.offset, env)
+        if res.y is None:
+            raise RuntimeError(f"{plan.prefix} CUDA driver failed ({res.returncode}): "
+                               f"{res.stdout.strip()} {res.stderr.strip()[-2000:]}")
+        return res.y
+
+    return run
+
+
+# --------------------------------------------------------------------------- ptxas report
+
+
+@dataclass(frozen=True)
+class KernelResources:
+    """One kernel's resources for one architecture, as ptxas reported them."""
+
+    arch: int
+    kernel: str
+    registers: int
+    shared_bytes: int
+    stack_bytes: int
+    spill_stores: int
+    spill_loads: int
+
+    def as_dict(self) -> dict:
+        """Return the figures as plain data for the manifest."""
+        return {"arch": f"sm_{self.arch}", "kernel": self.kernel, "registers": self.registers,
+                "smem_bytes": self.shared_bytes, "stack_bytes": self.stack_bytes,
+                "spill_stores": self.spill_stores, "spill_loads": self.spill_loads}
+
+
+_ENTRY = re.compile(r"Compiling entry function '(\S+)' for 'sm_(\d+)'")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"Used (\d+) registers(?:.*?, (\d+) bytes smem)?")
+
+
+def _readable(mangled: str) -> str:
+    """Return a short readable kernel name from a mangled one: name<template arguments>."""
+    m = re.search(r"(\d+)(warp_kernel|group_kernel)I(.*)EEvP", mangled)
+    if not m:
+        return mangled
+    args = re.findall(r"Li(\d+)E|Lb(\d)E", m.group(3) + "E")
+    flat = [a or ("true" if b == "1" else "false") for a, b in args]
+    return f"{m.group(2)}<{', '.join(flat)}>"
+
+
+def parse_ptxas(text: str) -> list[KernelResources]:
+    """Return the per-kernel resources in nvcc -Xptxas -v output."""
+    out = []
+    current = None
+    frame = (0, 0, 0)
+    for line in text.splitlines():
+        m = _ENTRY.search(line)
+        if m:
+            current = (_readable(m.group(1)), int(m.group(2)))
+            frame = (0, 0, 0)
+            continue
+        m = _FRAME.search(line)
+        if m and current:
+            frame = tuple(int(g) for g in m.groups())
+            continue
+        m = _USED.search(line)
+        if m and current:
+            out.append(KernelResources(current[1], current[0], int(m.group(1)),
+                                       int(m.group(2) or 0), *frame))
+            current = None
+    return out
+
+
+def compile_check(plan: Plan, cp: CudaPlan, sources: list[Source]) -> list[KernelResources]:
+    """Compile one layer's .cu with nvcc for its archs; return ptxas's per-kernel report."""
+    if shutil.which("nvcc") is None:
+        raise TargetUnavailable("CUDA target: nvcc not found on PATH")
+    own = {s.name: s for s in sources if s.name in (f"{plan.prefix}.cu", f"{plan.prefix}_cuda.h")}
+    cmd = ["nvcc", *NVCC_FLAGS, *gencode_flags(cp.archs), "-Xptxas", "-v", "-I.", "-c",
+           f"{plan.prefix}.cu", "-o", f"{plan.prefix}.o"]
+    key = _digest([__version__, "ptxas", compiler_version("nvcc"), " ".join(cmd),
+                   *(f"{n}\n{s.text}" for n, s in sorted(own.items()))])
+    folder = cache_root() / f"ptxas-{key}"
+    report = folder / "ptxas.txt"
+    if not report.is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".ptxas-{key}.", dir=folder.parent))
+        try:
+            for s in own.values():
+                (work / s.name).write_text(s.text)
+            text = run_compiler(f"{plan.prefix}.cu (nvcc)", cmd, cwd=work)
+            (work / "ptxas.txt").write_text(text)
+            try:
+                os.rename(work, folder)
+            except OSError:
+                if not report.is_file():
+                    raise
+        finally:
+            if work.exists():
+                shutil.rmtree(work, ignore_errors=True)
+    return parse_ptxas(report.read_text())

@@ -1,0 +1,2 @@
+/* Stand-in for <cuda_bf16.h> under gncodegen's host emulation of CUDA. */
+#include "gn_cuda_emulation.h"
