@@ -588,6 +588,8 @@ def parse_output(text: str, plan: Plan, cases: list[Case]) -> dict[str, np.ndarr
     """Return case name -> outputs (float64) from a harness's printout; raise on anything odd."""
     dtype = np.dtype("<u8" if plan.scalar.bytes == 8 else "<u4")
     float_type = np.float64 if plan.scalar.bytes == 8 else np.float32
+    digits = 2 * plan.scalar.bytes
+    hex_line = re.compile(rf"[0-9a-f]{{{digits}}}( [0-9a-f]{{{digits}}})*")
     lines = text.splitlines()
     try:
         start = lines.index(f"harness {plan.prefix} {len(cases)}")
@@ -603,7 +605,10 @@ def parse_output(text: str, plan: Plan, cases: list[Case]) -> dict[str, np.ndarr
         rc, numel = int(m.group(3)), int(m.group(4))
         if rc != 0:
             raise VerificationError(f"{plan.prefix}: case '{case.name}' returned {rc}")
-        rows = math.ceil(numel / HEX_PER_LINE)
+        rows = 0
+        while (rows < math.ceil(numel / HEX_PER_LINE) and i + 1 + rows < len(lines)
+               and hex_line.fullmatch(lines[i + 1 + rows])):
+            rows += 1
         words = " ".join(lines[i + 1:i + 1 + rows]).split()
         if len(words) != numel:
             raise VerificationError(f"{plan.prefix}: case '{case.name}' printed {len(words)} "

@@ -1,0 +1,423 @@
+"""Firmware targets: the generated C run on emulated Cortex-M4/M7/M55 and AArch64 Linux under
+QEMU, compared with the float64 reference; the footprint; the harness and its failure modes.
+
+Nothing here is skipped: a missing toolchain fails with the package to install
+(scripts/install-toolchains.sh brings them all).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from gncodegen import firmware as fw
+from gncodegen.cli import main
+from gncodegen.errors import GncodegenError, TargetUnavailable, VerificationError
+from gncodegen.plan import lower, lower_spec
+from gncodegen.render import Source, render_c
+from gncodegen.spec import load_spec
+from gncodegen.verify import Case
+
+from conftest import EXAMPLES, REPO, make_layer
+
+TOOLS = ("arm-none-eabi-gcc", "arm-none-eabi-size", "arm-none-eabi-nm", "qemu-system-arm",
+         "qemu-aarch64", "aarch64-linux-gnu-gcc", "clang", "gcc", "g++", "make")
+
+# Small layers, one per memory-access shape the C template has, so images stay quick.
+LAYERS = {
+    "sscb": dict(name="fw_sscb", num_groups=4, format="SSCB", input_size=[4, 3, 8],
+                 scale_initializer="narrow-normal", offset_initializer="narrow-normal"),
+    "bssc_rowmajor": dict(name="fw_nhwc", num_groups=3, format="BSSC", layout="row-major",
+                          input_size=[3, 2, 6]),
+    "cb_channelwise": dict(name="fw_cb", num_groups="channel-wise", format="CB",
+                           input_size=[8], offset=[0.5 * i for i in range(8)]),
+    "cbt": dict(name="fw_cbt", num_groups=2, format="CBT", input_size=[6, 5]),
+    "ssc_no_batch": dict(name="fw_ssc", num_groups=2, format="SSC", input_size=[4, 4, 4]),
+    "sscb_double": dict(name="fw_f64", num_groups=2, format="SSCB", input_size=[3, 3, 4],
+                        dtype="double", epsilon=1e-6),
+}
+TARGETS = tuple(fw.FIRMWARE_TARGETS)
+
+
+def _layer(key):
+    return make_layer(**LAYERS[key])
+
+
+def _sources(plan):
+    return list(render_c(plan, "test.yaml"))
+
+
+_runs: dict[tuple[str, str], fw.LayerRun] = {}
+
+
+def _run(target: str, key: str) -> fw.LayerRun:
+    """Return the (memoized) verification of one test layer on one target."""
+    if (target, key) not in _runs:
+        plan = lower(_layer(key))
+        _runs[target, key] = fw.verify_layer_on(fw.FIRMWARE_TARGETS[target], plan,
+                                                _sources(plan))
+    return _runs[target, key]
+
+
+# --------------------------------------------------------------------------- toolchains
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_toolchain_is_installed(tool):
+    # Fails (not skips) with the package to install when CI did not run the install script.
+    assert fw.require_tool(tool)
+
+
+def test_missing_tool_names_its_package(monkeypatch):
+    monkeypatch.setattr(fw.shutil, "which", lambda tool: None)
+    with pytest.raises(TargetUnavailable, match=r"'qemu-system-arm' not found on PATH: install "
+                                                r"the Debian package\(s\) qemu-system-arm"):
+        fw.require_tool("qemu-system-arm")
+
+
+def test_install_script_is_idempotent_and_quiet():
+    script = REPO / "scripts" / "install-toolchains.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    check = subprocess.run([str(script), "--check"], capture_output=True, text=True,
+                           check=False)
+    assert check.returncode == 0, check.stderr
+    # Everything is installed, so a second run must neither touch apt nor print anything.
+    again = subprocess.run([str(script)], capture_output=True, text=True, check=False,
+                           timeout=60)
+    assert (again.returncode, again.stdout, again.stderr) == (0, "", "")
+
+
+def test_install_script_rejects_unknown_arguments():
+    proc = subprocess.run([str(REPO / "scripts" / "install-toolchains.sh"), "--frobnicate"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 1
+    assert "unknown argument '--frobnicate'" in proc.stderr
+
+
+# --------------------------------------------------------------------------- runs under QEMU
+
+
+@pytest.mark.parametrize("key", list(LAYERS))
+@pytest.mark.parametrize("target", TARGETS)
+def test_layer_matches_reference_on_target(target, key):
+    run = _run(target, key)
+    report = run.report
+    failed = [(c.case, c.max_rel, c.nan_mismatch) for c in report.cases if not c.passed]
+    assert report.passed, f"{target}/{key}: {failed}"
+    assert report.runner == fw.FIRMWARE_TARGETS[target].runner_name
+    names = [c.case for c in report.cases]
+    # DESIGN.md section 6: random, constant groups, mean 1e4 std 1, in place, batch 1 and > 1.
+    assert "random, batch 1" in names and "random, in place" in names
+    assert "constant groups" in names and "mean 10000, std 1" in names
+    assert "caller's scale and offset" in names
+    if _layer(key).has_batch:
+        assert any(re.fullmatch(r"random, batch [2-9]\d*", n) for n in names), names
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_matlab_example_runs_on_target(target):
+    spec = load_spec(EXAMPLES / "matlab_gn.yaml")
+    plan = lower_spec(spec)[0]
+    run = fw.verify_layer_on(fw.FIRMWARE_TARGETS[target], plan, _sources(plan))
+    assert run.report.passed, [(c.case, c.max_rel) for c in run.report.cases]
+    assert "random, batch 2" in [c.case for c in run.report.cases]
+
+
+def test_one_wrong_output_value_fails_the_comparison():
+    plan = lower(_layer("sscb"))
+
+    def corrupt(outputs):
+        y = outputs["random, batch 1"].copy()
+        y[5] += 1e-3 * np.abs(y).max()         # 100x the single-precision tolerance
+        return {**outputs, "random, batch 1": y}
+
+    run = fw.verify_layer_on(fw.FIRMWARE_TARGETS["cortex-m4"], plan, _sources(plan),
+                             corrupt=corrupt)
+    by_case = {c.case: c for c in run.report.cases}
+    assert not run.report.passed
+    assert not by_case["random, batch 1"].passed
+    assert all(c.passed for name, c in by_case.items() if name != "random, batch 1")
+
+
+def _wrapped(plan, source, entry, body):
+    """Return source with `entry` renamed <entry>_real and redefined as body (C text).
+
+    Relies only on the header contract, so it survives changes to the C template.
+    """
+    include = f'#include "{plan.prefix}.h"\n'
+    assert include in source.text
+    text = source.text.replace(include, f"{include}#define {entry} {entry}_real\n", 1)
+    return Source(source.name, f"{text}\n#undef {entry}\n{body}\n")
+
+
+def test_an_unwritten_output_is_a_nan_and_fails():
+    # The harness fills y with NaNs before each call; a kernel that skips an element fails.
+    plan = lower(_layer("sscb"))
+    header, source = _sources(plan)
+    p = plan.prefix
+    skipping = _wrapped(plan, source, f"{p}_predict",
+                        f"int {p}_predict(const float *x, float *y, size_t batch)\n{{\n"
+                        f"    return batch == 0u ? 0 : {p}_predict_real(x, y, batch - 1u);\n}}")
+    run = fw.verify_layer_on(fw.FIRMWARE_TARGETS["cortex-m4"], plan, [header, skipping])
+    by_case = {c.case: c for c in run.report.cases}
+    assert by_case["random, batch 1"].nan_mismatch == plan.observation_numel
+    assert not by_case["random, batch 2"].passed
+    assert by_case["caller's scale and offset"].passed    # the untouched entry point
+    assert not run.report.passed
+
+
+def test_image_without_fpu_enabled_reports_the_fault(monkeypatch):
+    # Without the CPACR write the first FP instruction faults; the handler says so and stops.
+    original = fw.support_sources
+
+    def no_fpu(target):
+        return [Source(s.name, s.text.replace("SCB_CPACR |= CPACR_CP10_CP11_FULL;", ""))
+                for s in original(target)]
+
+    monkeypatch.setattr(fw, "support_sources", no_fpu)
+    plan = lower(_layer("sscb"))
+    with pytest.raises(VerificationError, match=r"cortex-m4: test image failed .*FAULT: "
+                                                r"(HardFault|UsageFault)"):
+        fw.verify_layer_on(fw.FIRMWARE_TARGETS["cortex-m4"], plan, _sources(plan))
+
+
+def test_hanging_image_is_stopped_by_the_timeout(monkeypatch):
+    plan = lower(_layer("ssc_no_batch"))
+    target = fw.FIRMWARE_TARGETS["cortex-m4"]
+    harness = fw.render_harness(plan, fw.harness_for(plan, target.name,
+                                                     fw.firmware_cases(plan.layer, target)))
+    hang = Source(harness.name, harness.text.replace(
+        "int main(void)\n{", "int main(void)\n{\n    for (volatile int spin = 1; spin;) {\n    }"))
+    assert hang.text != harness.text
+    image = fw.build_image(target, plan, _sources(plan), hang)
+    with pytest.raises(VerificationError, match=r"did not finish in 2 s \(a fault loops"):
+        fw.run_image(image, timeout=2)
+
+
+def test_m55_image_exercises_mve():
+    # The -O3 build vectorizes with Helium, so the run proves the start-up enabled MVE.
+    run = _run("cortex-m55", "sscb")
+    objdump = fw.require_tool("arm-none-eabi-objdump")
+    text = subprocess.run([objdump, "-d", str(run.image.parent / "fw_sscb.o")],
+                          capture_output=True, text=True, check=True).stdout
+    assert re.search(r"\bv\w+(\.[fiu]\d+)?\s+q[0-7]", text), "no MVE instruction in the kernel"
+
+
+# --------------------------------------------------------------------------- harness pieces
+
+
+@pytest.mark.parametrize("value", [0.0, -0.0, 1.0, -2.5, 1e-40, 3.4028234663852886e38,
+                                   0.1, 1e4 + 0.5])
+@pytest.mark.parametrize("dtype", ["single", "double"])
+def test_hex_literal_is_exact(value, dtype):
+    v = float(np.float32(value)) if dtype == "single" else value
+    text = fw.hex_literal(v, dtype)
+    assert text.endswith("f") == (dtype == "single")
+    back = float.fromhex(text.rstrip("f"))
+    assert back == v and np.signbit(back) == np.signbit(v)
+
+
+def _printout(plan, cases, values, api="api ok", rc=0):
+    lines = [f"harness {plan.prefix} {len(cases)}"]
+    for i, (case, y) in enumerate(zip(cases, values)):
+        lines.append(f"case {i} {case.name} rc {rc} numel {len(y)}")
+        words = [f"{w:08x}" for w in np.asarray(y, np.float32).view(np.uint32)]
+        lines += [" ".join(words[j:j + 8]) for j in range(0, len(words), 8)]
+    return "\n".join([*lines, api, "end"]) + "\n"
+
+
+def test_parse_output_reads_exact_values():
+    plan = lower(_layer("ssc_no_batch"))
+    cases = [Case("a", np.zeros(64), 1), Case("b", np.zeros(64), 1)]
+    values = [np.arange(64, dtype=np.float32) / 3, -np.arange(64, dtype=np.float32)]
+    out = fw.parse_output(_printout(plan, cases, values), plan, cases)
+    np.testing.assert_array_equal(out["a"], values[0].astype(np.float64))
+    np.testing.assert_array_equal(out["b"], values[1].astype(np.float64))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: t.replace("rc 0", "rc -1", 1), "returned -1"),
+    (lambda t: t.replace("api ok", "api FAIL NULL x not refused"), "API checks failed"),
+    (lambda t: "\n".join(t.split("\n")[:3] + t.split("\n")[4:]), "printed 56 values"),
+    (lambda t: t.replace("harness ", "hardness "), "no header"),
+    (lambda t: t.replace("case 1 b", "case 1 c"), r"expected case 1 \(b\)"),
+])
+def test_parse_output_refuses_a_damaged_printout(damage, message):
+    plan = lower(_layer("ssc_no_batch"))
+    cases = [Case("a", np.zeros(64), 1), Case("b", np.zeros(64), 1)]
+    text = damage(_printout(plan, cases, [np.ones(64), np.ones(64)]))
+    with pytest.raises(VerificationError, match=message):
+        fw.parse_output(text, plan, cases)
+
+
+def test_cases_too_big_for_the_board_are_refused_by_name():
+    layer = make_layer(name="huge", num_groups=2, format="SSC", input_size=[512, 512, 4])
+    with pytest.raises(TargetUnavailable, match=r"cortex-m55: the test vectors of layer "
+                                                r"'huge' need .* mps3-an547"):
+        fw.firmware_cases(layer, fw.FIRMWARE_TARGETS["cortex-m55"])
+
+
+def test_harness_and_linker_script_are_deterministic():
+    plan = lower(_layer("sscb"))
+    target = fw.FIRMWARE_TARGETS["cortex-m55"]
+    cases = fw.firmware_cases(plan.layer, target)
+    first = fw.render_harness(plan, fw.harness_for(plan, target.name, cases))
+    again = fw.render_harness(plan, fw.harness_for(plan, target.name,
+                                                   fw.firmware_cases(plan.layer, target)))
+    assert first == again
+    script = fw.render_linker_script(target).text
+    assert "VECTORS (rx) : ORIGIN = 0x00000000" in script
+    assert "FLASH (rx)  : ORIGIN = 0x01000000, LENGTH = 2097152" in script
+    assert "RAM   (rwx) : ORIGIN = 0x20000000, LENGTH = 524288" in script
+
+
+# --------------------------------------------------------------------------- footprint
+
+
+def _example_plans():
+    out = []
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        spec = load_spec(path)
+        out += [(path.stem, plan) for plan in lower_spec(spec)]
+    return out
+
+
+def test_matlab_example_footprint_meets_the_budget():
+    plan = lower_spec(load_spec(EXAMPLES / "matlab_gn.yaml"))[0]
+    header, source = _sources(plan)
+    fp = fw.measure_footprint(plan, source, header)
+    assert (fp.cpu, fp.opt) == ("cortex-m4", "-Os")
+    assert fp.text <= fw.TEXT_BUDGET and fp.stack <= fw.STACK_BUDGET, fp
+    assert (fp.rodata, fp.data, fp.bss) == (0, 0, 0), fp        # zero RAM, no hidden tables
+    assert fp.params == 2 * 20 * 4                               # scale and offset, in flash
+    assert fp.calls == ("sqrtf",)
+    assert fp.over_budget("single") == []
+
+
+@pytest.mark.parametrize("stem, plan", _example_plans(), ids=lambda v: getattr(v, "prefix", v))
+def test_example_objects_keep_the_firmware_rules(stem, plan):
+    # Every example: no RAM, parameters counted apart, only sqrtf (single) or the
+    # soft-double helpers and sqrt (double) called, no recursion (measure_footprint raises).
+    # The size budgets are goals the CLI warns about; the MATLAB example must meet them.
+    header, source = _sources(plan)
+    fp = fw.measure_footprint(plan, source, header)
+    assert fp.data == 0 and fp.bss == 0, fp
+    assert fp.params == 2 * plan.num_channels * plan.scalar.bytes
+    assert fw.check_object_calls(fp, plan.layer.dtype) == [], fp.calls
+    if plan.layer.dtype == "single":
+        assert fp.calls == ("sqrtf",)
+
+
+def test_over_budget_is_reported():
+    fp = fw.Footprint("x", "cortex-m4", "-Os", text=401, rodata=0, data=4, bss=0, params=8,
+                      stack=97, calls=("sqrtf",))
+    problems = fp.over_budget("single")
+    assert problems == ["4 bytes of RAM (.data/.bss); the kernel must keep none",
+                        "text 401 B > 400 B", "stack 97 B > 96 B"]
+    assert fp.over_budget("double") == [problems[0]]
+
+
+def test_double_arithmetic_in_single_code_is_caught():
+    # An explicit cast hides the promotion from -Wdouble-promotion; the object check sees it.
+    plan = lower(_layer("sscb"))
+    header, source = _sources(plan)
+    assert "#include <math.h>\n" in source.text
+    doubled = Source(source.name, source.text.replace(
+        "#include <math.h>\n",
+        "#include <math.h>\n#define sqrtf(v) ((float)sqrt((double)(v)))\n", 1))
+    fp = fw.measure_footprint(plan, doubled, header)
+    bad = fw.check_object_calls(fp, "single")
+    assert "sqrt" in bad and any(s.startswith("__aeabi_") for s in bad), bad
+
+
+def test_heap_and_mutable_state_are_caught():
+    plan = lower(_layer("sscb"))
+    header, source = _sources(plan)
+    p = plan.prefix
+    stateful = Source(source.name, source.text + (
+        "\n#include <stdlib.h>\n"
+        f"float *{p}_scratch;\n"
+        f"int {p}_debug_hook(void);\n"
+        f"int {p}_debug_hook(void)\n{{\n    {p}_scratch = malloc(sizeof *{p}_scratch);\n"
+        f"    return {p}_scratch != NULL;\n}}\n"))
+    fp = fw.measure_footprint(plan, stateful, header)
+    assert fw.check_object_calls(fp, "single") == ["malloc"]
+    assert fp.bss == 4 and fp.over_budget("single")[0].startswith("4 bytes of RAM")
+
+
+def test_recursion_is_caught():
+    plan = lower(_layer("sscb"))
+    header, source = _sources(plan)
+    p = plan.prefix
+    # Two calls to itself: gcc can turn one tail call into a loop, not both.
+    recursive = _wrapped(
+        plan, source, f"{p}_predict",
+        f"int {p}_predict(const float *x, float *y, size_t batch)\n{{\n"
+        f"    if (batch > 7u) {{\n        const int r = {p}_predict(x, y, batch / 2u);\n"
+        f"        return r + {p}_predict(x, y, batch / 3u);\n    }}\n"
+        f"    return {p}_predict_real(x, y, batch);\n}}")
+    with pytest.raises(GncodegenError, match=rf"recursion in the generated code: .*{p}_predict"):
+        fw.measure_footprint(plan, recursive, header)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_cli_verify_prints_results_and_footprint_table():
+    result = CliRunner().invoke(main, ["verify", str(EXAMPLES / "matlab_gn.yaml"),
+                                       "--target", "cortex-m4"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert re.search(r"matlab_gn\s+cortex-m4\s+qemu mps2-an386\s+yes\s+\S+\s+1e-05\s+pass",
+                     result.output)
+    header = next(i for i, ln in enumerate(lines) if ln.startswith("layer ") and "stack" in ln)
+    row = lines[header + 1].split()
+    assert row[:3] == ["matlab_gn", "cortex-m4", "-Os"] and row[-1] == "sqrtf"
+
+
+def test_cli_build_records_footprint_in_manifest(tmp_path):
+    spec = tmp_path / "matlab_gn.yaml"
+    shutil.copy(EXAMPLES / "matlab_gn.yaml", spec)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["build", str(spec), "--target", "cortex-m4",
+                                       "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "manifest.json").read_text())
+    fp = doc["cortex-m4"]["footprint"]["matlab_gn"]
+    assert fp["cpu"] == "cortex-m4" and fp["opt"] == "-Os"
+    assert set(fp) >= {"text", "rodata", "data", "bss", "params", "stack", "calls"}
+    assert fp["text"] <= fw.TEXT_BUDGET and fp["stack"] <= fw.STACK_BUDGET
+    assert [v["target"] for v in doc["verification"]] == ["cortex-m4"]
+
+
+def test_cli_firmware_group_runs_every_target():
+    result = CliRunner().invoke(main, ["verify", str(EXAMPLES / "features_channelwise.yaml"),
+                                       "--target", "firmware"])
+    assert result.exit_code == 0, result.output
+    for target in TARGETS:
+        assert re.search(rf"features_channelwise\s+{target}\s.*pass", result.output), target
+
+
+# --------------------------------------------------------------------------- the example project
+
+
+def test_firmware_example_project_builds_and_runs(tmp_path):
+    build = tmp_path / "build"
+    make = ["make", "-C", str(EXAMPLES / "firmware"), f"BUILD={build}"]
+    built = subprocess.run([*make, "all"], capture_output=True, text=True, check=False,
+                           timeout=300)
+    assert built.returncode == 0, built.stdout + built.stderr
+    assert (build / "generated" / "manifest.json").is_file()
+    ran = subprocess.run([*make, "run"], capture_output=True, text=True, check=False,
+                         timeout=120)
+    printed = ran.stdout + ran.stderr
+    assert ran.returncode == 0, printed
+    assert len(re.findall(r"group \d: mean \S+ variance \S+ ok\n", printed)) == 4, printed
+    assert "matlab_gn normalized in place: ok" in printed
