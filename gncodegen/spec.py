@@ -34,6 +34,17 @@ C_KEYWORDS = frozenset(
     """.split()
 )
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# A layer named like a header that generated or user code includes would write <name>.h that
+# shadows it wherever the output folder is on the include path (C standard library, the
+# headers our targets include, Python.h for the cffi build).
+SHADOWED_HEADERS = frozenset(
+    """
+    assert complex ctype errno fenv float inttypes iso646 limits locale math setjmp signal
+    stdalign stdarg stdatomic stdbit stdbool stdckdint stddef stdint stdio stdlib stdnoreturn
+    string tgmath threads time uchar wchar wctype unistd pthread omp immintrin arm_neon
+    python cuda cuda_runtime cuda_fp16 cuda_bf16 fw_io
+    """.split()
+)
 MAX_NAME_LENGTH = 48
 
 DTYPES = {"single": "single", "float32": "single", "float": "single",
@@ -175,6 +186,19 @@ def parse_spec(text: str, base_dir: Path, stem: str, path: str = "<string>",
     """Return the validated Spec for YAML text whose relative paths resolve in base_dir."""
     try:
         doc = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.constructor.ConstructorError as exc:
+        # A tag safe_load cannot build: never an object, say which tag was refused.
+        found = re.search(r"tag '([^']*)'", str(exc.problem))
+        tag = found.group(1).replace("tag:yaml.org,2002:", "!!") if found else "?"
+        line = f" at line {exc.problem_mark.line + 1}" if exc.problem_mark else ""
+        raise SpecError("spec", f"tag '{_printable(tag, 60)}'{line} is not allowed: specs are "
+                                "plain YAML (no tags that build objects)") from None
+    except yaml.composer.ComposerError as exc:
+        if "another document" not in str(exc.problem):
+            raise SpecError("spec", f"YAML error: {exc.problem}") from None
+        line = f" (line {exc.problem_mark.line + 1})" if exc.problem_mark else ""
+        raise SpecError("spec", f"a spec file holds one YAML document; found another{line}"
+                        ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -260,6 +284,7 @@ def _parse_layer(doc: dict, prefix: str, default_name: str, base_dir: Path,
                                                  num_channels)
     epsilon = _parse_number(get("epsilon", 1e-5), fname("epsilon"), positive=True)
     dtype = _parse_choice(get("dtype", "single"), fname("dtype"), DTYPES)
+    _check_epsilon_range(epsilon, fname("epsilon"), dtype)
     seed = _parse_int(get("seed", 0), fname("seed"), minimum=0, maximum=2**63 - 1)
     factors = {k: _parse_number(get(k, 1.0), fname(k), positive=False)
                for k in ("scale_learn_rate_factor", "offset_learn_rate_factor",
@@ -301,6 +326,9 @@ def _parse_name(value: Any, fld: str, given: bool) -> str:
         raise SpecError(fld, rule)
     if value in C_KEYWORDS:
         raise SpecError(fld, f"'{value}' is a C/C++ keyword")
+    if value.lower() in SHADOWED_HEADERS:
+        raise SpecError(fld, f"'{value}' would write {value}.h, which shadows the standard header "
+                             f"<{value.lower()}.h>; choose another name")
     if value.startswith("__") or re.match(r"_[A-Z]", value):
         raise SpecError(fld, f"'{value}' is reserved for the C implementation")
     if len(value) > MAX_NAME_LENGTH:
@@ -413,6 +441,16 @@ def _parse_number(value: Any, fld: str, positive: bool) -> float:
     return value
 
 
+def _check_epsilon_range(epsilon: float, fld: str, dtype: str) -> None:
+    """Raise unless epsilon is a normal number of the type the code computes in."""
+    acc = "double" if dtype == "double" else "single"
+    info = np.finfo(np.float64 if acc == "double" else np.float32)
+    if not float(info.smallest_normal) <= epsilon <= float(info.max):
+        raise SpecError(fld, f"{epsilon!r} is outside the normal range of the {acc} arithmetic "
+                             f"the code uses ({float(info.smallest_normal):.3g} to "
+                             f"{float(info.max):.3g})")
+
+
 def _parse_cuda_arch(value: Any, fld: str) -> tuple[int, ...]:
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
@@ -505,6 +543,7 @@ def _as_vector(value: Any, fld: str, n: int) -> tuple[float, ...]:
 
 def _load_param(value: Any, fld: str, base_dir: Path, n: int) -> tuple[tuple[float, ...], str]:
     if isinstance(value, list):
+        _check_leaf_count(value, fld, n)
         for i, v in enumerate(np.asarray(value, dtype=object).ravel()):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise SpecError(f"{fld}[{i}]", f"must be a number, got {_printable(v)}")
@@ -520,11 +559,19 @@ def _load_param(value: Any, fld: str, base_dir: Path, n: int) -> tuple[tuple[flo
     if not isinstance(value.get("file"), str) or not value["file"]:
         raise SpecError(f"{fld}.file", "must name a .npy, .npz or .mat file")
     path = _resolve_param_path(value["file"], f"{fld}.file", base_dir)
+    for part in ("file", "key", "var"):
+        if isinstance(value.get(part), str):
+            _check_comment_safe(value[part], f"{fld}.{part}")
     suffix = path.suffix.lower()
     if suffix == ".npy":
         if "key" in value or "var" in value:
             raise SpecError(fld, "a .npy file holds one array; drop key/var")
-        arr = _read_array(lambda: np.load(path, allow_pickle=False), f"{fld}.file", path)
+        def read_npy():
+            with open(path, "rb") as fh:
+                _check_npy_header(fh, fld, path.name, n)
+                fh.seek(0)
+                return np.load(fh, allow_pickle=False)
+        arr = _read_array(read_npy, f"{fld}.file", path)
     elif suffix == ".npz":
         key = value.get("key")
         if not isinstance(key, str):
@@ -535,6 +582,9 @@ def _load_param(value: Any, fld: str, base_dir: Path, n: int) -> tuple[tuple[flo
                 if key not in z.files:
                     raise SpecError(f"{fld}.key", f"'{_printable(key)}' not in {path.name} "
                                                   f"(has {', '.join(z.files) or 'nothing'})")
+                member = f"{key}.npy" if f"{key}.npy" in z.zip.namelist() else key
+                with z.zip.open(member) as fh:
+                    _check_npy_header(fh, fld, f"{path.name}[{key}]", n)
                 return z[key]
         arr = _read_array(read_npz, f"{fld}.file", path)
     elif suffix == ".mat":
@@ -561,6 +611,51 @@ def _load_param(value: Any, fld: str, base_dir: Path, n: int) -> tuple[tuple[flo
         raise SpecError(f"{fld}.file", f"{path.name} does not hold real numbers")
     return _as_vector(arr, fld, n), f"{value['file']}" + (
         f"[{value['key']}]" if "key" in value else f"[{value['var']}]" if "var" in value else "")
+
+
+def _check_leaf_count(value: list, fld: str, n: int) -> None:
+    """Raise unless a nested list holds at most n numbers (YAML aliases can nest a billion)."""
+    count, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        else:
+            count += 1
+            if count > n:
+                raise SpecError(fld, f"must hold exactly num_channels={n} values after "
+                                     f"squeezing, got more")
+
+
+def _check_comment_safe(text: str, fld: str) -> None:
+    """Raise when text could end or nest the C comment the parameter source is named in."""
+    bad = [c for c in text if ord(c) < 32 or ord(c) == 127]
+    if bad:
+        raise SpecError(fld, f"holds control character {_printable(bad[0])}")
+    for seq in ("*/", "/*"):
+        if seq in text:
+            raise SpecError(fld, f"holds '{seq}', which would end or nest the C comment that "
+                                 "names the parameter source")
+
+
+def _check_npy_header(fh, fld: str, name: str, n: int) -> None:
+    """Raise unless a .npy stream's header promises exactly n plain numbers (read no data)."""
+    from numpy.lib import format as npformat
+    try:
+        version = npformat.read_magic(fh)
+        if version == (1, 0):
+            shape, _, dtype = npformat.read_array_header_1_0(fh)
+        else:
+            shape, _, dtype = npformat.read_array_header_2_0(fh)
+    except ValueError as exc:
+        raise SpecError(f"{fld}.file", f"cannot read {name}: not a .npy array "
+                                       f"({_printable(str(exc), 60)})") from None
+    if dtype.hasobject:
+        raise SpecError(f"{fld}.file", f"{name} holds pickled Python objects; gncodegen never "
+                                       "unpickles parameter files")
+    if math.prod(shape) != n:
+        raise SpecError(fld, f"must hold exactly num_channels={n} values after squeezing, "
+                             f"got shape {tuple(shape)}")
 
 
 def _resolve_param_path(name: str, fld: str, base_dir: Path) -> Path:
