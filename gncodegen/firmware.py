@@ -120,10 +120,12 @@ PACKAGES = {
     "arm-none-eabi-nm": "binutils-arm-none-eabi",
     "qemu-system-arm": "qemu-system-arm",
     "qemu-aarch64": "qemu-user",
-    "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu",
+    "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu libc6-dev-arm64-cross",
+    "arm-none-eabi-objdump": "binutils-arm-none-eabi",
     "clang": "clang",
     "gcc": "gcc",
     "g++": "g++",
+    "make": "make",
 }
 # The footprint is measured where the issue sets its budget: Cortex-M4F at -Os.
 FOOTPRINT_TARGET = "cortex-m4"
@@ -241,21 +243,12 @@ class Footprint:
         return problems
 
 
-def allowed_calls(dtype: str, cpu_has_double_fpu: bool = False) -> frozenset[str]:
-    """Return the outside functions a layer's object may call on a Cortex-M core.
-
-    Single precision may call sqrtf and nothing else: no double arithmetic helpers
-    (__aeabi_d*), no sqrt, no heap. Double precision on a single-precision FPU needs the
-    run-time library's double helpers and sqrt.
-    """
-    if dtype != "double":
-        return frozenset({"sqrtf"})
-    return frozenset({"sqrt"})
-
-
-def _is_soft_double_helper(symbol: str) -> bool:
-    return symbol.startswith(("__aeabi_d", "__aeabi_f2d", "__aeabi_i2d", "__aeabi_ui2d",
-                              "__aeabi_l2d", "__aeabi_ul2d", "__aeabi_d2"))
+# What a layer's object may call: the square root of its precision, and the memory functions a
+# compiler may emit even for freestanding code. Double precision on a core without a
+# double-precision FPU also calls the run-time library's soft-float helpers.
+ALLOWED_CALLS = {"single": frozenset({"sqrtf"}), "double": frozenset({"sqrt"})}
+COMPILER_CALLS = frozenset({"memcpy", "memset", "memmove"})
+SOFT_DOUBLE_HELPER = re.compile(r"__aeabi_(d\w+|\w*2d)\Z")   # __aeabi_dmul, __aeabi_f2d, ...
 
 
 def measure_footprint(plan: Plan, source: Source, header: Source,
@@ -302,19 +295,22 @@ def measure_footprint(plan: Plan, source: Source, header: Source,
     fp = Footprint(plan.prefix, target.name, opt, text, rodata, data, bss, params, stack,
                    tuple(sorted(undefined)))
     cached.parent.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps({"layer": fp.layer, **fp.as_dict()}))
+    partial = cached.with_name(f".{cached.name}.{os.getpid()}")
+    partial.write_text(json.dumps({"layer": fp.layer, **fp.as_dict()}))
+    os.replace(partial, cached)      # atomic: a parallel reader never sees half a record
     return fp
 
 
 def check_object_calls(fp: Footprint, dtype: str) -> list[str]:
-    """Return the outside calls a layer must not make (empty when all are allowed)."""
-    allowed = allowed_calls(dtype)
-    bad = []
-    for sym in fp.calls:
-        if sym in allowed or (dtype == "double" and _is_soft_double_helper(sym)):
-            continue
-        bad.append(sym)
-    return bad
+    """Return the outside calls a layer must not make (empty when all are allowed).
+
+    Single precision may call sqrtf and nothing else: no double arithmetic helpers
+    (__aeabi_d*), no sqrt, no heap, no I/O.
+    """
+    allowed = ALLOWED_CALLS[dtype] | COMPILER_CALLS
+    return [sym for sym in fp.calls
+            if sym not in allowed
+            and not (dtype == "double" and SOFT_DOUBLE_HELPER.match(sym))]
 
 
 def _sections(size_output: str) -> dict[str, int]:
@@ -662,9 +658,11 @@ def verify_layer_on(target: FirmwareTarget, plan: Plan, layer_sources: list[Sour
         header, source = _layer_pair(plan, layer_sources)
         footprint = measure_footprint(plan, source, header, target)
         bad = check_object_calls(footprint, layer.dtype)
-        if bad and layer.dtype != "double":
-            raise VerificationError(f"{plan.prefix}: the {target.name} object calls "
-                                    f"{', '.join(bad)}; single precision may call only sqrtf")
+        if bad:
+            raise VerificationError(
+                f"{plan.prefix}: the {target.name} object calls {', '.join(bad)}; "
+                f"{layer.dtype} precision may call only "
+                f"{', '.join(sorted(ALLOWED_CALLS[layer.dtype]))}")
     return LayerRun(report, footprint, image.path)
 
 
