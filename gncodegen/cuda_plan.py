@@ -351,3 +351,20 @@ def check_cuda_dtype(plan: Plan) -> None:
     """Raise TargetUnavailable for a dtype the CUDA target cannot produce."""
     if plan.layer.dtype not in CUDA_SCALARS:
         raise TargetUnavailable(f"CUDA target: dtype {plan.layer.dtype} is not supported")
+
+
+def chosen_variant(cp: CudaPlan, batch: int, cc_major: int, sms: int,
+                   aligned: bool = True) -> Variant:
+    """Return the variant the generated host code launches (mirrors its run() function)."""
+    if not aligned:
+        return cp.scalar_variant
+    if cp.warp is not None:
+        return cp.warp
+    teams = batch * cp.plan.num_groups
+    if cc_major >= 9:
+        base = cp.narrow or cp.portable
+        if cp.wide is not None and teams * base.cluster < sms * cp.min_blocks_per_sm:
+            return cp.wide
+        if cp.narrow is not None:
+            return cp.narrow
+    return cp.portable

@@ -40,11 +40,10 @@ def cmake_project_name(spec_stem: str) -> str:
     return name if name and not name[0].isdigit() else f"gn_{name}"
 
 
-def render_cmake(plans: tuple[Plan, ...], spec_name: str, spec_stem: str,
-                 with_c: bool) -> Source:
+def render_cmake(plans: tuple[Plan, ...], spec_name: str, spec_stem: str) -> Source:
     """Return a CMakeLists.txt that builds one shared library from the C and CUDA sources."""
     archs = sorted({a for p in plans for a in p.layer.cuda_arch})
-    c_sources = [f"{p.prefix}.c" for p in plans] if with_c else []
+    c_sources = [f"{p.prefix}.c" for p in plans if p.layer.dtype in ("single", "double")]
     cuda_sources = [f"{p.prefix}.cu" for p in plans]
     text = render_template("cuda/CMakeLists.txt.j2", plans=plans, spec_name=spec_name,
                            project=cmake_project_name(spec_stem), archs=archs,

@@ -1,0 +1,328 @@
+"""CUDA target: plan decisions, rendered text, nvcc compile check, the generated .cu run under
+the host emulation (and ThreadSanitizer), and on a GPU where one exists."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gncodegen.cuda_plan import CudaOptions, lower_cuda
+from gncodegen.cuda_render import render_cmake, render_cuda
+from gncodegen.cuda_run import (build_harness, compile_check, cuda_runner, gpu_name,
+                                parse_ptxas, run_call)
+from gncodegen.plan import lower, lower_spec, round_to_dtype
+from gncodegen.reference import group_norm_reference
+from gncodegen.spec import load_spec, parse_spec
+from gncodegen.verify import TOLERANCE, Case, compare, make_cases, verify_layer
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+HAVE_NVCC = shutil.which("nvcc") is not None
+GPU = gpu_name()
+
+# Small geometry so that small shapes reach every strategy under emulation: 64-thread blocks,
+# 16 bytes per thread on chip, clusters of up to 4 blocks.
+SMALL = CudaOptions(block_threads=(64, 128), warp_team_block=64, onchip_bytes=16, max_cluster=4)
+
+needs_nvcc = pytest.mark.skipif(not HAVE_NVCC, reason="nvcc not on PATH")
+gpu = [pytest.mark.gpu, pytest.mark.skipif(GPU is None, reason="no NVIDIA GPU here")]
+
+
+def layer_of(fmt: str, layout: str, size: list[int], groups, dtype: str = "single",
+             name: str = "gn", extra: str = ""):
+    """Return the one layer of a spec written inline."""
+    text = (f"name: {name}\nnum_groups: {groups}\nformat: {fmt}\nlayout: {layout}\n"
+            f"input_size: {size}\ndtype: {dtype}\nscale_initializer: narrow-normal\n"
+            f"offset_initializer: narrow-normal\n{extra}")
+    return parse_spec(text, base_dir=ROOT, stem=name).layers[0]
+
+
+# (format, layout, input_size, groups, strategies SMALL gives it in single precision)
+SHAPES = {
+    "warp_sscb": ("SSCB", "column-major", [6, 5, 4], 2, {"warp"}),
+    "cluster_sscb": ("SSCB", "column-major", [10, 10, 8], 2, {"cluster", "block"}),
+    "nhwc": ("BSSC", "row-major", [12, 12, 8], 2, {"cluster", "looped"}),
+    "nhwc_warp": ("BSSC", "row-major", [5, 3, 8], 4, {"warp"}),
+    "cbt": ("CBT", "column-major", [6, 70], 3, {"cluster", "block"}),
+    "nchw_odd": ("BCSS", "row-major", [3, 7, 9], 1, {"cluster", "block"}),
+    "looped": ("SSCB", "column-major", [40, 40, 4], 2, {"looped"}),
+    "channelwise": ("CB", "column-major", [16], 16, {"warp"}),
+    "no_batch": ("SSC", "column-major", [9, 7, 24], 3, {"cluster", "block"}),
+    "no_batch_warp": ("SSC", "column-major", [5, 3, 6], 3, {"warp"}),
+}
+DTYPE_SHAPES = ("warp_sscb", "cluster_sscb", "nhwc", "cbt", "looped")
+
+
+def _sources(plan, options=None):
+    cp = lower_cuda(plan, options)
+    return cp, list(render_cuda(plan, "test.yaml", cuda_plan=cp))
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def test_plan_fills_an_h100_on_reference_shapes():
+    # DESIGN.md section 8: C (1, 320, 64x64, 32) has 32 groups; one block each would leave
+    # most of 132 SMs idle, so the wide variant splits each group over an 8-block cluster.
+    c = lower_cuda(lower(layer_of("BCSS", "row-major", [320, 64, 64], 32)))
+    assert c.wide is not None and c.wide.cluster == 8 and c.wide.items > 0
+    assert c.narrow is not None and c.narrow.strategy == "cluster"
+    assert c.portable.strategy == "looped"        # sm_80 cannot hold 40960 floats in a block
+    assert c.vec == 4
+    # B (8, 64, 56x56, 32): enough groups; the group stays on chip in a 2-block cluster.
+    b = lower_cuda(lower(layer_of("BCSS", "row-major", [64, 56, 56], 32)))
+    assert b.narrow.cluster == 2 and b.narrow.items * b.vec <= 16
+    # E (256, 1024) feature input: 32-element groups go to 8 lanes of a warp, float4 each.
+    e = lower_cuda(lower(layer_of("CB", "column-major", [1024], 32)))
+    assert e.warp is not None and e.warp.lanes == 8 and e.warp.items == 1 and e.vec == 4
+
+
+def test_plan_vector_width_follows_layout_and_dtype():
+    assert lower_cuda(lower(layer_of("BSSC", "row-major", [4, 4, 16], 4))).vec == 4
+    assert lower_cuda(lower(layer_of("BSSC", "row-major", [4, 4, 6], 3))).vec == 2
+    assert lower_cuda(lower(layer_of("BCSS", "row-major", [4, 3, 3], 2))).vec == 2
+    assert lower_cuda(lower(layer_of("BCSS", "row-major", [3, 3, 3], 3))).vec == 1
+    assert lower_cuda(lower(layer_of("BCSS", "row-major", [8, 8, 8], 2, "half"))).vec == 8
+    assert lower_cuda(lower(layer_of("BCSS", "row-major", [8, 8, 8], 2, "double"))).vec == 2
+
+
+def test_plan_without_sm90_has_no_clusters():
+    layer = layer_of("BCSS", "row-major", [320, 64, 64], 32, extra="cuda_arch: [80]\n")
+    cp = lower_cuda(lower(layer))
+    assert not cp.uses_cluster and cp.narrow is None and cp.wide is None
+    assert all(not v.needs_sm90 for v in cp.variants)
+
+
+def test_rendering_is_deterministic_and_prefixed():
+    layer = layer_of("BSSC", "row-major", [8, 8, 16], 4, "half", name="enc")
+    first = render_cuda(lower(layer), "x.yaml")
+    second = render_cuda(lower(layer), "x.yaml")
+    assert first == second
+    header, source = first
+    assert header.name == "enc_cuda.h" and source.name == "enc.cu"
+    outside = source.text.split("} /* namespace */")[1]   # all else has internal linkage
+    exported = re.findall(r"^cudaError_t (\w+)\(", outside, re.M)
+    assert exported == ["enc_cuda_predict", "enc_cuda_predict_with_params"]
+    assert "Do not edit" in header.text and "Plan" in header.text
+    assert "__constant__ acc_t c_scale[16]" in source.text
+    assert "atomic" not in source.text            # deterministic: no atomics at all
+
+
+def test_cmake_lists_cuda_and_optional_c_sources():
+    plans = lower_spec(load_spec(ROOT / "examples" / "multi_layer.yaml"))
+    text = render_cmake(plans, "multi_layer.yaml", "multi_layer").text
+    assert "project(multi_layer LANGUAGES C CUDA)" in text
+    assert "80-real 90-real 90-virtual" in text
+    assert "encoder_gn.cu" in text and "if(EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/encoder_gn.c)" in text
+
+
+def test_parse_ptxas():
+    text = """ptxas info    : Compiling entry function '_ZN45_GLOBAL__N__aaa_12_x_cu_6912group_kernelILi256ELi4ELi4ELi2ELb1EEEvPKfPfmS2_S2_' for 'sm_90'
+ptxas info    : Function properties for _ZN45_GLOBAL__N__aaa_12_x_cu_6912group_kernelILi256ELi4ELi4ELi2ELb1EEEvPKfPfmS2_S2_
+    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 40 registers, used 1 barriers, 136 bytes smem
+"""
+    (k,) = parse_ptxas(text)
+    assert (k.arch, k.kernel, k.registers, k.shared_bytes) == (90, "group_kernel<256, 4, 4, 2, true>", 40, 136)
+    assert (k.stack_bytes, k.spill_stores, k.spill_loads) == (8, 4, 4)
+
+
+# --------------------------------------------------------------------------- nvcc
+
+
+@needs_nvcc
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_examples_compile_with_nvcc_without_spills(path):
+    for plan in lower_spec(load_spec(path)):
+        cp, sources = _sources(plan)
+        kernels = compile_check(plan, cp, sources)
+        assert {k.arch for k in kernels} == set(cp.archs)
+        assert len(kernels) == 2 * len(cp.variants) * len(cp.archs)   # baked + with params
+        for k in kernels:
+            assert k.spill_stores == k.spill_loads == k.stack_bytes == 0, k
+
+
+@needs_nvcc
+@pytest.mark.parametrize("dtype", ["half", "bfloat16", "double"])
+def test_every_dtype_compiles_with_nvcc_without_spills(dtype):
+    for key in ("warp_sscb", "nhwc"):
+        fmt, layout, size, groups, _ = SHAPES[key]
+        plan = lower(layer_of(fmt, layout, size, groups, dtype))
+        cp, sources = _sources(plan)
+        for k in compile_check(plan, cp, sources):
+            assert k.spill_stores == k.spill_loads == k.stack_bytes == 0, k
+
+
+# --------------------------------------------------------------------------- emulation
+
+
+def _emulate(key: str, dtype: str):
+    fmt, layout, size, groups, strategies = SHAPES[key]
+    plan = lower(layer_of(fmt, layout, size, groups, dtype, name=f"{key}_{dtype}"))
+    cp, sources = _sources(plan, SMALL)
+    if dtype == "single":
+        assert {v.strategy for v in cp.variants} == strategies
+    return plan, cp, build_harness(plan, cp, sources, "emulation")
+
+
+@pytest.mark.parametrize("key", list(SHAPES))
+def test_emulation_single_every_layout_and_strategy(key):
+    plan, cp, exe = _emulate(key, "single")
+    report = verify_layer(plan.layer, "cuda", "host emulation", cuda_runner(plan, exe))
+    assert report.passed, report
+    # Before sm_90 the host code launches the cluster-free kernels: same answers.
+    old = verify_layer(plan.layer, "cuda", "host emulation sm_80",
+                       cuda_runner(plan, exe, {"GN_EMU_CC_MAJOR": "8"}), make_cases(plan.layer)[:2])
+    assert old.passed, old
+
+
+@pytest.mark.parametrize("dtype", ["double", "half", "bfloat16"])
+@pytest.mark.parametrize("key", DTYPE_SHAPES)
+def test_emulation_every_dtype(key, dtype):
+    plan, cp, exe = _emulate(key, dtype)
+    report = verify_layer(plan.layer, "cuda", "host emulation", cuda_runner(plan, exe))
+    assert report.passed, report
+
+
+def test_emulation_half_squares_do_not_overflow():
+    # |x| up to 60000: (x - pilot)^2 reaches 1.4e10, far past half's 65504; the sums are float.
+    plan, cp, exe = _emulate("cluster_sscb", "half")
+    rng = np.random.default_rng(5)
+    n = plan.observation_numel * 2
+    x = round_to_dtype(np.clip(rng.normal(0, 30000, n), -60000, 60000), "half")
+    x[::7] = 60000.0
+    x[3::11] = -60000.0
+    report = verify_layer(plan.layer, "cuda", "host emulation", cuda_runner(plan, exe),
+                          [Case("|x| up to 60000", x, 2)])
+    assert report.passed, report
+
+
+def test_emulation_unaligned_pointers_take_the_scalar_kernel():
+    plan, cp, exe = _emulate("nhwc", "single")
+    assert cp.vec > 1
+    x = round_to_dtype(np.random.default_rng(1).normal(0, 1, plan.observation_numel * 3), "single")
+    res = run_call(exe, plan, "misaligned", 3, x)
+    assert res.returncode == 0, res.stderr
+    ref = group_norm_reference(x, plan.layer, 3, plan.scale_values, plan.offset_values)
+    assert compare(res.y, ref, TOLERANCE["single"], "misaligned").passed
+
+
+@pytest.mark.parametrize("key", ["cluster_sscb", "no_batch"])
+def test_refused_calls_return_invalid_value(key):
+    plan, cp, exe = _emulate(key, "single")
+    x = np.zeros(plan.observation_numel)
+    res = run_call(exe, plan, "errors", 1, x)
+    assert res.returncode == 0, res.stderr
+    codes = dict(line.split() for line in res.stdout.splitlines())
+    bad = codes["invalid_value"]
+    assert codes["null_x"] == codes["null_y"] == codes["null_scale"] == bad
+    assert codes["null_offset"] == codes["bad_batch"] == bad
+    assert codes["zero_batch"] == ("0" if plan.has_batch else bad)
+
+
+def test_emulation_is_deterministic():
+    plan, cp, exe = _emulate("cluster_sscb", "single")
+    x = round_to_dtype(np.random.default_rng(2).normal(3, 2, plan.observation_numel * 2), "single")
+    a = run_call(exe, plan, "baked", 2, x).y
+    b = run_call(exe, plan, "baked", 2, x).y
+    assert a is not None and np.array_equal(a, b)
+
+
+# --------------------------------------------------------------------------- ThreadSanitizer
+
+
+def _tsan_run(plan, cp, sources):
+    exe = build_harness(plan, cp, sources, "tsan")
+    x = round_to_dtype(np.random.default_rng(3).normal(0, 1, plan.observation_numel), "single")
+    env = {"TSAN_OPTIONS": "halt_on_error=1 exitcode=66 report_signal_unsafe=0"}
+    return run_call(exe, plan, "baked", 1, x, env=env)
+
+
+def test_tsan_finds_no_race_in_generated_kernels():
+    for key in ("cluster_sscb", "warp_sscb"):
+        fmt, layout, size, groups, _ = SHAPES[key]
+        plan = lower(layer_of(fmt, layout, size, groups, name=f"tsan_{key}"))
+        cp, sources = _sources(plan, SMALL)
+        res = _tsan_run(plan, cp, sources)
+        assert res.returncode == 0 and "ThreadSanitizer" not in res.stderr, res.stderr[-3000:]
+
+
+def test_tsan_catches_a_planted_missing_barrier():
+    fmt, layout, size, groups, _ = SHAPES["cluster_sscb"]
+    plan = lower(layer_of(fmt, layout, size, groups, name="tsan_planted"))
+    cp, sources = _sources(plan, SMALL)
+    cu = next(s for s in sources if s.name.endswith(".cu"))
+    barrier = "    }\n    __syncthreads();\n    s1 = 0.0f;"
+    assert cu.text.count(barrier) == 1
+    planted = type(cu)(cu.name, cu.text.replace(barrier, "    }\n    s1 = 0.0f;"))
+    sources = [planted if s is cu else s for s in sources]
+    res = _tsan_run(plan, cp, sources)
+    assert res.returncode == 66, res.stderr[-3000:]
+    assert "WARNING: ThreadSanitizer: data race" in res.stderr
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_verify_cuda_says_where_it_ran(tmp_path):
+    proc = subprocess.run(["python3", "-m", "gncodegen.cli", "verify",
+                           str(ROOT / "examples" / "features_channelwise.yaml"), "--target", "cuda"],
+                          capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    where = "gpu (" if GPU else "host emulation"
+    assert where in proc.stdout and "pass" in proc.stdout
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU is None, reason="no NVIDIA GPU here")
+def test_gpu_examples(path):
+    for plan in lower_spec(load_spec(path)):
+        cp, sources = _sources(plan)
+        exe = build_harness(plan, cp, sources, "gpu")
+        report = verify_layer(plan.layer, "cuda", "gpu", cuda_runner(plan, exe))
+        assert report.passed, report
+
+
+@pytest.mark.parametrize("dtype", ["single", "double", "half", "bfloat16"])
+@pytest.mark.parametrize("key", list(SHAPES))
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU is None, reason="no NVIDIA GPU here")
+def test_gpu_every_layout_and_dtype(key, dtype):
+    fmt, layout, size, groups, _ = SHAPES[key]
+    for options in (None, SMALL):     # the real geometry, and the small one that splits more
+        plan = lower(layer_of(fmt, layout, size, groups, dtype, name=f"g_{key}_{dtype}"))
+        cp, sources = _sources(plan, options)
+        exe = build_harness(plan, cp, sources, "gpu")
+        report = verify_layer(plan.layer, "cuda", "gpu", cuda_runner(plan, exe))
+        assert report.passed, report
+        x = round_to_dtype(np.random.default_rng(4).normal(1, 2, plan.observation_numel * 3), dtype)
+        batch = 3 if plan.has_batch else 1
+        x = x[: plan.observation_numel * batch]
+        a = run_call(exe, plan, "baked", batch, x).y
+        b = run_call(exe, plan, "baked", batch, x).y
+        assert a is not None and np.array_equal(a, b)          # same input, same bits
+        m = run_call(exe, plan, "misaligned", batch, x).y
+        ref = group_norm_reference(x, plan.layer, batch, plan.scale_values, plan.offset_values)
+        assert compare(m, ref, TOLERANCE[dtype], "misaligned").passed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU is None, reason="no NVIDIA GPU here")
+def test_gpu_reference_shapes_large_groups():
+    # DESIGN.md section 8 shape C in both layouts: the wide cluster path on a real device.
+    for fmt, size in (("BCSS", [320, 64, 64]), ("BSSC", [64, 64, 320])):
+        plan = lower(layer_of(fmt, "row-major", size, 32, name=f"big_{fmt.lower()}"))
+        cp, sources = _sources(plan)
+        exe = build_harness(plan, cp, sources, "gpu")
+        cases = [c for c in make_cases(plan.layer) if c.batch == 1 or c.in_place]
+        report = verify_layer(plan.layer, "cuda", "gpu", cuda_runner(plan, exe), cases)
+        assert report.passed, report
