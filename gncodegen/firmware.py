@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -222,12 +222,15 @@ class Footprint:
     params: int        # <name>_scale and <name>_offset, in flash
     stack: int         # deepest path from an entry point, in bytes
     calls: tuple[str, ...]   # functions called outside the layer's object
+    stack_measured: int | None = None  # deepest stack the verification image's calls used
 
     def as_dict(self) -> dict:
         """Return the figures as plain data for the manifest."""
         return {"cpu": self.cpu, "opt": self.opt, "text": self.text, "rodata": self.rodata,
                 "data": self.data, "bss": self.bss, "params": self.params,
-                "stack": self.stack, "calls": list(self.calls)}
+                "stack": self.stack, "calls": list(self.calls),
+                **({} if self.stack_measured is None else
+                   {"stack_measured": self.stack_measured})}
 
     def over_budget(self, dtype: str) -> list[str]:
         """Return the single-precision budgets this footprint breaks, in words."""
@@ -240,6 +243,10 @@ class Footprint:
                 problems.append(f"text {self.text} B > {TEXT_BUDGET} B")
             if self.stack > STACK_BUDGET:
                 problems.append(f"stack {self.stack} B > {STACK_BUDGET} B")
+            elif (self.stack_measured or 0) > STACK_BUDGET:
+                problems.append(f"stack {self.stack_measured} B measured under QEMU (with "
+                                f"{', '.join(self.calls) or 'no outside calls'}) > "
+                                f"{STACK_BUDGET} B")
         return problems
 
 
@@ -365,14 +372,17 @@ def _deepest(func: str, frames: dict[str, int], edges: dict[str, tuple[str, ...]
 def footprint_table(footprints: list[Footprint]) -> list[str]:
     """Return the footprint table the CLI prints, one line per layer."""
     rows = [["layer", "cpu", "opt", "text", "rodata", "data", "bss", "params", "stack",
-             "calls"]]
+             "ran", "calls"]]
     for fp in footprints:
+        ran = "-" if fp.stack_measured is None else str(fp.stack_measured)
         rows.append([fp.layer, fp.cpu, fp.opt, str(fp.text), str(fp.rodata), str(fp.data),
-                     str(fp.bss), str(fp.params), str(fp.stack), ", ".join(fp.calls) or "-"])
+                     str(fp.bss), str(fp.params), str(fp.stack), ran,
+                     ", ".join(fp.calls) or "-"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) if 3 <= i <= 8 else c.ljust(w)
+    lines = ["  ".join(c.rjust(w) if 3 <= i <= 9 else c.ljust(w)
                        for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
-    return ["footprint (bytes; params are the static const scale/offset in flash):", *lines]
+    return ["footprint (bytes; params: the static const scale/offset, in flash; stack: deepest "
+            "call path from -fstack-usage; ran: deepest stack measured under QEMU):", *lines]
 
 
 # --------------------------------------------------------------------------- the test image
@@ -398,6 +408,7 @@ class Harness:
     target: str
     cases: tuple[HarnessCase, ...]
     max_numel: int
+    measure_stack: bool          # paint the stack and report each call's depth (bare metal)
     per_line: int = HEX_PER_LINE
 
 
@@ -423,7 +434,8 @@ def harness_for(plan: Plan, target: str, cases: list[Case]) -> Harness:
                       tuple(hex_literal(v, dt) for v in case.offset))
         hcases.append(HarnessCase(case.name, case.batch, case.in_place, len(case.x), lits,
                                   *params))
-    return Harness(target, tuple(hcases), max(c.numel for c in hcases))
+    bare_metal = FIRMWARE_TARGETS[target].bare_metal if target in FIRMWARE_TARGETS else False
+    return Harness(target, tuple(hcases), max(c.numel for c in hcases), bare_metal)
 
 
 def render_harness(plan: Plan, harness: Harness) -> Source:
@@ -577,7 +589,14 @@ def run_image(image: Image, timeout: float = QEMU_TIMEOUT_S) -> str:
     return printed
 
 
-_CASE = re.compile(r"case (\d+) (.*) rc (-?\d+) numel (\d+)\Z")
+_CASE = re.compile(r"case (\d+) (.*) rc (-?\d+) numel (\d+)(?: stack (\d+))?\Z")
+
+
+def measured_stack(text: str) -> int | None:
+    """Return the deepest stack a harness measured over its cases (None if it measured none)."""
+    depths = [int(m.group(5)) for line in text.splitlines()
+              if (m := _CASE.match(line)) and m.group(5) is not None]
+    return max(depths, default=None)
 
 
 def parse_output(text: str, plan: Plan, cases: list[Case]) -> dict[str, np.ndarray]:
@@ -628,6 +647,7 @@ class LayerRun:
     report: Report
     footprint: Footprint | None
     image: Path | None
+    measured_stack: int | None = None   # deepest stack a kernel call used in the image
 
 
 def verify_layer_on(target: FirmwareTarget, plan: Plan, layer_sources: list[Source],
@@ -648,7 +668,8 @@ def verify_layer_on(target: FirmwareTarget, plan: Plan, layer_sources: list[Sour
         raise TargetUnavailable(f"{target.name}: no emulator to run on")
     image = build_image(target, plan, layer_sources,
                         render_harness(plan, harness_for(plan, target.name, cases)), keep)
-    outputs = parse_output(run_image(image), plan, cases)
+    printout = run_image(image)
+    outputs = parse_output(printout, plan, cases)
     if corrupt is not None:
         outputs = corrupt(outputs)
     report = verify_layer(layer, target.name, target.runner_name,
@@ -657,13 +678,16 @@ def verify_layer_on(target: FirmwareTarget, plan: Plan, layer_sources: list[Sour
     if target.bare_metal:
         header, source = _layer_pair(plan, layer_sources)
         footprint = measure_footprint(plan, source, header, target)
+        if target.opt == footprint.opt:
+            # The image ran the very code measured: add what its calls really used.
+            footprint = replace(footprint, stack_measured=measured_stack(printout))
         bad = check_object_calls(footprint, layer.dtype)
         if bad:
             raise VerificationError(
                 f"{plan.prefix}: the {target.name} object calls {', '.join(bad)}; "
                 f"{layer.dtype} precision may call only "
                 f"{', '.join(sorted(ALLOWED_CALLS[layer.dtype]))}")
-    return LayerRun(report, footprint, image.path)
+    return LayerRun(report, footprint, image.path, measured_stack(printout))
 
 
 def _layer_pair(plan: Plan, sources: list[Source]) -> tuple[Source, Source]:

@@ -172,6 +172,29 @@ def test_an_unwritten_output_is_a_nan_and_fails():
     assert not run.report.passed
 
 
+def test_stack_depth_is_measured_on_the_core():
+    # The harness paints the free stack before each call; a kernel that puts 1 KiB of locals
+    # on it must measure at least that, and the footprint carries the figure.
+    plan = lower(_layer("ssc_no_batch"))
+    header, source = _sources(plan)
+    p = plan.prefix
+    deep = _wrapped(plan, source, f"{p}_predict",
+                    f"int {p}_predict(const float *x, float *y, size_t batch)\n{{\n"
+                    "    volatile float scratch[256];\n"
+                    "    for (size_t i = 0; i < 256u; ++i) {\n"
+                    "        scratch[i] = (float)i;\n    }\n"
+                    f"    return {p}_predict_real(x, y, batch) + (scratch[255] > 1e6f);\n}}")
+    target = fw.FIRMWARE_TARGETS["cortex-m4"]
+    shallow = fw.verify_layer_on(target, plan, [header, source])
+    measured = fw.verify_layer_on(target, plan, [header, deep])
+    assert 0 < shallow.measured_stack < 1024
+    assert measured.measured_stack >= 1024 + shallow.footprint.stack // 2
+    assert measured.footprint.stack_measured == measured.measured_stack
+    assert measured.footprint.stack >= 1024              # -fstack-usage sees the frame too
+    assert any("measured under QEMU" in p or p.startswith("stack ")
+               for p in measured.footprint.over_budget("single"))
+
+
 def test_image_without_fpu_enabled_reports_the_fault(monkeypatch):
     # Without the CPACR write the first FP instruction faults; the handler says so and stops.
     original = fw.support_sources
@@ -391,7 +414,9 @@ def test_cli_build_records_footprint_in_manifest(tmp_path):
     doc = json.loads((out / "manifest.json").read_text())
     fp = doc["cortex-m4"]["footprint"]["matlab_gn"]
     assert fp["cpu"] == "cortex-m4" and fp["opt"] == "-Os"
-    assert set(fp) >= {"text", "rodata", "data", "bss", "params", "stack", "calls"}
+    assert set(fp) >= {"text", "rodata", "data", "bss", "params", "stack", "stack_measured",
+                       "calls"}
+    assert fp["stack_measured"] > 0
     assert fp["text"] <= fw.TEXT_BUDGET and fp["stack"] <= fw.STACK_BUDGET
     assert [v["target"] for v in doc["verification"]] == ["cortex-m4"]
 
