@@ -266,7 +266,8 @@ def measure_footprint(plan: Plan, source: Source, header: Source,
     Sections come from `size -A` of an object built with -ffunction-sections -fdata-sections,
     so the parameters' .rodata.<name>_scale/_offset are told apart; the stack depth is the
     deepest path through the -fcallgraph-info call graph, each function's -fstack-usage frame
-    added (outside callees such as sqrtf count 0 and are listed in `calls`).
+    added (outside callees such as sqrtf count 0 and are listed in `calls`; the verification
+    image measures the real depth, callees included, as stack_measured).
     """
     target = target or FIRMWARE_TARGETS[FOOTPRINT_TARGET]
     size_tool = require_tool(target.tools_prefix + "size")
@@ -421,8 +422,8 @@ def hex_literal(value: float, dtype: str) -> str:
     return f"{mant}p{exp}" + ("" if dtype == "double" else "f")
 
 
-def harness_for(plan: Plan, target: str, cases: list[Case]) -> Harness:
-    """Return the Harness holding a layer's cases."""
+def harness_for(plan: Plan, target: FirmwareTarget, cases: list[Case]) -> Harness:
+    """Return the Harness holding a layer's cases for a target."""
     dt = plan.layer.dtype
     hcases = []
     for case in cases:
@@ -434,8 +435,8 @@ def harness_for(plan: Plan, target: str, cases: list[Case]) -> Harness:
                       tuple(hex_literal(v, dt) for v in case.offset))
         hcases.append(HarnessCase(case.name, case.batch, case.in_place, len(case.x), lits,
                                   *params))
-    bare_metal = FIRMWARE_TARGETS[target].bare_metal if target in FIRMWARE_TARGETS else False
-    return Harness(target, tuple(hcases), max(c.numel for c in hcases), bare_metal)
+    return Harness(target.name, tuple(hcases), max(c.numel for c in hcases),
+                   measure_stack=target.bare_metal)
 
 
 def render_harness(plan: Plan, harness: Harness) -> Source:
@@ -667,7 +668,7 @@ def verify_layer_on(target: FirmwareTarget, plan: Plan, layer_sources: list[Sour
     if not target.runner:
         raise TargetUnavailable(f"{target.name}: no emulator to run on")
     image = build_image(target, plan, layer_sources,
-                        render_harness(plan, harness_for(plan, target.name, cases)), keep)
+                        render_harness(plan, harness_for(plan, target, cases)), keep)
     printout = run_image(image)
     outputs = parse_output(printout, plan, cases)
     if corrupt is not None:

@@ -213,7 +213,7 @@ def test_image_without_fpu_enabled_reports_the_fault(monkeypatch):
 def test_hanging_image_is_stopped_by_the_timeout(monkeypatch):
     plan = lower(_layer("ssc_no_batch"))
     target = fw.FIRMWARE_TARGETS["cortex-m4"]
-    harness = fw.render_harness(plan, fw.harness_for(plan, target.name,
+    harness = fw.render_harness(plan, fw.harness_for(plan, target,
                                                      fw.firmware_cases(plan.layer, target)))
     hang = Source(harness.name, harness.text.replace(
         "int main(void)\n{", "int main(void)\n{\n    for (volatile int spin = 1; spin;) {\n    }"))
@@ -290,8 +290,8 @@ def test_harness_and_linker_script_are_deterministic():
     plan = lower(_layer("sscb"))
     target = fw.FIRMWARE_TARGETS["cortex-m55"]
     cases = fw.firmware_cases(plan.layer, target)
-    first = fw.render_harness(plan, fw.harness_for(plan, target.name, cases))
-    again = fw.render_harness(plan, fw.harness_for(plan, target.name,
+    first = fw.render_harness(plan, fw.harness_for(plan, target, cases))
+    again = fw.render_harness(plan, fw.harness_for(plan, target,
                                                    fw.firmware_cases(plan.layer, target)))
     assert first == again
     script = fw.render_linker_script(target).text
