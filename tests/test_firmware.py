@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -434,7 +435,8 @@ def test_cli_firmware_group_runs_every_target():
 
 def test_firmware_example_project_builds_and_runs(tmp_path):
     build = tmp_path / "build"
-    make = ["make", "-C", str(EXAMPLES / "firmware"), f"BUILD={build}"]
+    make = ["make", "-C", str(EXAMPLES / "firmware"), f"BUILD={build}",
+            f"PYTHON={sys.executable}"]
     built = subprocess.run([*make, "all"], capture_output=True, text=True, check=False,
                            timeout=300)
     assert built.returncode == 0, built.stdout + built.stderr
