@@ -10,7 +10,8 @@ this GPU, called through ctypes on PyTorch's stream and tensors) and torch's gro
 figure is the median over --reps calls, each timed with CUDA events after the L2 cache was
 flushed (so the input comes from HBM as it would inside a network). The floor is the input read
 once plus the output written once over the bandwidth of a large device-to-device copy measured
-in the same run; "copy" is a same-size torch copy (the floor plus a launch's fixed cost).
+in the same run; "copy" is a same-size torch copy (the floor plus a launch's fixed cost), and "% copy" says
+how close the generated kernel comes to it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from gncodegen.cuda_plan import chosen_variant, lower_cuda  # noqa: E402
+from gncodegen.cuda_plan import MAX_CLUSTER, CudaOptions, chosen_variant, lower_cuda  # noqa: E402
 from gncodegen.cuda_render import render_cuda  # noqa: E402
 from gncodegen.cuda_run import NVCC_FLAGS  # noqa: E402
 from gncodegen.plan import lower  # noqa: E402
@@ -91,30 +92,36 @@ def rows(shapes: list[str], dtypes: list[str]) -> list[Row]:
     return out
 
 
-def build(row: Row, folder: Path, arch: str) -> tuple[Path, object]:
+def build(row: Row, folder: Path, arch: str, max_cluster: int = MAX_CLUSTER) -> tuple[Path, object]:
     """Render and compile one configuration into a shared library; return it and its CudaPlan."""
     layer = parse_spec(row.spec_text(), base_dir=folder, stem=row.name).layers[0]
     plan = lower(layer)
-    cp = lower_cuda(plan)
+    cp = lower_cuda(plan, CudaOptions(max_cluster=max_cluster))
+    sub = folder / f"k{max_cluster}"
+    sub.mkdir(exist_ok=True)
     for src in render_cuda(plan, "bench_cuda.py", cuda_plan=cp):
-        (folder / src.name).write_text(src.text)
-    lib = folder / f"lib{row.name}.so"
+        (sub / src.name).write_text(src.text)
+    lib = sub / f"lib{row.name}.so"
     cmd = ["nvcc", *NVCC_FLAGS, f"-arch={arch}", "-Xcompiler", "-fPIC", "-shared", "-I.",
            f"{row.name}.cu", "-o", lib.name]
-    proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, cwd=sub, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}\n{proc.stderr}")
     return lib, cp
 
 
 def median_us(fn, reps: int, flush: torch.Tensor) -> float:
-    """Return the median time of fn() in microseconds, L2 flushed before each call."""
+    """Return the median time of fn() in microseconds, L2 flushed before each call.
+
+    The flush reads a buffer twice the L2's size, so the cache holds clean lines of it and the
+    timed call pays no write-back of someone else's data.
+    """
     for _ in range(3):
         fn()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
-        flush.zero_()
+        flush.sum()
         starts[i].record()
         fn()
         ends[i].record()
@@ -154,12 +161,15 @@ def main() -> None:
     ap.add_argument("--dtypes", default="fp32,fp16")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    ap.add_argument("--cluster-sweep", default="",
+                    help="also time the generated kernels planned with these cluster limits, "
+                         "e.g. 1,2,4 (1: no clusters), in a second table")
     args = ap.parse_args()
 
     props = torch.cuda.get_device_properties(0)
     arch = f"sm_{props.major}{props.minor}"
     config = rows(args.shapes.split(","), args.dtypes.split(","))
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    flush = torch.ones(64 << 20, dtype=torch.float32, device="cuda")     # 256 MB
     bandwidth = copy_bandwidth(flush)
     print(f"device: {props.name}, {props.multi_processor_count} SMs; copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s (read + write); torch {torch.__version__}; "
@@ -198,23 +208,51 @@ def main() -> None:
             nbytes = 2 * x.numel() * x.element_size()
             floor = nbytes / bandwidth * 1e6
             v = chosen_variant(cp, row.n, props.major, props.multi_processor_count)
-            kernel = f"{v.strategy}" + (f" x{v.cluster}" if v.cluster > 1 else "")
+            kernel = (f"{v.strategy}" + (f" x{v.cluster}" if v.cluster > 1 else "")
+                      + (f", {v.team_groups} groups/team" if v.team_groups > 1 else ""))
             results.append(dict(shape=row.shape, layout=row.layout, dtype=row.dtype,
                                 mbytes=nbytes / 1e6, floor_us=floor, copy_us=t_copy,
                                 ours_us=t_ours, torch_us=t_torch, of_floor=floor / t_ours,
+                                of_copy=t_copy / t_ours,
                                 vs_torch=t_torch / t_ours, kernel=kernel, rel_err=err))
             print(f"  {row.shape} {row.layout} {row.dtype}: ours {t_ours:.1f} us, torch "
                   f"{t_torch:.1f} us ({kernel}; max diff vs torch {err:.1e})", flush=True)
 
     head = (f"{'shape':<5} {'layout':<6} {'dtype':<5} {'MB':>6} {'floor us':>9} {'copy us':>8} "
-            f"{'ours us':>8} {'torch us':>9} {'% floor':>8} {'x torch':>8}  kernel")
+            f"{'ours us':>8} {'torch us':>9} {'% floor':>8} {'% copy':>7} {'x torch':>8}  kernel")
     print()
     print(head)
     print("-" * len(head))
     for r in results:
         print(f"{r['shape']:<5} {r['layout']:<6} {r['dtype']:<5} {r['mbytes']:6.2f} "
               f"{r['floor_us']:9.2f} {r['copy_us']:8.2f} {r['ours_us']:8.2f} {r['torch_us']:9.2f} "
-              f"{100 * r['of_floor']:7.0f}% {r['vs_torch']:7.2f}x  {r['kernel']}")
+              f"{100 * r['of_floor']:7.0f}% {100 * r['of_copy']:6.0f}% {r['vs_torch']:7.2f}x  "
+              f"{r['kernel']}")
+    if args.cluster_sweep:
+        limits = [int(k) for k in args.cluster_sweep.split(",")]
+        print(f"\ngenerated kernels planned with other cluster limits (us; default {MAX_CLUSTER})")
+        print(f"{'shape':<5} {'layout':<6} {'dtype':<5} " + " ".join(f"{'k<=' + str(k):>14}" for k in limits))
+        with tempfile.TemporaryDirectory(prefix="gn-bench-") as tmp:
+            folder = Path(tmp)
+            jobs = [(r, k) for r in config for k in limits]
+            with ThreadPoolExecutor(8) as pool:
+                libs = list(pool.map(lambda rk: build(rk[0], folder, arch, rk[1]), jobs))
+            stream = torch.cuda.current_stream()
+            for i, row in enumerate(config):
+                cells = []
+                x, y, w, b = tensors(row)
+                for j, k in enumerate(limits):
+                    lib_path, cp = libs[i * len(limits) + j]
+                    fn = getattr(ctypes.CDLL(str(lib_path)), f"{row.name}_cuda_predict_with_params")
+                    fn.restype = ctypes.c_int
+                    fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_size_t] + [ctypes.c_void_p] * 3
+                    a = (x.data_ptr(), y.data_ptr(), row.n, w.data_ptr(), b.data_ptr(),
+                         stream.cuda_stream)
+                    t = median_us(lambda: fn(*a), args.reps, flush)
+                    v = chosen_variant(cp, row.n, props.major, props.multi_processor_count)
+                    cells.append(f"{t:6.2f} {v.strategy[:4]}x{v.cluster}")
+                print(f"{row.shape:<5} {row.layout:<6} {row.dtype:<5} " + " ".join(f"{c:>14}" for c in cells),
+                      flush=True)
     if args.json:
         args.json.write_text(json.dumps(dict(device=props.name, bandwidth=bandwidth,
                                              rows=results), indent=1))

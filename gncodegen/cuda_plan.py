@@ -16,6 +16,10 @@ Strategies
            are used.
   looped   a group too large for one cluster's registers: the team sweeps global memory twice
            (statistics, then apply; the second sweep mostly hits L2).
+  rows     channels-last with groups narrower than a memory sector: one team (block or cluster,
+           on chip or looped as above) owns several neighbouring groups, so every load is a
+           full row of contiguous channels; each thread always sees the same channels and
+           keeps one pair of sums per group its vector touches.
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ class Variant:
     teams_per_block: int
     needs_sm90: bool
     why: str
+    team_groups: int = 1   # consecutive groups one team owns (rows strategy: several)
 
     @property
     def template_args(self) -> str:
@@ -97,7 +102,9 @@ class Variant:
     @property
     def kernel(self) -> str:
         """Which kernel template the variant instantiates."""
-        return "warp_kernel" if self.strategy == "warp" else "group_kernel"
+        if self.strategy == "warp":
+            return "warp_kernel"
+        return "rows_kernel" if self.team_groups > 1 else "group_kernel"
 
     @property
     def elements_per_thread(self) -> int:
@@ -140,6 +147,7 @@ class CudaPlan:
     scalar_variant: Variant           # unaligned pointers
     min_blocks_per_sm: int
     ab_in_smem: bool                  # stage folded a/b per channel in shared memory
+    rows: Rows | None                 # channels-last teams of several groups
     uses_cluster: bool
     epsilon_literal: str
     inv_numel_literal: str
@@ -151,6 +159,55 @@ class CudaPlan:
     def group_numel(self) -> int:
         """Elements in one (observation, group)."""
         return self.plan.group_numel
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Channels-last teams of several groups: rows of `width` contiguous channels."""
+
+    groups: int          # groups per team
+    width: int           # channels per row (groups * channels per group)
+    vec: int             # elements per load
+    row_threads: int     # threads covering one row (a power of two up to 32)
+    sums: int            # sum pairs per thread: groups one vector touches
+    positions: int       # rows per team
+    position_stride: int
+    position_per_batch: bool
+
+    @property
+    def team_numel(self) -> int:
+        """Elements one team owns."""
+        return self.positions * self.width
+
+
+ROW_BYTES = 64           # aim rows of at least two 32-byte sectors
+SECTOR_BYTES = 32
+
+
+def rows_geometry(plan: Plan, elem_bytes: int) -> Rows | None:
+    """Return the rows layout when groups are narrower than a sector in channels-last memory."""
+    lay = plan.layout
+    cpg, groups = plan.channels_per_group, plan.num_groups
+    if groups == 1 or not lay.channels_last or len(lay.stats_loops) != 2:
+        return None
+    pos, chan = lay.stats_loops
+    if chan.stride != 1 or chan.extent != cpg or cpg * elem_bytes >= SECTOR_BYTES:
+        return None
+    for gpt in range(2, groups + 1):
+        if groups % gpt:
+            continue
+        width = gpt * cpg
+        if width * elem_bytes < ROW_BYTES and gpt != groups:
+            continue
+        vec = VECTOR_BYTES // elem_bytes
+        while vec > 1 and (width % vec or pos.stride % vec or lay.batch_stride % vec
+                           or (vec > cpg and vec % cpg) or (vec < cpg and cpg % vec)):
+            vec //= 2
+        rt = width // vec
+        if rt <= WARP and rt & (rt - 1) == 0:
+            sums = vec // cpg if vec >= cpg else 1
+            return Rows(gpt, width, vec, rt, sums, pos.extent, pos.stride, pos.per_batch)
+    return None
 
 
 def _next_pow2(n: int) -> int:
@@ -212,7 +269,7 @@ def _warp_variant(numel: int, vec: int, opts: CudaOptions, e_max: int) -> Varian
 
 
 def _block_variant(name: str, numel: int, vec: int, cluster: int, threads: int,
-                   e_max: int, looped: bool, why: str) -> Variant:
+                   e_max: int, looped: bool, why: str, team_groups: int = 1) -> Variant:
     items = 0 if looped else _ceil(numel, cluster * threads * vec)
     if not looped:
         assert items * vec <= e_max, (items, vec, e_max)
@@ -221,7 +278,7 @@ def _block_variant(name: str, numel: int, vec: int, cluster: int, threads: int,
         assert (cluster - 1) * threads * vec < numel
     strategy = "looped" if looped else ("cluster" if cluster > 1 else "block")
     return Variant(name, strategy, threads, threads * cluster, cluster, vec, items, 1,
-                   cluster > 1, why)
+                   cluster > 1, why, team_groups)
 
 
 def _fit(numel: int, vec: int, e_max: int, max_cluster: int,
@@ -252,13 +309,51 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
     cluster_max = opts.max_cluster if has_sm90 else 1
 
     warp = narrow = wide = portable = None
-    if numel <= WARP * e_max:
+    rows = rows_geometry(plan, sc.bytes)
+    if rows is not None and rows.vec <= e_max:
+        # One team owns rows.groups groups; block sizes keep whole rows per thread column.
+        team_numel = rows.team_numel
+        tg = rows.groups
+        vec_r = rows.vec
+        bt = opts.block_threads
+        fit90 = _fit(team_numel, vec_r, e_max, cluster_max, bt) if has_sm90 else None
+        if fit90 is not None and fit90[1] > 1:
+            t, k = fit90
+            narrow = _block_variant("narrow", team_numel, vec_r, k, t, e_max, False,
+                                    f"{k} blocks of {t} threads hold {tg} groups on chip", tg)
+        elif has_sm90 and fit90 is None:
+            narrow = _block_variant("narrow", team_numel, vec_r, cluster_max, bt[-1], e_max,
+                                    True, f"{tg} groups exceed {cluster_max} blocks: two sweeps",
+                                    tg)
+        fit1 = _fit(team_numel, vec_r, e_max, 1, bt)
+        if fit1 is not None:
+            portable = _block_variant("portable", team_numel, vec_r, 1, fit1[0], e_max, False,
+                                      f"one block of {fit1[0]} threads holds {tg} groups", tg)
+        else:
+            portable = _block_variant("portable", team_numel, vec_r, 1, bt[-1], e_max, True,
+                                      f"{tg} groups exceed one block's registers: two sweeps",
+                                      tg)
+        if has_sm90:
+            base = narrow or portable
+            t = base.threads
+            k = min(cluster_max, _ceil(team_numel, t * vec_r))
+            if k > base.cluster:
+                looped = base.strategy == "looped" or _ceil(team_numel, k * t * vec_r) * vec_r > e_max
+                wide = _block_variant("wide", team_numel, vec_r, k, t, e_max, looped,
+                                      f"few teams: {k} blocks per team fill more SMs", tg)
+        # Unaligned pointers: one group per block, scalar loads.
+        fit_s = _fit(numel, 1, e_max, 1, bt)
+        scalar = _block_variant("scalar", numel, 1, 1, fit_s[0] if fit_s else bt[-1], e_max,
+                                fit_s is None, "x or y not aligned for vector loads")
+    elif numel <= WARP * e_max:
+        rows = None
         warp = _warp_variant(numel, vec, opts, e_max)
         scalar = _warp_variant(numel, 1, opts, e_max)
         scalar = Variant("scalar", **{k: getattr(scalar, k) for k in (
             "strategy", "threads", "lanes", "cluster", "vec", "items", "teams_per_block",
             "needs_sm90")}, why="x or y not aligned for vector loads")
     else:
+        rows = None
         bt = opts.block_threads
         fit90 = _fit(numel, vec, e_max, cluster_max, bt) if has_sm90 else None
         if fit90 is not None and fit90[1] > 1:
@@ -318,11 +413,18 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
     block_variants = [v for v in variants if v.strategy != "warp"]
     ab_bytes = plan.channels_per_group * 2 * (8 if sc.acc == "double" else 4)
     ab_in_smem = bool(block_variants) and plan.channels_per_group > 1 and ab_bytes <= AB_SMEM_BYTES
+    if rows is not None:
+        assert all(v.threads % rows.row_threads == 0 for v in variants if v.team_groups > 1)
+        assert rows.width * 2 * (8 if sc.acc == "double" else 4) <= AB_SMEM_BYTES
 
     acc = "double" if sc.acc == "double" else "single"
     lines = list(plan.summary[:6])
     lines.append(f"CUDA: {sc.elem} in memory, {sc.acc} accumulation; loads of {vec} "
                  f"element{'s' if vec > 1 else ''}; archs {', '.join(f'sm_{a}' for a in archs)}")
+    if rows is not None:
+        lines.append(f"rows: a team owns {rows.groups} neighbouring groups, {rows.positions} rows "
+                     f"of {rows.width} contiguous channels read by {rows.row_threads} threads "
+                     f"with loads of {rows.vec}")
     for v in variants:
         where = "sm_90+" if v.needs_sm90 else "any arch"
         lines.append(f"kernel {v.name} ({where}): {v.strategy}, {v.threads} threads"
@@ -338,7 +440,7 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
         group_stride_per_batch=lay.channel_per_batch, batch_stride=lay.batch_stride,
         max_batch=max_batch, variants=variants, warp=warp, narrow=narrow, wide=wide,
         portable=portable, scalar_variant=scalar, min_blocks_per_sm=MIN_WAVES,
-        ab_in_smem=ab_in_smem, uses_cluster=any(v.cluster > 1 for v in variants),
+        ab_in_smem=ab_in_smem, rows=rows, uses_cluster=any(v.cluster > 1 for v in variants),
         epsilon_literal=c_literal(layer.epsilon, acc),
         inv_numel_literal=c_literal(1.0 / numel, acc),
         scale_literals=tuple(c_literal(v, acc) for v in plan.scale_values),
@@ -360,9 +462,9 @@ def chosen_variant(cp: CudaPlan, batch: int, cc_major: int, sms: int,
         return cp.scalar_variant
     if cp.warp is not None:
         return cp.warp
-    teams = batch * cp.plan.num_groups
     if cc_major >= 9:
         base = cp.narrow or cp.portable
+        teams = batch * cp.plan.num_groups // base.team_groups
         if cp.wide is not None and teams * base.cluster < sms * cp.min_blocks_per_sm:
             return cp.wide
         if cp.narrow is not None:

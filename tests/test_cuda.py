@@ -47,15 +47,19 @@ SHAPES = {
     "warp_sscb": ("SSCB", "column-major", [6, 5, 4], 2, {"warp"}),
     "cluster_sscb": ("SSCB", "column-major", [10, 10, 8], 2, {"cluster", "block"}),
     "nhwc": ("BSSC", "row-major", [12, 12, 8], 2, {"cluster", "looped"}),
-    "nhwc_warp": ("BSSC", "row-major", [5, 3, 8], 4, {"warp"}),
+    "nhwc_warp": ("BSSC", "row-major", [5, 3, 16], 2, {"warp"}),
     "cbt": ("CBT", "column-major", [6, 70], 3, {"cluster", "block"}),
     "nchw_odd": ("BCSS", "row-major", [3, 7, 9], 1, {"cluster", "block"}),
     "looped": ("SSCB", "column-major", [40, 40, 4], 2, {"looped"}),
     "channelwise": ("CB", "column-major", [16], 16, {"warp"}),
     "no_batch": ("SSC", "column-major", [9, 7, 24], 3, {"cluster", "block"}),
     "no_batch_warp": ("SSC", "column-major", [5, 3, 6], 3, {"warp"}),
+    # channels-last groups narrower than a sector: teams of several groups (rows kernel)
+    "rows_nhwc": ("BSSC", "row-major", [6, 6, 16], 8, {"cluster", "looped", "block"}),
+    "rows_cbt": ("CBT", "column-major", [8, 30], 4, {"block"}),
+    "rows_looped": ("BSSC", "row-major", [20, 20, 16], 8, {"looped"}),
 }
-DTYPE_SHAPES = ("warp_sscb", "cluster_sscb", "nhwc", "cbt", "looped")
+DTYPE_SHAPES = ("warp_sscb", "cluster_sscb", "nhwc", "cbt", "looped", "rows_nhwc")
 
 
 def _sources(plan, options=None):
@@ -80,6 +84,18 @@ def test_plan_fills_an_h100_on_reference_shapes():
     # E (256, 1024) feature input: 32-element groups go to 8 lanes of a warp, float4 each.
     e = lower_cuda(lower(layer_of("CB", "column-major", [1024], 32)))
     assert e.warp is not None and e.warp.lanes == 8 and e.warp.items == 1 and e.vec == 4
+
+
+def test_plan_channels_last_narrow_groups_share_a_team():
+    # B in channels-last: 2 channels (8 bytes) per group would waste 3/4 of every 32-byte
+    # sector, so a team owns 8 groups: rows of 16 contiguous floats, 4 threads per row.
+    cp = lower_cuda(lower(layer_of("BSSC", "row-major", [56, 56, 64], 32)))
+    assert cp.rows is not None
+    assert (cp.rows.groups, cp.rows.width, cp.rows.vec, cp.rows.row_threads) == (8, 16, 4, 4)
+    assert cp.narrow.team_groups == 8 and cp.narrow.kernel == "rows_kernel"
+    assert cp.scalar_variant.team_groups == 1          # unaligned: one group per block
+    # Wide enough groups keep one group per team.
+    assert lower_cuda(lower(layer_of("BSSC", "row-major", [8, 8, 64], 4))).rows is None
 
 
 def test_plan_vector_width_follows_layout_and_dtype():
@@ -142,7 +158,8 @@ def test_examples_compile_with_nvcc_without_spills(path):
         cp, sources = _sources(plan)
         kernels = compile_check(plan, cp, sources)
         assert {k.arch for k in kernels} == set(cp.archs)
-        assert len(kernels) == 2 * len(cp.variants) * len(cp.archs)   # baked + with params
+        distinct = {(v.kernel, v.template_args) for v in cp.variants}
+        assert len(kernels) == 2 * len(distinct) * len(cp.archs)   # baked + with params
         for k in kernels:
             assert k.spill_stores == k.spill_loads == k.stack_bytes == 0, k
 
@@ -244,7 +261,7 @@ def _tsan_run(plan, cp, sources):
 
 
 def test_tsan_finds_no_race_in_generated_kernels():
-    for key in ("cluster_sscb", "warp_sscb"):
+    for key in ("cluster_sscb", "warp_sscb", "rows_nhwc"):
         fmt, layout, size, groups, _ = SHAPES[key]
         plan = lower(layer_of(fmt, layout, size, groups, name=f"tsan_{key}"))
         cp, sources = _sources(plan, SMALL)
