@@ -1,0 +1,196 @@
+"""The C kernel's strategy: which loop shape the generated C uses, with its widths and arrays.
+
+Every decision the fast C kernel depends on is made and asserted here, from the layout that
+plan.analyze_layout found; templates/c/source.c.j2 only prints it (DESIGN.md section 7).
+
+Kernel kinds (CKernel.kind):
+
+- ``runs``: a group's statistics read contiguous runs (NCHW, NCT, feature input CB, ...). The
+  sums go into `lanes` independent partial sums per run, so a compiler vectorizes them without
+  reassociating float additions (no -ffast-math), then a fixed halving tree adds the lanes.
+  The normalize sweep folds a and b per channel; when the channel is the fastest dimension
+  (groups of single elements, or one group over channels-last data) it uses per-channel arrays.
+- ``rows``: channels are fastest and a group is spread over many rows (NHWC, NTC, CBT). A block
+  of whole groups is swept row by row with one accumulator per channel (an elementwise update
+  that vectorizes across channels); the channel partials of each group are added at the end.
+- ``strided``: anything else (a batch dimension faster than the channels, say): the portable
+  nest of the baseline, correct for every layout.
+
+Whatever the kind, a build that optimizes for size (``__OPTIMIZE_SIZE__``, i.e. -Os, the firmware
+build) compiles the compact nest instead: it meets the Cortex-M budget of issue 5 (kernel text
+<= 400 bytes, stack <= 96 bytes for single precision) that the fast shape's stack arrays cannot.
+
+Numerics shared by every shape (issue 6): sums of d = x - pilot, the pilot being the mean of up
+to PILOT_SAMPLES elements of the group along its longest loop (the closer the pilot is to the
+mean, the less s2/N - shift^2 cancels: with the first element alone the variance lost up to
+1e-6 relative on normal data, five times PyTorch's error); when the sum of squares overflows while the input is finite (|x| beyond ~1e18 in
+single precision) the group is summed again with d scaled by a power of two (`rescue_unit`),
+which is exact, and the statistics are scaled back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .plan import Layout, Loop, Plan, c_literal
+
+# Bytes of independent partial sums for each of the two sums: two AVX-512 registers, four
+# AVX2 or eight SSE/NEON registers. Enough chains to hide the add latency on any of them.
+LANE_BYTES = 128
+# Per-channel stack arrays of the rows kernel hold at most this many bytes each (7 arrays).
+ROW_BLOCK_BYTES = 1024
+# Per-channel stack arrays of the runs kernel when channels are fastest (2 arrays).
+CHANNEL_ARRAY_BYTES = 4096
+# Elements of a group averaged into its pilot.
+PILOT_SAMPLES = 16
+# Upper bound on the fast shape's stack arrays, asserted for every plan.
+MAX_STACK_BYTES = 16384
+# Power-of-two exponents of the rescue scaling. Single: with |d| <= 2*FLT_MAX, (d*2^-80)^2
+# times 2^28 elements stays below FLT_MAX, and a variance that overflowed (>= FLT_MAX/N^2)
+# stays a normal number once scaled by 2^-160. Double: the same reasoning with 2^-560.
+RESCUE_EXPONENT = {"single": 80, "double": 560}
+OVERFLOW_LIMIT = {"single": "3.40282347e+38f", "double": "1.7976931348623157e+308"}
+
+
+@dataclass(frozen=True)
+class CKernel:
+    """How the generated C computes one layer, as the template prints it."""
+
+    kind: str                       # "runs", "rows" or "strided" (module docstring)
+    reason: str                     # one line for the plan comment
+    lanes: int                      # independent partial sums per run (power of two)
+    halvings: tuple[int, ...]       # lanes/2, lanes/4, ..., 1: the tree that adds the lanes
+    threads: int                    # OpenMP threads over jobs (1: no pragma)
+    jobs_per_observation: int       # groups (runs, strided) or channel blocks (rows)
+    rescue_unit_literal: str        # 2^-e: scaling of d in the rescue sums
+    rescue_unit_text: str           # the same in words: 2^-80
+    overflow_limit_literal: str     # largest finite value of the accumulation type
+    pilot_samples: int              # elements averaged into the pilot
+    pilot_stride: str               # their distance in elements (a literal or a runtime stride)
+    pilot_scale_literal: str        # 1 / pilot_samples
+    group_numel_literal: str        # N as a literal: s1 / N rounds once, s1 * (1/N) twice
+    group_stride: int               # elements between groups when they tile the buffer in job
+                                    # order (group job = n*G + g starts at job*group_stride), else 0
+    # runs kernel
+    stats_outer: tuple[Loop, ...] = ()   # statistics loops outside the contiguous run
+    stats_run: Loop | None = None        # the contiguous run (stride 1)
+    stats_full: int = 0                  # elements of the run covered by whole lane blocks
+    stats_remainder: int = 0             # elements left, added into lanes 0..remainder-1
+    apply_outer: tuple[Loop, ...] = ()   # normalize loops outside the innermost one
+    apply_run: Loop | None = None        # the innermost normalize loop (stride 1)
+    channel_fastest: bool = False        # normalize with per-channel arrays a[], b[]
+    # rows kernel
+    row_loops: tuple[Loop, ...] = ()     # loops over the rows of a group (channel loop removed)
+    block_groups: int = 0                # groups swept together
+    block_channels: int = 0              # channels swept together (stack arrays' length)
+    stack_bytes: int = 0                 # the fast shape's stack arrays, in bytes
+
+    @property
+    def fast(self) -> bool:
+        """True when a fast shape exists besides the compact nest."""
+        return self.kind != "strided"
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
+def _halvings(lanes: int) -> tuple[int, ...]:
+    out = []
+    h = lanes // 2
+    while h >= 1:
+        out.append(h)
+        h //= 2
+    return tuple(out)
+
+
+def _group_stride(plan: Plan) -> int:
+    """Return the distance between groups when group job n*G + g starts at job times it, else 0."""
+    layout = plan.layout
+    if layout.channel_per_batch:
+        return 0
+    stride = plan.channels_per_group * layout.channel_stride
+    tiles = not plan.has_batch or layout.batch_stride == plan.num_groups * stride
+    return stride if tiles else 0
+
+
+def _block_groups(plan: Plan, threads: int) -> int:
+    """Return how many groups the rows kernel sweeps together.
+
+    The largest divisor of G whose channels fit ROW_BLOCK_BYTES per array; with threads, also
+    at most G/threads so that one observation alone still gives every thread a block.
+    """
+    g, cpg, size = plan.num_groups, plan.channels_per_group, plan.scalar.bytes
+    limit = g if threads == 1 else max(1, g // threads)
+    best = 0
+    for k in range(1, g + 1):
+        if g % k == 0 and k <= limit and k * cpg * size <= ROW_BLOCK_BYTES:
+            best = k
+    return best
+
+
+def plan_kernel(plan: Plan) -> CKernel:
+    """Return the CKernel for a plan: the fast shape its layout allows, widths and arrays."""
+    layout: Layout = plan.layout
+    dtype = plan.layer.dtype
+    size = plan.scalar.bytes
+    max_lanes = LANE_BYTES // size
+    threads = plan.threads
+    common = dict(
+        threads=threads,
+        rescue_unit_literal=c_literal(2.0 ** -RESCUE_EXPONENT[dtype], dtype),
+        rescue_unit_text=f"2^-{RESCUE_EXPONENT[dtype]}",
+        overflow_limit_literal=OVERFLOW_LIMIT[dtype],
+    )
+    cpg = plan.channels_per_group
+    stats, group = layout.stats_loops, layout.group_loops
+    # The pilot samples the longest loop of the group (the innermost on a tie), from its start.
+    along = max(reversed(stats), key=lambda lp: min(lp.extent, PILOT_SAMPLES)) if stats else None
+    samples = min(along.extent, PILOT_SAMPLES) if along else 1
+    common.update(pilot_samples=samples,
+                  pilot_stride=along.stride_expr if along else "1",
+                  pilot_scale_literal=c_literal(1.0 / samples, dtype),
+                  group_numel_literal=c_literal(float(plan.group_numel), dtype),
+                  group_stride=_group_stride(plan))
+    innermost_contiguous = bool(stats) and stats[-1].stride == 1 and not stats[-1].per_batch
+    channel_fastest = bool(group) and group[-1].is_channel
+
+    if innermost_contiguous and (not channel_fastest or cpg * size <= CHANNEL_ARRAY_BYTES) \
+            and (layout.group_contiguous or not layout.channels_last):
+        run, apply_run = stats[-1], group[-1]
+        assert apply_run.stride == 1 and not apply_run.per_batch, apply_run
+        lanes = min(max_lanes, _pow2_floor(run.extent))
+        stack = 2 * lanes * size + (2 * cpg * size if channel_fastest else 0)
+        kernel = CKernel(
+            kind="runs",
+            reason=(f"runs kernel: {lanes} partial sums per contiguous run of {run.extent}; "
+                    + ("per-channel a[], b[] (channels fastest)" if channel_fastest
+                       else "a and b folded per channel")),
+            lanes=lanes, halvings=_halvings(lanes), jobs_per_observation=plan.num_groups,
+            stats_outer=tuple(stats[:-1]), stats_run=run,
+            stats_full=run.extent // lanes * lanes, stats_remainder=run.extent % lanes,
+            apply_outer=tuple(group[:-1]), apply_run=apply_run,
+            channel_fastest=channel_fastest, stack_bytes=stack, **common)
+    elif layout.channels_last and (bk := _block_groups(plan, threads)):
+        block_channels = bk * cpg
+        rows = tuple(lp for lp in group if not lp.is_channel)
+        assert group[-1].is_channel and group[-1].stride == 1
+        kernel = CKernel(
+            kind="rows",
+            reason=(f"rows kernel: {bk} group{'s' if bk > 1 else ''} ({block_channels} "
+                    f"channels) swept row by row with one accumulator per channel"),
+            lanes=1, halvings=(), jobs_per_observation=plan.num_groups // bk,
+            row_loops=rows, block_groups=bk, block_channels=block_channels,
+            stack_bytes=7 * block_channels * size, **common)
+    else:
+        kernel = CKernel(
+            kind="strided", reason="strided kernel: the portable nest (no contiguous run)",
+            lanes=1, halvings=(), jobs_per_observation=plan.num_groups, **common)
+
+    assert kernel.stack_bytes <= MAX_STACK_BYTES, kernel
+    assert kernel.lanes & (kernel.lanes - 1) == 0
+    assert kernel.jobs_per_observation * (kernel.block_groups or 1) == plan.num_groups
+    if kernel.kind == "runs":
+        assert kernel.stats_full + kernel.stats_remainder == kernel.stats_run.extent
+        assert kernel.stats_remainder < kernel.lanes
+    return kernel

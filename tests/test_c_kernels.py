@@ -1,0 +1,309 @@
+"""The C kernel's strategies (gncodegen/cplan.py) against the float64 reference (issue 4).
+
+Every code path the fast kernel has is built and compared: each kernel kind (runs, rows,
+strided) on layouts whose sizes leave vector remainders, in single and double, in place; each
+compiler build that selects a different path or instruction set (-O2 verification build, -O3
+-march=native, AVX2 without AVX-512, SSE only, clang, and -Os which compiles the compact nest);
+OpenMP threads on and off; and the numerics the kernel owns (issue 6): large means, tiny
+variances, constant groups, single-element groups, NaN/Inf, denormals and |x| so large that the
+squares overflow, each no worse than torch.nn.functional.group_norm.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gncodegen.build import HOST_FLAGS, STRICT_WARNINGS, build_c_module, with_openmp
+from gncodegen.cplan import plan_kernel
+from gncodegen.plan import lower, round_to_dtype
+from gncodegen.reference import group_norm_reference
+from gncodegen.render import render_c
+from gncodegen.verify import TOLERANCE, Case, c_runner, compare, make_cases, verify_layer
+
+from conftest import make_layer, torch_group_norm
+
+FAST = ("-std=c99", "-O3", "-march=native", "-fPIC", *STRICT_WARNINGS)
+AVX2 = ("-std=c99", "-O3", "-mavx2", "-mfma", "-mno-avx512f", "-fPIC", *STRICT_WARNINGS)
+SSE = ("-std=c99", "-O3", "-mno-avx", "-fPIC", *STRICT_WARNINGS)
+SIZE = ("-std=c99", "-Os", "-fPIC", *STRICT_WARNINGS)     # __OPTIMIZE_SIZE__: the compact nest
+BUILDS = {"O2": HOST_FLAGS, "native": FAST, "avx2": AVX2, "sse": SSE, "Os": SIZE}
+
+# name: (spec keys, expected kernel kind). Sizes are odd on purpose: runs of 70, 9, 5, 6 and
+# channel blocks of 12 leave remainders for 4-, 8- and 16-wide vectors.
+LAYOUTS = {
+    "nchw": (dict(format="BCSS", layout="row-major", input_size=[6, 7, 5], num_groups=3),
+             "runs"),
+    "sscb_small": (dict(format="SSCB", input_size=[3, 1, 4], num_groups=2), "runs"),
+    "nhwc": (dict(format="BSSC", layout="row-major", input_size=[5, 3, 12], num_groups=4),
+             "rows"),
+    "nhwc_one_group": (dict(format="BSSC", layout="row-major", input_size=[4, 3, 8],
+                            num_groups=1), "runs"),
+    "cbt": (dict(format="CBT", input_size=[12, 9], num_groups=3), "rows"),
+    "btc_wide": (dict(format="BTC", layout="row-major", input_size=[7, 600], num_groups=3),
+                 "rows"),
+    "features": (dict(format="CB", input_size=[20], num_groups=4), "runs"),
+    "channelwise": (dict(format="CB", input_size=[16], num_groups="channel-wise"), "runs"),
+    "sbc": (dict(format="SBC", input_size=[9, 6], num_groups=2), "runs"),
+    "batch_fastest": (dict(format="SSCB", layout="row-major", input_size=[4, 5, 6],
+                           num_groups=3), "strided"),
+    "no_batch": (dict(format="SSC", input_size=[5, 7, 6], num_groups=2), "runs"),
+}
+
+
+def _layer(name: str, dtype: str = "single", threads: int = 1, **extra):
+    keys, _ = LAYOUTS[name]
+    return make_layer(name=f"k_{name}_{dtype}_t{threads}", dtype=dtype, threads=threads,
+                      **{**keys, **extra})
+
+
+def _build(layer, flags, cc="cc"):
+    plan = lower(layer)
+    module = build_c_module((plan,), list(render_c(plan, "test.yaml")), flags=flags, cc=cc)
+    return plan, module
+
+
+# --------------------------------------------------------------------------- plan level
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_kernel_kind_per_layout(name):
+    layer = _layer(name)
+    assert plan_kernel(lower(layer)).kind == LAYOUTS[name][1]
+
+
+def test_runs_kernel_widths_and_remainders():
+    k = plan_kernel(lower(_layer("nchw")))               # groups of 2 channels x 35
+    assert (k.lanes, k.stats_full, k.stats_remainder) == (32, 64, 6)
+    assert k.halvings == (16, 8, 4, 2, 1)
+    assert k.apply_run.extent == 35 and not k.channel_fastest
+    kd = plan_kernel(lower(_layer("nchw", dtype="double")))
+    assert kd.lanes == 16                                 # 128 bytes of partial sums either way
+    small = plan_kernel(lower(_layer("sscb_small")))     # 6 elements per group
+    assert (small.lanes, small.stats_remainder) == (4, 2)
+    feats = plan_kernel(lower(_layer("features")))
+    assert feats.channel_fastest and feats.lanes == 4
+
+
+def test_rows_kernel_blocks_whole_groups():
+    k = plan_kernel(lower(_layer("nhwc")))
+    assert (k.block_groups, k.block_channels, k.jobs_per_observation) == (4, 12, 1)
+    wide = plan_kernel(lower(_layer("btc_wide")))        # 200 channels per group
+    assert wide.block_channels == 200 and wide.jobs_per_observation == 3
+    # With threads, one observation alone still gives every thread a block.
+    t2 = plan_kernel(lower(_layer("nhwc", threads=2)))
+    assert t2.jobs_per_observation >= 2
+    # A group too wide for the stack arrays falls back to the strided nest.
+    huge = make_layer(format="BTC", layout="row-major", input_size=[3, 4096], num_groups=1)
+    assert plan_kernel(lower(huge)).kind == "strided"
+
+
+def test_rescue_constants_are_powers_of_two():
+    for dtype, exp, kind in (("single", 80, np.float32), ("double", 560, np.float64)):
+        k = plan_kernel(lower(_layer("nchw", dtype=dtype)))
+        assert kind(float(k.rescue_unit_literal.rstrip("f"))) == 2.0 ** -exp
+        assert k.rescue_unit_text == f"2^-{exp}"
+
+
+def test_rendering_is_deterministic_and_prints_the_plan():
+    plan = lower(_layer("nhwc"))
+    a = render_c(plan, "t.yaml")
+    b = render_c(lower(_layer("nhwc")), "t.yaml")
+    assert [s.text for s in a] == [s.text for s in b]
+    src = a[1].text
+    assert "#if defined(__OPTIMIZE_SIZE__)" in src and "float s1[12];" in src
+    assert "rows kernel: 4 groups (12 channels)" in a[0].text
+
+
+# --------------------------------------------------------------------------- compiled
+
+
+@pytest.mark.parametrize("dtype", ["single", "double"])
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+@pytest.mark.parametrize("build", ["native", "O2", "Os"])
+def test_every_layout_matches_reference(name, dtype, build):
+    layer = _layer(name, dtype)
+    plan, module = _build(layer, BUILDS[build])
+    report = verify_layer(layer, "c", build, c_runner(plan, module))
+    assert report.passed, [(c.case, c.max_rel, c.nan_mismatch) for c in report.cases]
+
+
+@pytest.mark.parametrize("build", ["avx2", "sse"])
+@pytest.mark.parametrize("name", ["nchw", "nhwc", "features", "cbt", "sbc"])
+def test_instruction_sets(name, build):
+    layer = _layer(name)
+    plan, module = _build(layer, BUILDS[build])
+    report = verify_layer(layer, "c", build, c_runner(plan, module))
+    assert report.passed, [(c.case, c.max_rel) for c in report.cases]
+
+
+@pytest.mark.skipif(shutil.which("clang") is None, reason="clang not installed")
+@pytest.mark.parametrize("name", ["nchw", "nhwc", "features", "cbt"])
+def test_clang_build(name):
+    layer = _layer(name)
+    plan, module = _build(layer, FAST, cc="clang")
+    report = verify_layer(layer, "c", "clang", c_runner(plan, module))
+    assert report.passed, [(c.case, c.max_rel) for c in report.cases]
+
+
+def _run(plan, module, x, batch, in_place=False):
+    return c_runner(plan, module)(Case("x", x, batch, in_place=in_place))
+
+
+@pytest.mark.parametrize("name", ["nchw", "nhwc", "cbt", "features"])
+def test_threads_match_one_thread_bit_for_bit(name, rng):
+    one = _layer(name)
+    two = _layer(name, threads=2)
+    p1, m1 = _build(one, FAST)
+    p2, m2 = _build(two, FAST)                          # build_c_module adds -fopenmp
+    assert "-fopenmp" in with_openmp((p2,), FAST) and "-fopenmp" not in with_openmp((p1,), FAST)
+    batch = 5 if one.has_batch else 1
+    x = round_to_dtype(rng.normal(3.0, 2.0, batch * one.observation_numel), "single")
+    y1 = _run(p1, m1, x, batch)
+    y2 = _run(p2, m2, x, batch)
+    y2_in_place = _run(p2, m2, x, batch, in_place=True)
+    ref = group_norm_reference(x, one, batch)
+    assert compare(y2, ref, TOLERANCE["single"], "t2").passed
+    # Each job is computed the same way whatever thread runs it.
+    assert np.array_equal(y1, y2) and np.array_equal(y1, y2_in_place)
+    if plan_kernel(p2).kind == "rows":
+        assert plan_kernel(p2).jobs_per_observation >= 2
+
+
+def test_threads_source_builds_without_openmp(tmp_path):
+    """The OpenMP pragma is behind _OPENMP: a firmware build needs nothing and warns nothing."""
+    plan = lower(_layer("nhwc", threads=2))
+    header, source = render_c(plan, "t.yaml")
+    assert "#pragma omp parallel for num_threads(2)" in source.text
+    for s in (header, source):
+        (tmp_path / s.name).write_text(s.text)
+    for opts in (["-O3"], ["-O3", "-fopenmp"]):
+        subprocess.run(["cc", "-std=c99", *opts, *STRICT_WARNINGS, "-c", source.name],
+                       cwd=tmp_path, check=True, capture_output=True)
+
+
+# --------------------------------------------------------------------------- numerics
+
+
+def _groups_input(layer, batch, fill, rng):
+    """Return a flat single/double buffer whose every group is fill(rng, count)."""
+    from gncodegen.verify import _per_group
+    return round_to_dtype(_per_group(layer, batch, fill, rng), layer.dtype)
+
+
+NUMERIC_CLASSES = {
+    "normal": lambda r, k: r.normal(0.0, 1.0, k),
+    "mean 1e4 std 1": lambda r, k: r.normal(1e4, 1.0, k),
+    "tiny variance": lambda r, k: r.normal(1.0, 1e-6, k),
+    "mean -3e5 std 0.1": lambda r, k: r.normal(-3e5, 0.1, k),
+    "mixed scales": lambda r, k: r.normal(0.0, 1.0, k) * 10.0 ** r.integers(-3, 4),
+}
+
+
+@pytest.mark.parametrize("build", ["native", "Os"])
+@pytest.mark.parametrize("cls", sorted(NUMERIC_CLASSES))
+@pytest.mark.parametrize("name", ["nchw", "nhwc", "features"])
+def test_accuracy_no_worse_than_torch(name, cls, build, rng):
+    layer = _layer(name)
+    plan, module = _build(layer, BUILDS[build])
+    batch = 3
+    x = _groups_input(layer, batch, NUMERIC_CLASSES[cls], rng)
+    scale = round_to_dtype(layer.scale, "single")
+    offset = round_to_dtype(layer.offset, "single")
+    ref = group_norm_reference(x, layer, batch, scale, offset)
+    ours = compare(_run(plan, module, x, batch), ref, 1.0, "c").max_rel
+    theirs = compare(torch_group_norm(x, layer, batch, scale, offset), ref, 1.0, "torch").max_rel
+    # No worse than PyTorch, or (where PyTorch is itself at rounding level: random normal
+    # data, where its FMA saves one rounding) within two units in the last place of the
+    # output's scale.
+    assert ours <= max(theirs, 2.0 ** -22), (ours, theirs)
+
+
+@pytest.mark.parametrize("build", ["native", "Os"])
+@pytest.mark.parametrize("name", ["nchw", "nhwc", "features", "cbt", "batch_fastest"])
+def test_constant_groups_give_offset_exactly(name, build, rng):
+    layer = _layer(name, offset_initializer="narrow-normal")
+    plan, module = _build(layer, BUILDS[build])
+    x = _groups_input(layer, 2, lambda r, k: np.full(k, r.normal(0, 1e3)), rng)
+    y = _run(plan, module, x, 2)
+    ref = group_norm_reference(x, layer, 2, round_to_dtype(layer.scale, "single"),
+                               round_to_dtype(layer.offset, "single"))
+    assert np.array_equal(y, ref)
+
+
+@pytest.mark.parametrize("build", ["native", "Os"])
+def test_single_element_groups_give_offset(build, rng):
+    layer = _layer("channelwise", offset_initializer="narrow-normal")
+    plan, module = _build(layer, BUILDS[build])
+    x = round_to_dtype(rng.normal(0, 1e6, 16 * 4), "single")
+    y = _run(plan, module, x, 4)
+    assert np.array_equal(y, np.tile(round_to_dtype(layer.offset, "single"), 4))
+
+
+@pytest.mark.parametrize("build", ["native", "Os"])
+@pytest.mark.parametrize("name", ["nchw", "nhwc", "features"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_and_inf_poison_only_their_group(name, bad, build, rng):
+    layer = _layer(name)
+    plan, module = _build(layer, BUILDS[build])
+    batch = 2
+    x = round_to_dtype(rng.normal(0, 1, batch * layer.observation_numel), "single")
+    x[len(x) // 3] = bad
+    y = _run(plan, module, x, batch)
+    ref = group_norm_reference(x, layer, batch)
+    assert np.array_equal(np.isnan(y), np.isnan(ref)) and np.isnan(ref).any()
+    assert compare(y, ref, TOLERANCE["single"], "bad").passed
+
+
+@pytest.mark.parametrize("build", ["native", "Os"])
+@pytest.mark.parametrize("name", ["nchw", "nhwc"])
+def test_denormal_inputs(name, build, rng):
+    layer = _layer(name, epsilon=1e-30)
+    plan, module = _build(layer, BUILDS[build])
+    x = round_to_dtype(rng.normal(0, 1e-39, 2 * layer.observation_numel), "single")
+    assert (np.abs(x[x != 0]) < np.finfo(np.float32).tiny).all()
+    y = _run(plan, module, x, 2)
+    ref = group_norm_reference(x, layer, 2)
+    assert compare(y, ref, 1e-2, "denormal").passed      # epsilon dominates: y ~ x/sqrt(eps)
+    assert np.isfinite(y).all()
+
+
+@pytest.mark.parametrize("build", ["native", "O2", "Os"])
+@pytest.mark.parametrize("name", ["nchw", "nhwc", "features", "cbt", "batch_fastest"])
+@pytest.mark.parametrize("magnitude", [1e18, 1e30, 1e37])
+def test_squares_that_overflow_are_rescued(name, magnitude, build, rng):
+    """Squares of (x - pilot) overflow float beyond ~1.8e19: the rescue sums scaled by 2^-80."""
+    layer = _layer(name)
+    plan, module = _build(layer, BUILDS[build])
+    batch = 2
+    x = round_to_dtype(rng.normal(0, magnitude, batch * layer.observation_numel), "single")
+    x[1] = magnitude                                    # at least one big value per buffer
+    y = _run(plan, module, x, batch)
+    ref = group_norm_reference(x, layer, batch)
+    res = compare(y, ref, TOLERANCE["single"], "big")
+    assert res.passed, (res.max_rel, res.nan_mismatch)
+    # The squares do overflow float: summed naively, the variance would be inf (y = 0 or NaN).
+    g = plan.group_numel
+    assert float(np.max(np.abs(x))) ** 2 * g > np.finfo(np.float32).max or magnitude < 1e19
+
+
+def test_double_squares_that_overflow_are_rescued(rng):
+    layer = _layer("nchw", dtype="double", epsilon=1e-300)
+    plan, module = _build(layer, FAST)
+    x = rng.normal(0, 1e250, 2 * layer.observation_numel)
+    y = _run(plan, module, x, 2)
+    # The float64 reference squares x too, so it is given the data scaled by a power of two.
+    ref = group_norm_reference(x * 2.0 ** -830, layer, 2)
+    assert compare(y, ref, TOLERANCE["double"], "big").passed
+
+
+def test_blocked_sums_beat_the_single_accumulator_baseline(rng):
+    """The MATLAB example: lane sums bring the error well below the old 6.6e-6."""
+    layer = make_layer(name="matlab_gn", format="SSCB", input_size=[24, 24, 20], num_groups=4)
+    plan, module = _build(layer, FAST)
+    report = verify_layer(layer, "c", "native", c_runner(plan, module), make_cases(layer))
+    assert report.passed and report.max_rel < 2e-6, report.max_rel
