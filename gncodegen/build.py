@@ -70,6 +70,13 @@ def cdef_for(plan: Plan) -> str:
             f"const {t} *scale, const {t} *offset);\n")
 
 
+def with_openmp(plans: tuple[Plan, ...], flags: tuple[str, ...]) -> tuple[str, ...]:
+    """Return flags plus -fopenmp when a layer asks for threads (the C guards it by _OPENMP)."""
+    if any(p.threads > 1 for p in plans) and "-fopenmp" not in flags:
+        return (*flags, "-fopenmp")
+    return flags
+
+
 @dataclass(frozen=True)
 class BuiltModule:
     """A compiled cffi module: its folder in the cache and the loaded ffi/lib pair."""
@@ -92,6 +99,7 @@ def build_c_module(plans: tuple[Plan, ...], sources: list[Source],
                    keep: bool = False) -> BuiltModule:
     """Return the cffi module that exposes every layer's entry points, building it if needed."""
     cc_version = compiler_version(cc)
+    flags = with_openmp(plans, flags)
     cdef = "".join(cdef_for(p) for p in plans)
     key = _key([__version__, cc, cc_version, sys.version, cffi.__version__, " ".join(flags),
                 cdef, *(f"{s.name}\n{s.text}" for s in sources)])
@@ -130,8 +138,9 @@ def _compile_module(module_name: str, cdef: str, plans, sources, flags, cc, fold
         py_include = sysconfig.get_paths()["include"]
         run_compiler("cffi wrapper", [cc, "-O1", "-fPIC", f"-I{py_include}", "-I.", "-c",
                                       f"{module_name}.c", "-o", f"{module_name}.o"], cwd=work)
-        run_compiler("link", [cc, "-shared", f"{module_name}.o", *objects, "-lm", "-o",
-                              filename], cwd=work)
+        openmp = [f for f in flags if f == "-fopenmp"]
+        run_compiler("link", [cc, "-shared", *openmp, f"{module_name}.o", *objects, "-lm",
+                              "-o", filename], cwd=work)
         try:
             os.rename(work, folder)      # atomic: a half-built folder is never visible
         except OSError:

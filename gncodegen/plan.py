@@ -237,6 +237,12 @@ class Plan:
         return next(lp for lp in self.layout.group_loops if lp.is_channel)
 
     @property
+    def ckernel(self):
+        """Return the C kernel's strategy for this plan (a gncodegen.cplan.CKernel)."""
+        from .cplan import plan_kernel  # cplan builds on this module
+        return plan_kernel(self)
+
+    @property
     def batch_rule(self) -> str:
         """When a batch count is refused, in words for the header."""
         if self.has_batch:
