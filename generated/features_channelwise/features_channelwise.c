@@ -20,6 +20,187 @@ static const float features_channelwise_offset[16] = {
     1.2f, 1.3f, 1.4f, 1.5f
 };
 
+/*
+ * Statistics of one group from the sums of d = (x - pilot) * unit over its 1 elements:
+ * returns rstd = 1/sqrt(var + epsilon) and sets *shift = mean - pilot. unit is 1, or a power
+ * of two after a rescue; scaling by it is exact and is undone here.
+ */
+static float features_channelwise_finish(float s1, float s2, float unit, float *shift)
+{
+    const float shift_u = s1 / 1.0f; /* (mean - pilot) * unit */
+    float var_u = s2 / 1.0f - shift_u * shift_u; /* biased variance * unit^2 */
+    if (var_u < 0.0f) {
+        var_u = 0.0f; /* rounding only: the variance is never negative */
+    }
+    *shift = shift_u / unit;
+    return unit / sqrtf(var_u + FEATURES_CHANNELWISE_EPSILON * unit * unit);
+}
+
+/*
+ * The pilot of a group: the mean of 1 of its elements, `step` apart. Any value would do (the
+ * statistics are exact relative to it), but the closer it is to the mean, the less the variance
+ * s2/N - shift^2 cancels. Each term is scaled first, so no sum overflows.
+ */
+static float features_channelwise_pilot(const float *xg, size_t step)
+{
+    float sum = 0.0f;
+    for (size_t i = 0; i < 1; ++i) {
+        sum += xg[i * step] * 1.0f;
+    }
+    return sum;
+}
+
+/*
+ * Sums of d = (x - pilot) * unit over one group in memory order, with one accumulator each.
+ * The compact build sums every group with it; the fast build only rescues a group whose sum
+ * of squares overflowed.
+ */
+static void features_channelwise_group_sums(const float *xg, float pilot, float unit, float sums[2])
+{
+    const float pilot_u = pilot * unit;
+    float s1 = 0.0f;
+    float s2 = 0.0f;
+    for (size_t c = 0; c < 1; ++c) {
+        const float d = xg[c] * unit - pilot_u;
+        s1 += d;
+        s2 += d * d;
+    }
+    sums[0] = s1;
+    sums[1] = s2;
+}
+
+
+#if defined(__OPTIMIZE_SIZE__)
+/* Built for size (-Os, firmware): the compact nest below; the fast shape's arrays would not fit. */
+
+/*
+ * y = a*((x - pilot) - shift) + b over one group, with a = scale*rstd and b = offset per
+ * channel: x - pilot is exact when the mean is large, so subtracting shift rounds only once.
+ */
+static void features_channelwise_group_apply(const float *xg, float *yg, const float *scale,
+    const float *offset, float pilot, float shift, float rstd)
+{
+    for (size_t c = 0; c < 1; ++c) {
+        const float a = scale[c] * rstd;
+        const float b = offset[c];
+        yg[c] = a * ((xg[c] - pilot) - shift) + b;
+    }
+}
+
+/* Normalize one (observation, group) with the compact nest. */
+#define FEATURES_CHANNELWISE_JOBS_PER_OBSERVATION FEATURES_CHANNELWISE_NUM_GROUPS
+static void features_channelwise_job(const float *x, float *y, const float *scale, const float *offset, size_t job)
+{
+
+    const size_t c0 = job % FEATURES_CHANNELWISE_NUM_GROUPS * 1;
+    const size_t base = job * 1; /* the groups tile the buffer in job order */
+    const float *xg = x + base;
+    float sums[2];
+    float shift;
+
+    /* Statistics around a pilot taken from the group, so a large mean cancels nothing. If
+       the squares overflow (|x| beyond about the square root of the largest value), sum once
+       more with d scaled by 2^-80, which is exact. */
+    const float pilot = features_channelwise_pilot(xg, 1);
+    float unit = 1.0f;
+    for (;;) {
+        features_channelwise_group_sums(xg, pilot, unit, sums);
+        if (sums[1] <= 3.40282347e+38f || unit != 1.0f) {
+            break;
+        }
+        unit = 8.271806e-25f;
+    }
+    const float rstd = features_channelwise_finish(sums[0], sums[1], unit, &shift);
+    features_channelwise_group_apply(xg, y + base, scale + c0, offset + c0, pilot, shift, rstd);
+}
+#else
+
+/*
+ * Each iteration of a loop marked so reads x[i] before it writes y[i], and y is x or does not
+ * overlap it: the iterations are independent, which compilers cannot prove when y == x.
+ */
+#if defined(__clang__)
+#define FEATURES_CHANNELWISE_INDEPENDENT _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define FEATURES_CHANNELWISE_INDEPENDENT _Pragma("GCC ivdep")
+#else
+#define FEATURES_CHANNELWISE_INDEPENDENT
+#endif
+#define FEATURES_CHANNELWISE_JOBS_PER_OBSERVATION 16 /* groups */
+
+/*
+ * The group mean pilot + shift as mean + *mean_lo: the rounded sum and what rounding lost
+ * (two-sum, exact without fused operations), so that y = a*(x - mean) + (offset - a*mean_lo)
+ * is as accurate as a*((x - pilot) - shift) + offset with one operation less per element.
+ */
+static float features_channelwise_split_mean(float pilot, float shift, float *mean_lo)
+{
+    const float mean = pilot + shift;
+    const float shift_in_mean = mean - pilot;
+    *mean_lo = (pilot - (mean - shift_in_mean)) + (shift - shift_in_mean);
+    return mean;
+}
+
+/*
+ * Normalize one (observation, group) whose statistics read contiguous runs: 1 independent
+ * partial sums per sum, so the compiler vectorizes them without reassociating float additions.
+ */
+static void features_channelwise_job(const float *x, float *y, const float *scale, const float *offset, size_t job)
+{
+
+    const size_t c0 = job % FEATURES_CHANNELWISE_NUM_GROUPS * 1;
+    const size_t base = job * 1; /* the groups tile the buffer in job order */
+    const float *xg = x + base;
+    float *yg = y + base;
+    float s1[1]; /* lane k sums d over elements k, k + 1, k + 2, ... of each run */
+    float s2[1];
+    float sums[2];
+    float shift;
+    float mean_lo;
+
+    /* Statistics around a pilot taken from the group, so a large mean cancels nothing. */
+    const float pilot = features_channelwise_pilot(xg, 1);
+    for (size_t k = 0; k < 1; ++k) {
+        s1[k] = 0.0f;
+        s2[k] = 0.0f;
+    }
+    const float *run = xg; /* 1 contiguous elements */
+    for (size_t i = 0; i < 1; i += 1) {
+        for (size_t k = 0; k < 1; ++k) {
+            const float d = run[i + k] - pilot;
+            s1[k] += d;
+            s2[k] += d * d;
+        }
+    }
+    sums[0] = s1[0];
+    sums[1] = s2[0];
+    float unit = 1.0f;
+    if (!(sums[1] <= 3.40282347e+38f)) {
+        /* The squares overflowed (|x| beyond about the square root of the largest value):
+           sum again with d scaled by a power of two, which is exact. */
+        unit = 8.271806e-25f; /* 2^-80 */
+        features_channelwise_group_sums(xg, pilot, unit, sums);
+    }
+    const float rstd = features_channelwise_finish(sums[0], sums[1], unit, &shift);
+    const float mean = features_channelwise_split_mean(pilot, shift, &mean_lo);
+    {
+        /* y = a*(x - mean) + b; channels are fastest, so a and b are arrays over the row. */
+        float a[1];
+        float b[1];
+        for (size_t c = 0; c < 1; ++c) {
+            a[c] = scale[c0 + c] * rstd;
+            b[c] = offset[c0 + c] - a[c] * mean_lo;
+        }
+        const float *xr = xg;
+        float *yr = yg;
+        FEATURES_CHANNELWISE_INDEPENDENT
+        for (size_t c = 0; c < 1; ++c) {
+            yr[c] = a[c] * (xr[c] - mean) + b[c];
+        }
+    }
+}
+#endif /* __OPTIMIZE_SIZE__ */
+
 int features_channelwise_predict(const float *x, float *y, size_t batch)
 {
     return features_channelwise_predict_with_params(x, y, batch, features_channelwise_scale, features_channelwise_offset);
@@ -34,36 +215,10 @@ int features_channelwise_predict_with_params(const float *x, float *y, size_t ba
     if (batch > SIZE_MAX / FEATURES_CHANNELWISE_OBSERVATION_NUMEL) {
         return FEATURES_CHANNELWISE_ERR_BATCH;
     }
-
-    for (size_t n = 0; n < batch; ++n) {
-        for (size_t g = 0; g < FEATURES_CHANNELWISE_NUM_GROUPS; ++g) {
-            const size_t c0 = g * 1;
-            const size_t base = n * 16 + c0;
-            const float *xg = x + base;
-            float *yg = y + base;
-
-            /* Statistics around a pilot taken from the group, so no cancellation. */
-            const float pilot = xg[0];
-            float s1 = 0.0f;
-            float s2 = 0.0f;
-            for (size_t c = 0; c < 1; ++c) {
-                const float d = xg[c] - pilot;
-                s1 += d;
-                s2 += d * d;
-            }
-            const float shift = s1 * 1.0f; /* mean - pilot */
-            float var = s2 * 1.0f - shift * shift;
-            if (var < 0.0f) {
-                var = 0.0f; /* rounding only: the variance is never negative */
-            }
-            const float rstd = 1.0f / sqrtf(var + FEATURES_CHANNELWISE_EPSILON);
-
-            /* y = a*(x - pilot) + b, with scale and offset folded per channel. */
-            for (size_t c = 0; c < 1; ++c) {
-                const float a = scale[c0 + c] * rstd;
-                const float b = offset[c0 + c] - shift * a;
-                yg[c] = a * (xg[c] - pilot) + b;
-            }
+    {
+        const size_t jobs = batch * FEATURES_CHANNELWISE_JOBS_PER_OBSERVATION;
+        for (size_t job = 0; job < jobs; ++job) {
+            features_channelwise_job(x, y, scale, offset, job);
         }
     }
     return FEATURES_CHANNELWISE_OK;

@@ -14,6 +14,13 @@
  *   statistics: one sweep of sums of (x - pilot) and (x - pilot)^2, pilot = the group's first element; biased variance
  *   apply: y = a*(x - pilot) + b with a = scale*rstd, b = offset - (mean - pilot)*a
  */
+/*
+ * C kernel
+ *   runs kernel: 1 partial sums per contiguous run of 1; per-channel a[], b[] (channels fastest)
+ *   one thread; a build for size (-Os, __OPTIMIZE_SIZE__) uses the compact nest
+ *   squares that overflow are summed again scaled by 2^-80 (exact); |x| up to the largest
+ *   finite value / 2 is normalized right
+ */
 #ifndef FEATURES_CHANNELWISE_H
 #define FEATURES_CHANNELWISE_H
 

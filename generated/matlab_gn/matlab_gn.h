@@ -14,6 +14,13 @@
  *   statistics: one sweep of sums of (x - pilot) and (x - pilot)^2, pilot = the group's first element; biased variance
  *   apply: y = a*(x - pilot) + b with a = scale*rstd, b = offset - (mean - pilot)*a
  */
+/*
+ * C kernel
+ *   runs kernel: 32 partial sums per contiguous run of 2880; a and b folded per channel
+ *   one thread; a build for size (-Os, __OPTIMIZE_SIZE__) uses the compact nest
+ *   squares that overflow are summed again scaled by 2^-80 (exact); |x| up to the largest
+ *   finite value / 2 is normalized right
+ */
 #ifndef MATLAB_GN_H
 #define MATLAB_GN_H
 

@@ -18,6 +18,203 @@ static const double decoder_gn_f64_offset[8] = {
     0.0, 0.0
 };
 
+/*
+ * Statistics of one group from the sums of d = (x - pilot) * unit over its 288 elements:
+ * returns rstd = 1/sqrt(var + epsilon) and sets *shift = mean - pilot. unit is 1, or a power
+ * of two after a rescue; scaling by it is exact and is undone here.
+ */
+static double decoder_gn_f64_finish(double s1, double s2, double unit, double *shift)
+{
+    const double shift_u = s1 / 288.0; /* (mean - pilot) * unit */
+    double var_u = s2 / 288.0 - shift_u * shift_u; /* biased variance * unit^2 */
+    if (var_u < 0.0) {
+        var_u = 0.0; /* rounding only: the variance is never negative */
+    }
+    *shift = shift_u / unit;
+    return unit / sqrt(var_u + DECODER_GN_F64_EPSILON * unit * unit);
+}
+
+/*
+ * The pilot of a group: the mean of 16 of its elements, `step` apart. Any value would do (the
+ * statistics are exact relative to it), but the closer it is to the mean, the less the variance
+ * s2/N - shift^2 cancels. Each term is scaled first, so no sum overflows.
+ */
+static double decoder_gn_f64_pilot(const double *xg, size_t step)
+{
+    double sum = 0.0;
+    for (size_t i = 0; i < 16; ++i) {
+        sum += xg[i * step] * 0.0625;
+    }
+    return sum;
+}
+
+/*
+ * Sums of d = (x - pilot) * unit over one group in memory order, with one accumulator each.
+ * The compact build sums every group with it; the fast build only rescues a group whose sum
+ * of squares overflowed.
+ */
+static void decoder_gn_f64_group_sums(const double *xg, double pilot, double unit, double sums[2])
+{
+    const double pilot_u = pilot * unit;
+    double s1 = 0.0;
+    double s2 = 0.0;
+    for (size_t cs2s1 = 0; cs2s1 < 288; ++cs2s1) {
+        const double d = xg[cs2s1] * unit - pilot_u;
+        s1 += d;
+        s2 += d * d;
+    }
+    sums[0] = s1;
+    sums[1] = s2;
+}
+
+
+#if defined(__OPTIMIZE_SIZE__)
+/* Built for size (-Os, firmware): the compact nest below; the fast shape's arrays would not fit. */
+
+/*
+ * y = a*((x - pilot) - shift) + b over one group, with a = scale*rstd and b = offset per
+ * channel: x - pilot is exact when the mean is large, so subtracting shift rounds only once.
+ */
+static void decoder_gn_f64_group_apply(const double *xg, double *yg, const double *scale,
+    const double *offset, double pilot, double shift, double rstd)
+{
+    for (size_t c = 0; c < 8; ++c) {
+        const double a = scale[c] * rstd;
+        const double b = offset[c];
+        for (size_t i_s2s1 = 0; i_s2s1 < 36; ++i_s2s1) {
+            yg[c * 36 + i_s2s1] = a * ((xg[c * 36 + i_s2s1] - pilot) - shift) + b;
+        }
+    }
+}
+
+/* Normalize one (observation, group) with the compact nest. */
+#define DECODER_GN_F64_JOBS_PER_OBSERVATION DECODER_GN_F64_NUM_GROUPS
+static void decoder_gn_f64_job(const double *x, double *y, const double *scale, const double *offset, size_t job)
+{
+
+    const size_t c0 = 0;
+    const size_t base = job * 288; /* the groups tile the buffer in job order */
+    const double *xg = x + base;
+    double sums[2];
+    double shift;
+
+    /* Statistics around a pilot taken from the group, so a large mean cancels nothing. If
+       the squares overflow (|x| beyond about the square root of the largest value), sum once
+       more with d scaled by 2^-560, which is exact. */
+    const double pilot = decoder_gn_f64_pilot(xg, 1);
+    double unit = 1.0;
+    for (;;) {
+        decoder_gn_f64_group_sums(xg, pilot, unit, sums);
+        if (sums[1] <= 1.7976931348623157e+308 || unit != 1.0) {
+            break;
+        }
+        unit = 2.6497349136889905e-169;
+    }
+    const double rstd = decoder_gn_f64_finish(sums[0], sums[1], unit, &shift);
+    decoder_gn_f64_group_apply(xg, y + base, scale + c0, offset + c0, pilot, shift, rstd);
+}
+#else
+
+/*
+ * Each iteration of a loop marked so reads x[i] before it writes y[i], and y is x or does not
+ * overlap it: the iterations are independent, which compilers cannot prove when y == x.
+ */
+#if defined(__clang__)
+#define DECODER_GN_F64_INDEPENDENT _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define DECODER_GN_F64_INDEPENDENT _Pragma("GCC ivdep")
+#else
+#define DECODER_GN_F64_INDEPENDENT
+#endif
+#define DECODER_GN_F64_JOBS_PER_OBSERVATION 1 /* groups */
+
+/*
+ * The group mean pilot + shift as mean + *mean_lo: the rounded sum and what rounding lost
+ * (two-sum, exact without fused operations), so that y = a*(x - mean) + (offset - a*mean_lo)
+ * is as accurate as a*((x - pilot) - shift) + offset with one operation less per element.
+ */
+static double decoder_gn_f64_split_mean(double pilot, double shift, double *mean_lo)
+{
+    const double mean = pilot + shift;
+    const double shift_in_mean = mean - pilot;
+    *mean_lo = (pilot - (mean - shift_in_mean)) + (shift - shift_in_mean);
+    return mean;
+}
+
+/*
+ * Normalize one (observation, group) whose statistics read contiguous runs: 16 independent
+ * partial sums per sum, so the compiler vectorizes them without reassociating float additions.
+ */
+static void decoder_gn_f64_job(const double *x, double *y, const double *scale, const double *offset, size_t job)
+{
+
+    const size_t c0 = 0;
+    const size_t base = job * 288; /* the groups tile the buffer in job order */
+    const double *xg = x + base;
+    double *yg = y + base;
+    double s1[16]; /* lane k sums d over elements k, k + 16, k + 32, ... of each run */
+    double s2[16];
+    double sums[2];
+    double shift;
+    double mean_lo;
+
+    /* Statistics around a pilot taken from the group, so a large mean cancels nothing. */
+    const double pilot = decoder_gn_f64_pilot(xg, 1);
+    for (size_t k = 0; k < 16; ++k) {
+        s1[k] = 0.0;
+        s2[k] = 0.0;
+    }
+    const double *run = xg; /* 288 contiguous elements */
+    for (size_t i = 0; i < 288; i += 16) {
+        for (size_t k = 0; k < 16; ++k) {
+            const double d = run[i + k] - pilot;
+            s1[k] += d;
+            s2[k] += d * d;
+        }
+    }
+    /* Add the lanes pairwise in a fixed tree: the result does not depend on the compiler. */
+    for (size_t k = 0; k < 8; ++k) {
+        s1[k] += s1[k + 8];
+        s2[k] += s2[k + 8];
+    }
+    for (size_t k = 0; k < 4; ++k) {
+        s1[k] += s1[k + 4];
+        s2[k] += s2[k + 4];
+    }
+    for (size_t k = 0; k < 2; ++k) {
+        s1[k] += s1[k + 2];
+        s2[k] += s2[k + 2];
+    }
+    for (size_t k = 0; k < 1; ++k) {
+        s1[k] += s1[k + 1];
+        s2[k] += s2[k + 1];
+    }
+    sums[0] = s1[0];
+    sums[1] = s2[0];
+    double unit = 1.0;
+    if (!(sums[1] <= 1.7976931348623157e+308)) {
+        /* The squares overflowed (|x| beyond about the square root of the largest value):
+           sum again with d scaled by a power of two, which is exact. */
+        unit = 2.6497349136889905e-169; /* 2^-560 */
+        decoder_gn_f64_group_sums(xg, pilot, unit, sums);
+    }
+    const double rstd = decoder_gn_f64_finish(sums[0], sums[1], unit, &shift);
+    const double mean = decoder_gn_f64_split_mean(pilot, shift, &mean_lo);
+
+    /* y = a*(x - mean) + b, with scale and offset folded per channel. */
+    for (size_t c = 0; c < 8; ++c) {
+        const double a = scale[c0 + c] * rstd;
+        const double b = offset[c0 + c] - a * mean_lo;
+        const double *xr = xg + c * 36; /* 36 contiguous elements */
+        double *yr = yg + c * 36;
+        DECODER_GN_F64_INDEPENDENT
+        for (size_t i = 0; i < 36; ++i) {
+            yr[i] = a * (xr[i] - mean) + b;
+        }
+    }
+}
+#endif /* __OPTIMIZE_SIZE__ */
+
 int decoder_gn_f64_predict(const double *x, double *y, size_t batch)
 {
     return decoder_gn_f64_predict_with_params(x, y, batch, decoder_gn_f64_scale, decoder_gn_f64_offset);
@@ -32,38 +229,10 @@ int decoder_gn_f64_predict_with_params(const double *x, double *y, size_t batch,
     if (batch > SIZE_MAX / DECODER_GN_F64_OBSERVATION_NUMEL) {
         return DECODER_GN_F64_ERR_BATCH;
     }
-
-    for (size_t n = 0; n < batch; ++n) {
-        for (size_t g = 0; g < DECODER_GN_F64_NUM_GROUPS; ++g) {
-            const size_t c0 = g * 8;
-            const size_t base = n * 288 + c0 * 36;
-            const double *xg = x + base;
-            double *yg = y + base;
-
-            /* Statistics around a pilot taken from the group, so no cancellation. */
-            const double pilot = xg[0];
-            double s1 = 0.0;
-            double s2 = 0.0;
-            for (size_t cs2s1 = 0; cs2s1 < 288; ++cs2s1) {
-                const double d = xg[cs2s1] - pilot;
-                s1 += d;
-                s2 += d * d;
-            }
-            const double shift = s1 * 0.003472222222222222; /* mean - pilot */
-            double var = s2 * 0.003472222222222222 - shift * shift;
-            if (var < 0.0) {
-                var = 0.0; /* rounding only: the variance is never negative */
-            }
-            const double rstd = 1.0 / sqrt(var + DECODER_GN_F64_EPSILON);
-
-            /* y = a*(x - pilot) + b, with scale and offset folded per channel. */
-            for (size_t c = 0; c < 8; ++c) {
-                const double a = scale[c0 + c] * rstd;
-                const double b = offset[c0 + c] - shift * a;
-                for (size_t i_s2s1 = 0; i_s2s1 < 36; ++i_s2s1) {
-                    yg[c * 36 + i_s2s1] = a * (xg[c * 36 + i_s2s1] - pilot) + b;
-                }
-            }
+    {
+        const size_t jobs = batch * DECODER_GN_F64_JOBS_PER_OBSERVATION;
+        for (size_t job = 0; job < jobs; ++job) {
+            decoder_gn_f64_job(x, y, scale, offset, job);
         }
     }
     return DECODER_GN_F64_OK;

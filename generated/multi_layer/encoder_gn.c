@@ -26,6 +26,207 @@ static const float encoder_gn_offset[32] = {
     0.0f, 0.0f
 };
 
+/*
+ * Statistics of one group from the sums of d = (x - pilot) * unit over its 256 elements:
+ * returns rstd = 1/sqrt(var + epsilon) and sets *shift = mean - pilot. unit is 1, or a power
+ * of two after a rescue; scaling by it is exact and is undone here.
+ */
+static float encoder_gn_finish(float s1, float s2, float unit, float *shift)
+{
+    const float shift_u = s1 / 256.0f; /* (mean - pilot) * unit */
+    float var_u = s2 / 256.0f - shift_u * shift_u; /* biased variance * unit^2 */
+    if (var_u < 0.0f) {
+        var_u = 0.0f; /* rounding only: the variance is never negative */
+    }
+    *shift = shift_u / unit;
+    return unit / sqrtf(var_u + ENCODER_GN_EPSILON * unit * unit);
+}
+
+/*
+ * The pilot of a group: the mean of 16 of its elements, `step` apart. Any value would do (the
+ * statistics are exact relative to it), but the closer it is to the mean, the less the variance
+ * s2/N - shift^2 cancels. Each term is scaled first, so no sum overflows.
+ */
+static float encoder_gn_pilot(const float *xg, size_t step)
+{
+    float sum = 0.0f;
+    for (size_t i = 0; i < 16; ++i) {
+        sum += xg[i * step] * 0.0625f;
+    }
+    return sum;
+}
+
+/*
+ * Sums of d = (x - pilot) * unit over one group in memory order, with one accumulator each.
+ * The compact build sums every group with it; the fast build only rescues a group whose sum
+ * of squares overflowed.
+ */
+static void encoder_gn_group_sums(const float *xg, float pilot, float unit, float sums[2])
+{
+    const float pilot_u = pilot * unit;
+    float s1 = 0.0f;
+    float s2 = 0.0f;
+    for (size_t cs1s2 = 0; cs1s2 < 256; ++cs1s2) {
+        const float d = xg[cs1s2] * unit - pilot_u;
+        s1 += d;
+        s2 += d * d;
+    }
+    sums[0] = s1;
+    sums[1] = s2;
+}
+
+
+#if defined(__OPTIMIZE_SIZE__)
+/* Built for size (-Os, firmware): the compact nest below; the fast shape's arrays would not fit. */
+
+/*
+ * y = a*((x - pilot) - shift) + b over one group, with a = scale*rstd and b = offset per
+ * channel: x - pilot is exact when the mean is large, so subtracting shift rounds only once.
+ */
+static void encoder_gn_group_apply(const float *xg, float *yg, const float *scale,
+    const float *offset, float pilot, float shift, float rstd)
+{
+    for (size_t c = 0; c < 4; ++c) {
+        const float a = scale[c] * rstd;
+        const float b = offset[c];
+        for (size_t i_s1s2 = 0; i_s1s2 < 64; ++i_s1s2) {
+            yg[c * 64 + i_s1s2] = a * ((xg[c * 64 + i_s1s2] - pilot) - shift) + b;
+        }
+    }
+}
+
+/* Normalize one (observation, group) with the compact nest. */
+#define ENCODER_GN_JOBS_PER_OBSERVATION ENCODER_GN_NUM_GROUPS
+static void encoder_gn_job(const float *x, float *y, const float *scale, const float *offset, size_t job)
+{
+
+    const size_t c0 = job % ENCODER_GN_NUM_GROUPS * 4;
+    const size_t base = job * 256; /* the groups tile the buffer in job order */
+    const float *xg = x + base;
+    float sums[2];
+    float shift;
+
+    /* Statistics around a pilot taken from the group, so a large mean cancels nothing. If
+       the squares overflow (|x| beyond about the square root of the largest value), sum once
+       more with d scaled by 2^-80, which is exact. */
+    const float pilot = encoder_gn_pilot(xg, 1);
+    float unit = 1.0f;
+    for (;;) {
+        encoder_gn_group_sums(xg, pilot, unit, sums);
+        if (sums[1] <= 3.40282347e+38f || unit != 1.0f) {
+            break;
+        }
+        unit = 8.271806e-25f;
+    }
+    const float rstd = encoder_gn_finish(sums[0], sums[1], unit, &shift);
+    encoder_gn_group_apply(xg, y + base, scale + c0, offset + c0, pilot, shift, rstd);
+}
+#else
+
+/*
+ * Each iteration of a loop marked so reads x[i] before it writes y[i], and y is x or does not
+ * overlap it: the iterations are independent, which compilers cannot prove when y == x.
+ */
+#if defined(__clang__)
+#define ENCODER_GN_INDEPENDENT _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define ENCODER_GN_INDEPENDENT _Pragma("GCC ivdep")
+#else
+#define ENCODER_GN_INDEPENDENT
+#endif
+#define ENCODER_GN_JOBS_PER_OBSERVATION 8 /* groups */
+
+/*
+ * The group mean pilot + shift as mean + *mean_lo: the rounded sum and what rounding lost
+ * (two-sum, exact without fused operations), so that y = a*(x - mean) + (offset - a*mean_lo)
+ * is as accurate as a*((x - pilot) - shift) + offset with one operation less per element.
+ */
+static float encoder_gn_split_mean(float pilot, float shift, float *mean_lo)
+{
+    const float mean = pilot + shift;
+    const float shift_in_mean = mean - pilot;
+    *mean_lo = (pilot - (mean - shift_in_mean)) + (shift - shift_in_mean);
+    return mean;
+}
+
+/*
+ * Normalize one (observation, group) whose statistics read contiguous runs: 32 independent
+ * partial sums per sum, so the compiler vectorizes them without reassociating float additions.
+ */
+static void encoder_gn_job(const float *x, float *y, const float *scale, const float *offset, size_t job)
+{
+
+    const size_t c0 = job % ENCODER_GN_NUM_GROUPS * 4;
+    const size_t base = job * 256; /* the groups tile the buffer in job order */
+    const float *xg = x + base;
+    float *yg = y + base;
+    float s1[32]; /* lane k sums d over elements k, k + 32, k + 64, ... of each run */
+    float s2[32];
+    float sums[2];
+    float shift;
+    float mean_lo;
+
+    /* Statistics around a pilot taken from the group, so a large mean cancels nothing. */
+    const float pilot = encoder_gn_pilot(xg, 1);
+    for (size_t k = 0; k < 32; ++k) {
+        s1[k] = 0.0f;
+        s2[k] = 0.0f;
+    }
+    const float *run = xg; /* 256 contiguous elements */
+    for (size_t i = 0; i < 256; i += 32) {
+        for (size_t k = 0; k < 32; ++k) {
+            const float d = run[i + k] - pilot;
+            s1[k] += d;
+            s2[k] += d * d;
+        }
+    }
+    /* Add the lanes pairwise in a fixed tree: the result does not depend on the compiler. */
+    for (size_t k = 0; k < 16; ++k) {
+        s1[k] += s1[k + 16];
+        s2[k] += s2[k + 16];
+    }
+    for (size_t k = 0; k < 8; ++k) {
+        s1[k] += s1[k + 8];
+        s2[k] += s2[k + 8];
+    }
+    for (size_t k = 0; k < 4; ++k) {
+        s1[k] += s1[k + 4];
+        s2[k] += s2[k + 4];
+    }
+    for (size_t k = 0; k < 2; ++k) {
+        s1[k] += s1[k + 2];
+        s2[k] += s2[k + 2];
+    }
+    for (size_t k = 0; k < 1; ++k) {
+        s1[k] += s1[k + 1];
+        s2[k] += s2[k + 1];
+    }
+    sums[0] = s1[0];
+    sums[1] = s2[0];
+    float unit = 1.0f;
+    if (!(sums[1] <= 3.40282347e+38f)) {
+        /* The squares overflowed (|x| beyond about the square root of the largest value):
+           sum again with d scaled by a power of two, which is exact. */
+        unit = 8.271806e-25f; /* 2^-80 */
+        encoder_gn_group_sums(xg, pilot, unit, sums);
+    }
+    const float rstd = encoder_gn_finish(sums[0], sums[1], unit, &shift);
+    const float mean = encoder_gn_split_mean(pilot, shift, &mean_lo);
+
+    /* y = a*(x - mean) + b, with scale and offset folded per channel. */
+    for (size_t c = 0; c < 4; ++c) {
+        const float a = scale[c0 + c] * rstd;
+        const float b = offset[c0 + c] - a * mean_lo;
+        const float *xr = xg + c * 64; /* 64 contiguous elements */
+        float *yr = yg + c * 64;
+        ENCODER_GN_INDEPENDENT
+        for (size_t i = 0; i < 64; ++i) {
+            yr[i] = a * (xr[i] - mean) + b;
+        }
+    }
+}
+#endif /* __OPTIMIZE_SIZE__ */
+
 int encoder_gn_predict(const float *x, float *y, size_t batch)
 {
     return encoder_gn_predict_with_params(x, y, batch, encoder_gn_scale, encoder_gn_offset);
@@ -40,38 +241,10 @@ int encoder_gn_predict_with_params(const float *x, float *y, size_t batch,
     if (batch > SIZE_MAX / ENCODER_GN_OBSERVATION_NUMEL) {
         return ENCODER_GN_ERR_BATCH;
     }
-
-    for (size_t n = 0; n < batch; ++n) {
-        for (size_t g = 0; g < ENCODER_GN_NUM_GROUPS; ++g) {
-            const size_t c0 = g * 4;
-            const size_t base = n * 2048 + c0 * 64;
-            const float *xg = x + base;
-            float *yg = y + base;
-
-            /* Statistics around a pilot taken from the group, so no cancellation. */
-            const float pilot = xg[0];
-            float s1 = 0.0f;
-            float s2 = 0.0f;
-            for (size_t cs1s2 = 0; cs1s2 < 256; ++cs1s2) {
-                const float d = xg[cs1s2] - pilot;
-                s1 += d;
-                s2 += d * d;
-            }
-            const float shift = s1 * 0.00390625f; /* mean - pilot */
-            float var = s2 * 0.00390625f - shift * shift;
-            if (var < 0.0f) {
-                var = 0.0f; /* rounding only: the variance is never negative */
-            }
-            const float rstd = 1.0f / sqrtf(var + ENCODER_GN_EPSILON);
-
-            /* y = a*(x - pilot) + b, with scale and offset folded per channel. */
-            for (size_t c = 0; c < 4; ++c) {
-                const float a = scale[c0 + c] * rstd;
-                const float b = offset[c0 + c] - shift * a;
-                for (size_t i_s1s2 = 0; i_s1s2 < 64; ++i_s1s2) {
-                    yg[c * 64 + i_s1s2] = a * (xg[c * 64 + i_s1s2] - pilot) + b;
-                }
-            }
+    {
+        const size_t jobs = batch * ENCODER_GN_JOBS_PER_OBSERVATION;
+        for (size_t job = 0; job < jobs; ++job) {
+            encoder_gn_job(x, y, scale, offset, job);
         }
     }
     return ENCODER_GN_OK;

@@ -26,6 +26,209 @@ static const float nhwc_rowmajor_offset[32] = {
     -0.02195311f, -0.00091204286f
 };
 
+/*
+ * Statistics of one group from the sums of d = (x - pilot) * unit over its 1024 elements:
+ * returns rstd = 1/sqrt(var + epsilon) and sets *shift = mean - pilot. unit is 1, or a power
+ * of two after a rescue; scaling by it is exact and is undone here.
+ */
+static float nhwc_rowmajor_finish(float s1, float s2, float unit, float *shift)
+{
+    const float shift_u = s1 / 1024.0f; /* (mean - pilot) * unit */
+    float var_u = s2 / 1024.0f - shift_u * shift_u; /* biased variance * unit^2 */
+    if (var_u < 0.0f) {
+        var_u = 0.0f; /* rounding only: the variance is never negative */
+    }
+    *shift = shift_u / unit;
+    return unit / sqrtf(var_u + NHWC_ROWMAJOR_EPSILON * unit * unit);
+}
+
+/*
+ * The pilot of a group: the mean of 16 of its elements, `step` apart. Any value would do (the
+ * statistics are exact relative to it), but the closer it is to the mean, the less the variance
+ * s2/N - shift^2 cancels. Each term is scaled first, so no sum overflows.
+ */
+static float nhwc_rowmajor_pilot(const float *xg, size_t step)
+{
+    float sum = 0.0f;
+    for (size_t i = 0; i < 16; ++i) {
+        sum += xg[i * step] * 0.0625f;
+    }
+    return sum;
+}
+
+/*
+ * Sums of d = (x - pilot) * unit over one group in memory order, with one accumulator each.
+ * The compact build sums every group with it; the fast build only rescues a group whose sum
+ * of squares overflowed.
+ */
+static void nhwc_rowmajor_group_sums(const float *xg, float pilot, float unit, float sums[2])
+{
+    const float pilot_u = pilot * unit;
+    float s1 = 0.0f;
+    float s2 = 0.0f;
+    for (size_t i_s1s2 = 0; i_s1s2 < 256; ++i_s1s2) {
+        for (size_t c = 0; c < 4; ++c) {
+            const float d = xg[i_s1s2 * 32 + c] * unit - pilot_u;
+            s1 += d;
+            s2 += d * d;
+        }
+    }
+    sums[0] = s1;
+    sums[1] = s2;
+}
+
+
+#if defined(__OPTIMIZE_SIZE__)
+/* Built for size (-Os, firmware): the compact nest below; the fast shape's arrays would not fit. */
+
+/*
+ * y = a*((x - pilot) - shift) + b over one group, with a = scale*rstd and b = offset per
+ * channel: x - pilot is exact when the mean is large, so subtracting shift rounds only once.
+ */
+static void nhwc_rowmajor_group_apply(const float *xg, float *yg, const float *scale,
+    const float *offset, float pilot, float shift, float rstd)
+{
+    for (size_t i_s1s2 = 0; i_s1s2 < 256; ++i_s1s2) {
+        for (size_t c = 0; c < 4; ++c) {
+            const float a = scale[c] * rstd;
+            const float b = offset[c];
+            yg[i_s1s2 * 32 + c] = a * ((xg[i_s1s2 * 32 + c] - pilot) - shift) + b;
+        }
+    }
+}
+
+/* Normalize one (observation, group) with the compact nest. */
+#define NHWC_ROWMAJOR_JOBS_PER_OBSERVATION NHWC_ROWMAJOR_NUM_GROUPS
+static void nhwc_rowmajor_job(const float *x, float *y, const float *scale, const float *offset, size_t job)
+{
+
+    const size_t n = job / NHWC_ROWMAJOR_NUM_GROUPS;
+    const size_t c0 = job % NHWC_ROWMAJOR_NUM_GROUPS * 4;
+    const size_t base = n * 8192 + c0;
+    const float *xg = x + base;
+    float sums[2];
+    float shift;
+
+    /* Statistics around a pilot taken from the group, so a large mean cancels nothing. If
+       the squares overflow (|x| beyond about the square root of the largest value), sum once
+       more with d scaled by 2^-80, which is exact. */
+    const float pilot = nhwc_rowmajor_pilot(xg, 32);
+    float unit = 1.0f;
+    for (;;) {
+        nhwc_rowmajor_group_sums(xg, pilot, unit, sums);
+        if (sums[1] <= 3.40282347e+38f || unit != 1.0f) {
+            break;
+        }
+        unit = 8.271806e-25f;
+    }
+    const float rstd = nhwc_rowmajor_finish(sums[0], sums[1], unit, &shift);
+    nhwc_rowmajor_group_apply(xg, y + base, scale + c0, offset + c0, pilot, shift, rstd);
+}
+#else
+
+/*
+ * Each iteration of a loop marked so reads x[i] before it writes y[i], and y is x or does not
+ * overlap it: the iterations are independent, which compilers cannot prove when y == x.
+ */
+#if defined(__clang__)
+#define NHWC_ROWMAJOR_INDEPENDENT _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define NHWC_ROWMAJOR_INDEPENDENT _Pragma("GCC ivdep")
+#else
+#define NHWC_ROWMAJOR_INDEPENDENT
+#endif
+#define NHWC_ROWMAJOR_JOBS_PER_OBSERVATION 1 /* channel blocks */
+
+/*
+ * The group mean pilot + shift as mean + *mean_lo: the rounded sum and what rounding lost
+ * (two-sum, exact without fused operations), so that y = a*(x - mean) + (offset - a*mean_lo)
+ * is as accurate as a*((x - pilot) - shift) + offset with one operation less per element.
+ */
+static float nhwc_rowmajor_split_mean(float pilot, float shift, float *mean_lo)
+{
+    const float mean = pilot + shift;
+    const float shift_in_mean = mean - pilot;
+    *mean_lo = (pilot - (mean - shift_in_mean)) + (shift - shift_in_mean);
+    return mean;
+}
+
+/*
+ * Normalize 8 groups (32 channels) of one observation. Channels are fastest, so the
+ * block is swept row by row with one accumulator per channel: an elementwise update the
+ * compiler vectorizes across channels without reassociating float additions.
+ */
+static void nhwc_rowmajor_job(const float *x, float *y, const float *scale, const float *offset, size_t job)
+{
+    const size_t n = job / NHWC_ROWMAJOR_JOBS_PER_OBSERVATION;
+    const size_t c0 = job % NHWC_ROWMAJOR_JOBS_PER_OBSERVATION * 32;
+    const size_t base = n * 8192 + c0;
+    const float *xb = x + base;
+    float *yb = y + base;
+    float pilot[32]; /* each channel's group pilot */
+    float s1[32];    /* per-channel sums of d = x - pilot */
+    float s2[32];    /* and of d * d */
+    float a[32];
+    float mean[32];  /* each channel's group mean */
+    float b[32];
+
+    for (size_t j = 0; j < 8; ++j) {
+        const float group_pilot = nhwc_rowmajor_pilot(xb + j * 4, 32);
+        for (size_t k = 0; k < 4; ++k) {
+            pilot[j * 4 + k] = group_pilot;
+        }
+    }
+    for (size_t c = 0; c < 32; ++c) {
+        s1[c] = 0.0f;
+        s2[c] = 0.0f;
+    }
+    for (size_t i_s1s2 = 0; i_s1s2 < 256; ++i_s1s2) {
+        const float *xr = xb + i_s1s2 * 32;
+        for (size_t c = 0; c < 32; ++c) {
+            const float d = xr[c] - pilot[c];
+            s1[c] += d;
+            s2[c] += d * d;
+        }
+    }
+
+    for (size_t j = 0; j < 8; ++j) {
+        const size_t cj = j * 4;
+        float sums[2];
+        float shift;
+        float mean_lo;
+        sums[0] = 0.0f;
+        sums[1] = 0.0f;
+        for (size_t k = 0; k < 4; ++k) { /* the group's channels */
+            sums[0] += s1[cj + k];
+            sums[1] += s2[cj + k];
+        }
+        float unit = 1.0f;
+        if (!(sums[1] <= 3.40282347e+38f)) {
+            /* The squares overflowed (|x| beyond about the square root of the largest value):
+               sum again with d scaled by a power of two, which is exact. */
+            unit = 8.271806e-25f; /* 2^-80 */
+            nhwc_rowmajor_group_sums(xb + cj, pilot[cj], unit, sums);
+        }
+        const float rstd = nhwc_rowmajor_finish(sums[0], sums[1], unit, &shift);
+        const float group_mean = nhwc_rowmajor_split_mean(pilot[cj], shift, &mean_lo);
+        for (size_t k = 0; k < 4; ++k) {
+            mean[cj + k] = group_mean;
+            a[cj + k] = scale[c0 + cj + k] * rstd;
+            b[cj + k] = offset[c0 + cj + k] - a[cj + k] * mean_lo;
+        }
+    }
+
+    /* y = a*(x - mean) + b, row by row. */
+    for (size_t i_s1s2 = 0; i_s1s2 < 256; ++i_s1s2) {
+        const float *xr = xb + i_s1s2 * 32;
+        float *yr = yb + i_s1s2 * 32;
+        NHWC_ROWMAJOR_INDEPENDENT
+        for (size_t c = 0; c < 32; ++c) {
+            yr[c] = a[c] * (xr[c] - mean[c]) + b[c];
+        }
+    }
+}
+#endif /* __OPTIMIZE_SIZE__ */
+
 int nhwc_rowmajor_predict(const float *x, float *y, size_t batch)
 {
     return nhwc_rowmajor_predict_with_params(x, y, batch, nhwc_rowmajor_scale, nhwc_rowmajor_offset);
@@ -40,40 +243,10 @@ int nhwc_rowmajor_predict_with_params(const float *x, float *y, size_t batch,
     if (batch > SIZE_MAX / NHWC_ROWMAJOR_OBSERVATION_NUMEL) {
         return NHWC_ROWMAJOR_ERR_BATCH;
     }
-
-    for (size_t n = 0; n < batch; ++n) {
-        for (size_t g = 0; g < NHWC_ROWMAJOR_NUM_GROUPS; ++g) {
-            const size_t c0 = g * 4;
-            const size_t base = n * 8192 + c0;
-            const float *xg = x + base;
-            float *yg = y + base;
-
-            /* Statistics around a pilot taken from the group, so no cancellation. */
-            const float pilot = xg[0];
-            float s1 = 0.0f;
-            float s2 = 0.0f;
-            for (size_t i_s1s2 = 0; i_s1s2 < 256; ++i_s1s2) {
-                for (size_t c = 0; c < 4; ++c) {
-                    const float d = xg[i_s1s2 * 32 + c] - pilot;
-                    s1 += d;
-                    s2 += d * d;
-                }
-            }
-            const float shift = s1 * 0.0009765625f; /* mean - pilot */
-            float var = s2 * 0.0009765625f - shift * shift;
-            if (var < 0.0f) {
-                var = 0.0f; /* rounding only: the variance is never negative */
-            }
-            const float rstd = 1.0f / sqrtf(var + NHWC_ROWMAJOR_EPSILON);
-
-            /* y = a*(x - pilot) + b, with scale and offset folded per channel. */
-            for (size_t i_s1s2 = 0; i_s1s2 < 256; ++i_s1s2) {
-                for (size_t c = 0; c < 4; ++c) {
-                    const float a = scale[c0 + c] * rstd;
-                    const float b = offset[c0 + c] - shift * a;
-                    yg[i_s1s2 * 32 + c] = a * (xg[i_s1s2 * 32 + c] - pilot) + b;
-                }
-            }
+    {
+        const size_t jobs = batch * NHWC_ROWMAJOR_JOBS_PER_OBSERVATION;
+        for (size_t job = 0; job < jobs; ++job) {
+            nhwc_rowmajor_job(x, y, scale, offset, job);
         }
     }
     return NHWC_ROWMAJOR_OK;

@@ -14,6 +14,13 @@
  *   statistics: one sweep of sums of (x - pilot) and (x - pilot)^2, pilot = the group's first element; biased variance
  *   apply: y = a*(x - pilot) + b with a = scale*rstd, b = offset - (mean - pilot)*a
  */
+/*
+ * C kernel
+ *   rows kernel: 8 groups (32 channels) swept row by row with one accumulator per channel
+ *   one thread; a build for size (-Os, __OPTIMIZE_SIZE__) uses the compact nest
+ *   squares that overflow are summed again scaled by 2^-80 (exact); |x| up to the largest
+ *   finite value / 2 is normalized right
+ */
 #ifndef NHWC_ROWMAJOR_H
 #define NHWC_ROWMAJOR_H
 
