@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import SpecError, TargetUnavailable
+from .firmware import FIRMWARE_TARGETS, verifier as firmware_verifier
 from .plan import Plan
 from .render import Source, render_c
 from .spec import Spec
@@ -62,21 +63,25 @@ def verify_c(spec: Spec, plans: tuple[Plan, ...], sources: list[Source], keep: b
                          for p in plans))
 
 
-def _unavailable(name: str, why: str):
-    def fail(*_args, **_kwargs):
-        raise TargetUnavailable(f"target '{name}': {why}")
-    return fail
+def _cuda():
+    """Return the CUDA target's module (imported on first use)."""
+    from . import cuda_target
+    return cuda_target
 
 
 TARGETS: dict[str, Target] = {
     "c": Target("c", "portable C99 (host build through cffi)", ("single", "double"),
                 render_c_sources, verify_c),
-    "cuda": Target("cuda", "CUDA", ("single", "double", "half", "bfloat16"),
-                   _unavailable("cuda", "not available yet"),
-                   _unavailable("cuda", "not available yet")),
+    "cuda": Target("cuda", "CUDA (nvcc; verified on a GPU or under host emulation)",
+                   ("single", "double", "half", "bfloat16"),
+                   lambda spec, plans: _cuda().render_cuda_sources(spec, plans),
+                   lambda *args: _cuda().verify_cuda(*args)),
+    # The C sources built for a core and run under QEMU (gncodegen.firmware).
+    **{t.name: Target(t.name, t.description, ("single", "double"), render_c_sources,
+                      firmware_verifier(t.name)) for t in FIRMWARE_TARGETS.values()},
 }
 # Names --target accepts besides the targets themselves.
-TARGET_GROUPS = {"all": ("c", "cuda")}
+TARGET_GROUPS = {"all": ("c", "cuda"), "firmware": tuple(FIRMWARE_TARGETS)}
 
 
 def resolve_targets(name: str) -> tuple[Target, ...]:
