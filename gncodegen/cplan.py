@@ -41,8 +41,12 @@ LANE_BYTES = 128
 ROW_BLOCK_BYTES = 1024
 # Per-channel stack arrays of the runs kernel when channels are fastest (2 arrays).
 CHANNEL_ARRAY_BYTES = 4096
-# Elements of a group averaged into its pilot.
+# Elements of a group averaged into its pilot. Groups of at most SHORT_GROUP elements take fewer:
+# their speed is the latency of one group's chain of dependent operations, which each sample
+# lengthens (feature input, 32 per group: 16 samples made it 35% slower, 4 about 10%).
 PILOT_SAMPLES = 16
+SHORT_GROUP = 32
+SHORT_GROUP_SAMPLES = 4
 # Upper bound on the fast shape's stack arrays, asserted for every plan.
 MAX_STACK_BYTES = 16384
 # Power-of-two exponents of the rescue scaling. Single: with |d| <= 2*FLT_MAX, (d*2^-80)^2
@@ -68,7 +72,6 @@ class CKernel:
     pilot_samples: int              # elements averaged into the pilot
     pilot_stride: str               # their distance in elements (a literal or a runtime stride)
     pilot_scale_literal: str        # 1 / pilot_samples
-    group_numel_literal: str        # N as a literal: s1 / N rounds once, s1 * (1/N) twice
     group_stride: int               # elements between groups when they tile the buffer in job
                                     # order (group job = n*G + g starts at job*group_stride), else 0
     # runs kernel
@@ -145,12 +148,13 @@ def plan_kernel(plan: Plan) -> CKernel:
     cpg = plan.channels_per_group
     stats, group = layout.stats_loops, layout.group_loops
     # The pilot samples the longest loop of the group (the innermost on a tie), from its start.
-    along = max(reversed(stats), key=lambda lp: min(lp.extent, PILOT_SAMPLES)) if stats else None
+    along = max(reversed(stats), key=lambda lp: lp.extent) if stats else None
     samples = min(along.extent, PILOT_SAMPLES) if along else 1
+    if plan.group_numel <= SHORT_GROUP:
+        samples = min(samples, SHORT_GROUP_SAMPLES)
     common.update(pilot_samples=samples,
                   pilot_stride=along.stride_expr if along else "1",
                   pilot_scale_literal=c_literal(1.0 / samples, dtype),
-                  group_numel_literal=c_literal(float(plan.group_numel), dtype),
                   group_stride=_group_stride(plan))
     innermost_contiguous = bool(stats) and stats[-1].stride == 1 and not stats[-1].per_batch
     channel_fastest = bool(group) and group[-1].is_channel

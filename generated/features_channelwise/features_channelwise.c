@@ -27,8 +27,8 @@ static const float features_channelwise_offset[16] = {
  */
 static float features_channelwise_finish(float s1, float s2, float unit, float *shift)
 {
-    const float shift_u = s1 / 1.0f; /* (mean - pilot) * unit */
-    float var_u = s2 / 1.0f - shift_u * shift_u; /* biased variance * unit^2 */
+    const float shift_u = s1 * 1.0f; /* (mean - pilot) * unit */
+    float var_u = s2 * 1.0f - shift_u * shift_u; /* biased variance * unit^2 */
     if (var_u < 0.0f) {
         var_u = 0.0f; /* rounding only: the variance is never negative */
     }
@@ -37,17 +37,14 @@ static float features_channelwise_finish(float s1, float s2, float unit, float *
 }
 
 /*
- * The pilot of a group: the mean of 1 of its elements, `step` apart. Any value would do (the
+ * The pilot of a group: its first element. Any value would do (the
  * statistics are exact relative to it), but the closer it is to the mean, the less the variance
  * s2/N - shift^2 cancels. Each term is scaled first, so no sum overflows.
  */
 static float features_channelwise_pilot(const float *xg, size_t step)
 {
-    float sum = 0.0f;
-    for (size_t i = 0; i < 1; ++i) {
-        sum += xg[i * step] * 1.0f;
-    }
-    return sum;
+    (void)step;
+    return xg[0];
 }
 
 /*

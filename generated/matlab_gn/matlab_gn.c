@@ -29,8 +29,8 @@ static const float matlab_gn_offset[20] = {
  */
 static float matlab_gn_finish(float s1, float s2, float unit, float *shift)
 {
-    const float shift_u = s1 / 2880.0f; /* (mean - pilot) * unit */
-    float var_u = s2 / 2880.0f - shift_u * shift_u; /* biased variance * unit^2 */
+    const float shift_u = s1 * 0.00034722223f; /* (mean - pilot) * unit */
+    float var_u = s2 * 0.00034722223f - shift_u * shift_u; /* biased variance * unit^2 */
     if (var_u < 0.0f) {
         var_u = 0.0f; /* rounding only: the variance is never negative */
     }

@@ -25,8 +25,8 @@ static const double decoder_gn_f64_offset[8] = {
  */
 static double decoder_gn_f64_finish(double s1, double s2, double unit, double *shift)
 {
-    const double shift_u = s1 / 288.0; /* (mean - pilot) * unit */
-    double var_u = s2 / 288.0 - shift_u * shift_u; /* biased variance * unit^2 */
+    const double shift_u = s1 * 0.003472222222222222; /* (mean - pilot) * unit */
+    double var_u = s2 * 0.003472222222222222 - shift_u * shift_u; /* biased variance * unit^2 */
     if (var_u < 0.0) {
         var_u = 0.0; /* rounding only: the variance is never negative */
     }

@@ -33,8 +33,8 @@ static const float encoder_gn_offset[32] = {
  */
 static float encoder_gn_finish(float s1, float s2, float unit, float *shift)
 {
-    const float shift_u = s1 / 256.0f; /* (mean - pilot) * unit */
-    float var_u = s2 / 256.0f - shift_u * shift_u; /* biased variance * unit^2 */
+    const float shift_u = s1 * 0.00390625f; /* (mean - pilot) * unit */
+    float var_u = s2 * 0.00390625f - shift_u * shift_u; /* biased variance * unit^2 */
     if (var_u < 0.0f) {
         var_u = 0.0f; /* rounding only: the variance is never negative */
     }

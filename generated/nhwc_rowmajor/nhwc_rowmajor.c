@@ -33,8 +33,8 @@ static const float nhwc_rowmajor_offset[32] = {
  */
 static float nhwc_rowmajor_finish(float s1, float s2, float unit, float *shift)
 {
-    const float shift_u = s1 / 1024.0f; /* (mean - pilot) * unit */
-    float var_u = s2 / 1024.0f - shift_u * shift_u; /* biased variance * unit^2 */
+    const float shift_u = s1 * 0.0009765625f; /* (mean - pilot) * unit */
+    float var_u = s2 * 0.0009765625f - shift_u * shift_u; /* biased variance * unit^2 */
     if (var_u < 0.0f) {
         var_u = 0.0f; /* rounding only: the variance is never negative */
     }

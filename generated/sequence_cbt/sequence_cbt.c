@@ -25,8 +25,8 @@ static const float sequence_cbt_offset[12] = {
  */
 static float sequence_cbt_finish(float s1, float s2, float unit, float *shift)
 {
-    const float shift_u = s1 / 200.0f; /* (mean - pilot) * unit */
-    float var_u = s2 / 200.0f - shift_u * shift_u; /* biased variance * unit^2 */
+    const float shift_u = s1 * 0.005f; /* (mean - pilot) * unit */
+    float var_u = s2 * 0.005f - shift_u * shift_u; /* biased variance * unit^2 */
     if (var_u < 0.0f) {
         var_u = 0.0f; /* rounding only: the variance is never negative */
     }
