@@ -40,6 +40,9 @@ GRID_LIMIT = 2**31 - 1
 SIZE_MAX = 2**64 - 1
 AB_SMEM_BYTES = 16 * 1024  # folded a/b per channel staged in shared memory up to this size
 MIN_WAVES = 2              # the wide variant is used below this many blocks per SM
+# Splitting a team over a cluster costs ~2-3 us of synchronisation on an H100 (measured with
+# benchmarks/bench_cuda.py --cluster-sweep): worth it only for teams this large.
+WIDE_MIN_NUMEL = 8192
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class CudaOptions:
     warp_team_block: int = WARP_TEAM_BLOCK
     onchip_bytes: int = ONCHIP_BYTES
     max_cluster: int = MAX_CLUSTER
+    wide_min_numel: int = WIDE_MIN_NUMEL
 
 
 @dataclass(frozen=True)
@@ -283,7 +287,13 @@ def _block_variant(name: str, numel: int, vec: int, cluster: int, threads: int,
 
 def _fit(numel: int, vec: int, e_max: int, max_cluster: int,
          block_threads: tuple[int, ...]) -> tuple[int, int] | None:
-    """Return (threads, cluster) of the smallest team that holds a group on chip, or None."""
+    """Return (threads, cluster) of the smallest team that holds a group on chip, or None.
+
+    One block of any size comes first: a cluster's synchronisation costs more than a bigger block.
+    """
+    for threads in block_threads:
+        if numel <= threads * e_max:
+            return threads, 1
     for threads in block_threads:
         cluster = _ceil(numel, threads * e_max)
         if cluster <= max_cluster:
@@ -292,6 +302,20 @@ def _fit(numel: int, vec: int, e_max: int, max_cluster: int,
                 cluster += 1
             return threads, cluster
     return None
+
+
+def _wide(base: Variant, numel: int, vec: int, cluster_max: int, e_max: int,
+          opts: CudaOptions, team_groups: int) -> Variant | None:
+    """Return the variant for few teams: each split over a full cluster, or None."""
+    if numel < opts.wide_min_numel:
+        return None
+    t = base.threads if base.cluster > 1 or base.strategy == "looped" else opts.block_threads[0]
+    k = min(cluster_max, _ceil(numel, t * vec))
+    if k <= base.cluster:
+        return None
+    looped = _ceil(numel, k * t * vec) * vec > e_max
+    return _block_variant("wide", numel, vec, k, t, e_max, looped,
+                          f"few teams: {k} blocks per team fill more SMs", team_groups)
 
 
 def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
@@ -334,13 +358,7 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
                                       f"{tg} groups exceed one block's registers: two sweeps",
                                       tg)
         if has_sm90:
-            base = narrow or portable
-            t = base.threads
-            k = min(cluster_max, _ceil(team_numel, t * vec_r))
-            if k > base.cluster:
-                looped = base.strategy == "looped" or _ceil(team_numel, k * t * vec_r) * vec_r > e_max
-                wide = _block_variant("wide", team_numel, vec_r, k, t, e_max, looped,
-                                      f"few teams: {k} blocks per team fill more SMs", tg)
+            wide = _wide(narrow or portable, team_numel, vec_r, cluster_max, e_max, opts, tg)
         # Unaligned pointers: one group per block, scalar loads.
         fit_s = _fit(numel, 1, e_max, 1, bt)
         scalar = _block_variant("scalar", numel, 1, 1, fit_s[0] if fit_s else bt[-1], e_max,
@@ -377,13 +395,7 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
                                       "two sweeps")
         # Few groups: split each over a full cluster so that more SMs stream it.
         if has_sm90:
-            base = narrow or portable
-            t = base.threads
-            k = min(cluster_max, _ceil(numel, t * vec))
-            if k > base.cluster:
-                looped = base.strategy == "looped" or _ceil(numel, k * t * vec) * vec > e_max
-                wide = _block_variant("wide", numel, vec, k, t, e_max, looped,
-                                      f"few groups: {k} blocks per group fill more SMs")
+            wide = _wide(narrow or portable, numel, vec, cluster_max, e_max, opts, 1)
         sv = 1
         pt = portable
         if pt.strategy == "looped":
