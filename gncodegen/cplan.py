@@ -37,8 +37,12 @@ from .plan import Layout, Loop, Plan, c_literal
 # Bytes of independent partial sums for each of the two sums: two AVX-512 registers, four
 # AVX2 or eight SSE/NEON registers. Enough chains to hide the add latency on any of them.
 LANE_BYTES = 128
-# Per-channel stack arrays of the rows kernel hold at most this many bytes each (7 arrays).
-ROW_BLOCK_BYTES = 1024
+# The rows kernel sweeps blocks of whole groups of at most this many bytes of channels: the
+# block's sums and pilots (3 x 512 bytes: 24 AVX-512 registers) stay in registers, where wider
+# blocks spill them to the stack on every row (NTC 16x128x256 with 1 KiB blocks: 103 us, with
+# 512 B: 78 us); one group wider than that still gets a block, up to ROW_BLOCK_MAX_BYTES.
+ROW_BLOCK_BYTES = 512
+ROW_BLOCK_MAX_BYTES = 1024
 # Per-channel stack arrays of the runs kernel when channels are fastest (2 arrays).
 CHANNEL_ARRAY_BYTES = 4096
 # Elements of a group averaged into its pilot. Groups of at most SHORT_GROUP elements take fewer:
@@ -47,6 +51,8 @@ CHANNEL_ARRAY_BYTES = 4096
 PILOT_SAMPLES = 16
 SHORT_GROUP = 32
 SHORT_GROUP_SAMPLES = 4
+# Calls on fewer elements than this stay on one thread: starting a team costs microseconds.
+PARALLEL_MIN_ELEMENTS = 1 << 16
 # Upper bound on the fast shape's stack arrays, asserted for every plan.
 MAX_STACK_BYTES = 16384
 # Power-of-two exponents of the rescue scaling. Single: with |d| <= 2*FLT_MAX, (d*2^-80)^2
@@ -65,6 +71,7 @@ class CKernel:
     lanes: int                      # independent partial sums per run (power of two)
     halvings: tuple[int, ...]       # lanes/2, lanes/4, ..., 1: the tree that adds the lanes
     threads: int                    # OpenMP threads over jobs (1: no pragma)
+    parallel_min_elements: int      # a call on fewer elements runs on one thread
     jobs_per_observation: int       # groups (runs, strided) or channel blocks (rows)
     rescue_unit_literal: str        # 2^-e: scaling of d in the rescue sums
     rescue_unit_text: str           # the same in words: 2^-80
@@ -118,10 +125,12 @@ def _group_stride(plan: Plan) -> int:
 
 
 def _block_groups(plan: Plan, threads: int) -> int:
-    """Return how many groups the rows kernel sweeps together.
+    """Return how many groups the rows kernel sweeps together (0: none fits the stack arrays).
 
-    The largest divisor of G whose channels fit ROW_BLOCK_BYTES per array; with threads, also
-    at most G/threads so that one observation alone still gives every thread a block.
+    The largest divisor of G whose channels fit ROW_BLOCK_BYTES per array, so that the block's
+    accumulators stay in vector registers; one group when a group alone is wider, up to
+    ROW_BLOCK_MAX_BYTES. With threads, at most G/threads, so that one observation alone still
+    gives every thread a block.
     """
     g, cpg, size = plan.num_groups, plan.channels_per_group, plan.scalar.bytes
     limit = g if threads == 1 else max(1, g // threads)
@@ -129,6 +138,8 @@ def _block_groups(plan: Plan, threads: int) -> int:
     for k in range(1, g + 1):
         if g % k == 0 and k <= limit and k * cpg * size <= ROW_BLOCK_BYTES:
             best = k
+    if best == 0 and cpg * size <= ROW_BLOCK_MAX_BYTES:
+        best = 1
     return best
 
 
@@ -140,7 +151,7 @@ def plan_kernel(plan: Plan) -> CKernel:
     max_lanes = LANE_BYTES // size
     threads = plan.threads
     common = dict(
-        threads=threads,
+        threads=threads, parallel_min_elements=PARALLEL_MIN_ELEMENTS,
         rescue_unit_literal=c_literal(2.0 ** -RESCUE_EXPONENT[dtype], dtype),
         rescue_unit_text=f"2^-{RESCUE_EXPONENT[dtype]}",
         overflow_limit_literal=OVERFLOW_LIMIT[dtype],
@@ -185,7 +196,7 @@ def plan_kernel(plan: Plan) -> CKernel:
                     f"channels) swept row by row with one accumulator per channel"),
             lanes=1, halvings=(), jobs_per_observation=plan.num_groups // bk,
             row_loops=rows, block_groups=bk, block_channels=block_channels,
-            stack_bytes=7 * block_channels * size, **common)
+            stack_bytes=6 * block_channels * size, **common)
     else:
         kernel = CKernel(
             kind="strided", reason="strided kernel: the portable nest (no contiguous run)",

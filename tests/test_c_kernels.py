@@ -154,14 +154,24 @@ def _run(plan, module, x, batch, in_place=False):
     return c_runner(plan, module)(Case("x", x, batch, in_place=in_place))
 
 
-@pytest.mark.parametrize("name", ["nchw", "nhwc", "cbt", "features"])
+# Layouts big enough that a call crosses the kernel's threshold for a team of threads.
+THREADED = {
+    "nchw": dict(format="BCSS", layout="row-major", input_size=[8, 48, 41], num_groups=4),
+    "nhwc": dict(format="BSSC", layout="row-major", input_size=[48, 41, 8], num_groups=4),
+    "cbt": dict(format="CBT", input_size=[12, 1500], num_groups=3),
+    "features": dict(format="CB", input_size=[2000], num_groups=50),
+}
+
+
+@pytest.mark.parametrize("name", sorted(THREADED))
 def test_threads_match_one_thread_bit_for_bit(name, rng):
-    one = _layer(name)
-    two = _layer(name, threads=2)
+    one = make_layer(name=f"thr_{name}_1", **THREADED[name])
+    two = make_layer(name=f"thr_{name}_2", threads=2, **THREADED[name])
     p1, m1 = _build(one, FAST)
     p2, m2 = _build(two, FAST)                          # build_c_module adds -fopenmp
     assert "-fopenmp" in with_openmp((p2,), FAST) and "-fopenmp" not in with_openmp((p1,), FAST)
-    batch = 5 if one.has_batch else 1
+    threshold = plan_kernel(p2).parallel_min_elements
+    batch = max(7, -(-threshold // one.observation_numel))
     x = round_to_dtype(rng.normal(3.0, 2.0, batch * one.observation_numel), "single")
     y1 = _run(p1, m1, x, batch)
     y2 = _run(p2, m2, x, batch)
@@ -170,15 +180,15 @@ def test_threads_match_one_thread_bit_for_bit(name, rng):
     assert compare(y2, ref, TOLERANCE["single"], "t2").passed
     # Each job is computed the same way whatever thread runs it.
     assert np.array_equal(y1, y2) and np.array_equal(y1, y2_in_place)
-    if plan_kernel(p2).kind == "rows":
-        assert plan_kernel(p2).jobs_per_observation >= 2
+    # One observation alone still gives both threads work.
+    assert plan_kernel(p2).jobs_per_observation >= 2
 
 
 def test_threads_source_builds_without_openmp(tmp_path):
     """The OpenMP pragma is behind _OPENMP: a firmware build needs nothing and warns nothing."""
     plan = lower(_layer("nhwc", threads=2))
     header, source = render_c(plan, "t.yaml")
-    assert "#pragma omp parallel for num_threads(2)" in source.text
+    assert "#pragma omp parallel for num_threads(2) schedule(static) if (" in source.text
     for s in (header, source):
         (tmp_path / s.name).write_text(s.text)
     for opts in (["-O3"], ["-O3", "-fopenmp"]):
