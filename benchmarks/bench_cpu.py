@@ -1,0 +1,329 @@
+#!/usr/bin/env python3
+"""CPU benchmark of the generated C against PyTorch, ONNX Runtime and NumPy (issue 4).
+
+    python3 benchmarks/bench_cpu.py                  # every shape, NCHW and NHWC
+    python3 benchmarks/bench_cpu.py --shapes A,E --quick
+
+For each reference shape of DESIGN.md section 8 and each layout, in one run on the same inputs
+(float32): the generated C built with -O3 -march=native through cffi (preallocated output; 1
+thread, and 2 threads through OpenMP), torch.nn.functional.group_norm (1 and 2 threads, NCHW
+and channels_last), ONNX Runtime (GroupNormalization opset 21, else the decomposed graph) and
+NumPy. Every figure is the median time per call over many calls after warm-up (the machines
+are noisy: read ratios). The floor is the input read once plus the output written once over a
+copy bandwidth measured here: hot (a copy of the same size, in cache) and cold (caches flushed
+before every call, against the copy bandwidth of buffers far beyond the last-level cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gncodegen.build import STRICT_WARNINGS, build_c_module  # noqa: E402
+from gncodegen.plan import lower  # noqa: E402
+from gncodegen.render import render_c  # noqa: E402
+from gncodegen.spec import parse_spec  # noqa: E402
+
+FAST_FLAGS = ("-std=c99", "-O3", "-march=native", "-fPIC", *STRICT_WARNINGS)
+
+# name: (N, C, spatial sizes, G) -- DESIGN.md section 8 / issue 4
+SHAPES = {
+    "A": (1, 32, (32, 32), 8),
+    "B": (8, 64, (56, 56), 32),
+    "C": (1, 320, (64, 64), 32),
+    "D": (2, 512, (32, 32), 32),
+    "E": (256, 1024, (), 32),
+    "F": (16, 256, (128,), 16),
+}
+# The issue's hand-written AVX-512 kernel, median us per call, 1 thread, hot caches.
+HAND_KERNEL_US = {"A": 2.0, "B": 131, "C": 132, "D": 103, "E": 29, "F": 45}
+LAST_LEVEL_CACHE = 32 << 20
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark row: a shape in one layout."""
+
+    shape: str
+    layout: str          # "NCHW" (channels after batch) or "NHWC" (channels fastest)
+    n: int
+    c: int
+    spatial: tuple[int, ...]
+    g: int
+
+    @property
+    def numel(self) -> int:
+        """Elements of the whole batch."""
+        return self.n * self.c * int(np.prod(self.spatial, dtype=np.int64))
+
+    def spec_text(self, threads: int) -> str:
+        """Return the YAML spec of this case (row-major, PyTorch's order of dimensions)."""
+        s = "S" * len(self.spatial)
+        if not self.spatial:
+            fmt, size = "BC", [self.c]
+        elif self.layout == "NCHW":
+            fmt, size = f"BC{s}", [self.c, *self.spatial]
+        else:
+            fmt, size = f"B{s}C", [*self.spatial, self.c]
+        name = f"bench_{self.shape.lower()}_{self.layout.lower()}_t{threads}"
+        return (f"name: {name}\nnum_groups: {self.g}\nformat: {fmt}\nlayout: row-major\n"
+                f"input_size: {size}\nthreads: {threads}\n")
+
+
+def cases(shapes: list[str]) -> list[Case]:
+    """Return the rows to run: NCHW and NHWC for spatial shapes, one row for E."""
+    out = []
+    for name in shapes:
+        n, c, sp, g = SHAPES[name]
+        for layout in (("NCHW", "NHWC") if sp else ("NCHW",)):
+            out.append(Case(name, layout, n, c, sp, g))
+    return out
+
+
+def median_us(fn, min_time: float, warmup: int = 3) -> float:
+    """Return the median time of one call of fn in microseconds.
+
+    Calls are timed in batches long enough (about 1 ms) that the clock's resolution does not
+    matter; the median is over batches for about min_time seconds.
+    """
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - t0, 1e-7)
+    per_batch = max(1, int(1e-3 / one))
+    samples = []
+    end = time.perf_counter() + min_time
+    while len(samples) < 5 or time.perf_counter() < end:
+        t0 = time.perf_counter_ns()
+        for _ in range(per_batch):
+            fn()
+        samples.append((time.perf_counter_ns() - t0) / per_batch / 1e3)
+    return statistics.median(samples)
+
+
+def cold_us(fn, flush, repeats: int) -> float:
+    """Return the median time of one call right after the caches were flushed."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        flush()
+        t0 = time.perf_counter_ns()
+        fn()
+        samples.append((time.perf_counter_ns() - t0) / 1e3)
+    return statistics.median(samples)
+
+
+class Flusher:
+    """Evicts the caches by writing then reading a buffer of 3x the last-level cache."""
+
+    def __init__(self) -> None:
+        self.buf = np.ones(3 * LAST_LEVEL_CACHE // 8)
+
+    def __call__(self) -> None:
+        self.buf += 1.0
+
+
+def copy_bandwidth(nbytes: int, min_time: float) -> float:
+    """Return bytes moved per second (read + write) by np.copyto on buffers of nbytes."""
+    src = np.ones(max(nbytes // 4, 1024), dtype=np.float32)
+    dst = np.empty_like(src)
+    us = median_us(lambda: np.copyto(dst, src), min_time)
+    return 2 * src.nbytes / (us * 1e-6)
+
+
+def build(case: Case, threads: int):
+    """Return (plan, lib, ffi) of the generated C for a case, built with FAST_FLAGS."""
+    spec = parse_spec(case.spec_text(threads), Path("."), "bench")
+    plan = lower(spec.layers[0])
+    sources = list(render_c(plan, "bench.yaml"))
+    module = build_c_module((plan,), sources, flags=FAST_FLAGS)
+    return plan, module.lib, module.ffi
+
+
+def torch_runner(torch, x_nchw: np.ndarray, case: Case, threads: int, channels_last: bool):
+    """Return a callable running torch group_norm on the case's input.
+
+    channels_last: 4-D tensors in torch.channels_last memory format; 3-D ones (sequences) as a
+    (N, C, T) view of an (N, T, C) buffer, the closest PyTorch has.
+    """
+    t = torch.from_numpy(x_nchw)
+    if channels_last and t.dim() == 4:
+        t = t.contiguous(memory_format=torch.channels_last)
+    elif channels_last:
+        t = t.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+    w = torch.ones(case.c)
+    b = torch.zeros(case.c)
+    fn = torch.nn.functional.group_norm
+
+    def run():
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            fn(t, case.g, w, b, 1e-5)
+    return run
+
+
+def onnx_session(case: Case, threads: int):
+    """Return (session, kind): GroupNormalization-21 if ONNX Runtime runs it, else decomposed."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    shape = [case.n, case.c, *case.spatial]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    scale = helper.make_tensor("scale", TensorProto.FLOAT, [case.c], [1.0] * case.c)
+    bias = helper.make_tensor("bias", TensorProto.FLOAT, [case.c], [0.0] * case.c)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)
+    node = helper.make_node("GroupNormalization", ["x", "scale", "bias"], ["y"],
+                            epsilon=1e-5, num_groups=case.g)
+    model = helper.make_model(helper.make_graph([node], "gn", [x], [y], [scale, bias]),
+                              opset_imports=[helper.make_opsetid("", 21)])
+    try:
+        return ort.InferenceSession(model.SerializeToString(), so,
+                                    providers=["CPUExecutionProvider"]), "GN-21"
+    except Exception:  # noqa: BLE001 - fall back to the graph opset 18 exporters produce
+        pass
+    # Decomposed: reshape to (N, G, -1), mean and variance, normalize, scale per channel.
+    inits = [helper.make_tensor("gshape", TensorProto.INT64, [3], [case.n, case.g, -1]),
+             helper.make_tensor("cshape", TensorProto.INT64, [len(shape)], shape),
+             helper.make_tensor("axes", TensorProto.INT64, [1], [2]),
+             helper.make_tensor("eps", TensorProto.FLOAT, [], [1e-5]),
+             helper.make_tensor("sc", TensorProto.FLOAT, [case.c] + [1] * len(case.spatial),
+                                [1.0] * case.c),
+             helper.make_tensor("bi", TensorProto.FLOAT, [case.c] + [1] * len(case.spatial),
+                                [0.0] * case.c)]
+    nodes = [helper.make_node("Reshape", ["x", "gshape"], ["xg"]),
+             helper.make_node("ReduceMean", ["xg", "axes"], ["mean"]),
+             helper.make_node("Sub", ["xg", "mean"], ["d"]),
+             helper.make_node("Mul", ["d", "d"], ["d2"]),
+             helper.make_node("ReduceMean", ["d2", "axes"], ["var"]),
+             helper.make_node("Add", ["var", "eps"], ["ve"]),
+             helper.make_node("Sqrt", ["ve"], ["sd"]),
+             helper.make_node("Div", ["d", "sd"], ["z"]),
+             helper.make_node("Reshape", ["z", "cshape"], ["zc"]),
+             helper.make_node("Mul", ["zc", "sc"], ["zs"]),
+             helper.make_node("Add", ["zs", "bi"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "gn", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    return ort.InferenceSession(model.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"]), "decomposed"
+
+
+def numpy_runner(x_nchw: np.ndarray, case: Case):
+    """Return a callable computing group norm with NumPy in float32 (two passes)."""
+    xg = x_nchw.reshape(case.n, case.g, -1)
+
+    def run():
+        mean = xg.mean(axis=2, keepdims=True)
+        d = xg - mean
+        var = np.mean(d * d, axis=2, keepdims=True)
+        return d / np.sqrt(var + np.float32(1e-5))
+    return run
+
+
+def fmt(v: float | None, digits: int = 1) -> str:
+    """Return a table cell: '-' for missing values."""
+    if v is None:
+        return "-"
+    if v >= 100:
+        return f"{v:.0f}"
+    return f"{v:.{digits}f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print its table; return the exit status."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated, e.g. A,B")
+    ap.add_argument("--quick", action="store_true", help="short timings (for tests)")
+    ap.add_argument("--no-others", action="store_true",
+                    help="time only the generated C (no PyTorch/ONNX Runtime/NumPy)")
+    args = ap.parse_args(argv)
+    shapes = [s.strip().upper() for s in args.shapes.split(",") if s.strip()]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        ap.error(f"unknown shape {unknown[0]} (choose from {', '.join(SHAPES)})")
+    min_time = 0.05 if args.quick else 0.4
+    cold_repeats = 3 if args.quick else 15
+
+    torch = None
+    if not args.no_others:
+        import torch as _torch
+        torch = _torch
+    flusher = Flusher()
+    dram_bw = copy_bandwidth(4 * LAST_LEVEL_CACHE, min_time)
+    print(f"# cpu: {os.cpu_count()} cores; copy bandwidth beyond the last-level cache "
+          f"{dram_bw / 1e9:.1f} GB/s (read + write)")
+    print(f"# generated C: cc {' '.join(FAST_FLAGS[:4])}; times are medians in us per call")
+    header = ["shape", "layout", "C 1t", "GB/s", "C 2t", "1->2t", "torch 1t", "torch 2t",
+              "ORT", "NumPy", "torch1t/C", "hand", "C/hand", "floor hot", "C cold",
+              "floor cold", "cold/floor"]
+    rows = [header]
+    ort_kinds = set()
+    rng = np.random.default_rng(0)
+    for case in cases(shapes):
+        x_nchw = rng.standard_normal((case.n, case.c, *case.spatial)).astype(np.float32)
+        if case.layout == "NHWC":
+            x = np.ascontiguousarray(np.moveaxis(x_nchw, 1, -1)).ravel()
+        else:
+            x = x_nchw.ravel().copy()
+        y = np.empty_like(x)
+        nbytes = 2 * x.nbytes
+        results = {}
+        for threads in (1, 2):
+            plan, lib, ffi = build(case, threads)
+            px, py = ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", y)
+            fn = getattr(lib, f"{plan.prefix}_predict")
+            results[threads] = median_us(lambda: fn(px, py, case.n), min_time)
+            if threads == 1:
+                c_cold = cold_us(lambda: fn(px, py, case.n), flusher, cold_repeats)
+        c1, c2 = results[1], results[2]
+        hot_bw = copy_bandwidth(x.nbytes, min_time)
+        floor_hot = nbytes / hot_bw * 1e6
+        floor_cold = nbytes / dram_bw * 1e6
+        t1 = t2 = ort_us = np_us = None
+        if torch is not None:
+            last = case.layout == "NHWC"
+            t1 = median_us(torch_runner(torch, x_nchw, case, 1, last), min_time)
+            t2 = median_us(torch_runner(torch, x_nchw, case, 2, last), min_time)
+            torch.set_num_threads(1)
+            if case.layout == "NCHW":
+                try:
+                    sess, kind = onnx_session(case, 1)
+                    ort_kinds.add(kind)
+                    feed = {"x": x_nchw}
+                    ort_us = median_us(lambda: sess.run(None, feed), min_time)
+                except ImportError:
+                    ort_us = None
+                np_us = median_us(numpy_runner(x_nchw, case), min_time)
+        hand = HAND_KERNEL_US[case.shape]
+        rows.append([case.shape, case.layout, fmt(c1), fmt(nbytes / (c1 * 1e3)), fmt(c2),
+                     fmt(c1 / c2, 2), fmt(t1), fmt(t2), fmt(ort_us), fmt(np_us),
+                     fmt(t1 / c1 if t1 else None, 2), fmt(hand), fmt(c1 / hand, 2),
+                     fmt(floor_hot), fmt(c_cold), fmt(floor_cold), fmt(c_cold / floor_cold, 2)])
+        print("  ".join(rows[-1]), file=sys.stderr, flush=True)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    if ort_kinds:
+        print(f"# ONNX Runtime graph: {', '.join(sorted(ort_kinds))} (NCHW only: ONNX is NCHW)")
+    print("# 1->2t: C 1t / C 2t; torch1t/C: PyTorch 1 thread over the C (goal >= 2.5); "
+          "C/hand: over the issue's AVX-512 kernel (goal <= 1.1); cold/floor: goal <= 1.3")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""benchmarks/bench_cpu.py runs end to end and prints the table the README documents."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_cpu", REPO / "benchmarks" / "bench_cpu.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_cpu"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cases_cover_both_layouts_and_every_shape(bench):
+    rows = [(c.shape, c.layout) for c in bench.cases(list(bench.SHAPES))]
+    assert ("E", "NCHW") in rows and ("E", "NHWC") not in rows     # no spatial dims
+    for s in "ABCDF":
+        assert (s, "NCHW") in rows and (s, "NHWC") in rows
+    f = next(c for c in bench.cases(["F"]) if c.layout == "NHWC")
+    assert "format: BSC" in f.spec_text(1) and "input_size: [128, 256]" in f.spec_text(1)
+
+
+def test_generated_c_computes_group_norm(bench):
+    """The benchmarked build is the real kernel: compare it with NumPy on shape A."""
+    for case in bench.cases(["A"]):
+        plan, lib, ffi = bench.build(case, 1)
+        rng = np.random.default_rng(3)
+        x_nchw = rng.standard_normal((case.n, case.c, *case.spatial)).astype(np.float32)
+        x = (np.ascontiguousarray(np.moveaxis(x_nchw, 1, -1)) if case.layout == "NHWC"
+             else x_nchw).ravel().copy()
+        y = np.empty_like(x)
+        fn = getattr(lib, f"{plan.prefix}_predict")
+        assert fn(ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", y), case.n) == 0
+        want = bench.numpy_runner(x_nchw.astype(np.float64), case)().reshape(x_nchw.shape)
+        if case.layout == "NHWC":
+            want = np.moveaxis(want, 1, -1)
+        assert np.abs(y - want.ravel()).max() < 1e-5
+
+
+def test_quick_run_prints_every_column(bench, capsys):
+    assert bench.main(["--shapes", "A", "--quick"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = next(line for line in out if line.lstrip().startswith("shape"))
+    for column in ("C 1t", "GB/s", "C 2t", "torch 1t", "torch 2t", "ORT", "NumPy", "torch1t/C",
+                   "floor hot", "C cold", "floor cold", "cold/floor"):
+        assert column in header
+    rows = [line.split() for line in out if line.split()[:1] == ["A"]]
+    assert [r[1] for r in rows] == ["NCHW", "NHWC"]
+    assert all(float(r[2]) > 0 for r in rows)                      # C 1t
+    assert rows[0][8] != "-" and rows[1][8] == "-"                 # ORT only on NCHW
+
+
+def test_unknown_shape_is_a_usage_error(bench):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--shapes", "Z"])
+    assert exc.value.code == 2
