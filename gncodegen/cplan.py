@@ -37,6 +37,9 @@ from .plan import Layout, Loop, Plan, c_literal
 # Bytes of independent partial sums for each of the two sums: two AVX-512 registers, four
 # AVX2 or eight SSE/NEON registers. Enough chains to hide the add latency on any of them.
 LANE_BYTES = 128
+# ... and at least this many lanes: gcc peels loops of up to 16 iterations completely and then
+# vectorizes the straight-line code badly (16 double lanes ran 3x slower than 32).
+MIN_LANES = 32
 # The rows kernel sweeps blocks of whole groups of at most this many bytes of channels: the
 # block's sums and pilots (3 x 512 bytes: 24 AVX-512 registers) stay in registers, where wider
 # blocks spill them to the stack on every row (NTC 16x128x256 with 1 KiB blocks: 103 us, with
@@ -130,17 +133,14 @@ def _block_groups(plan: Plan, threads: int) -> int:
     The largest divisor of G whose channels fit ROW_BLOCK_BYTES per array, so that the block's
     accumulators stay in vector registers; one group when a group alone is wider, up to
     ROW_BLOCK_MAX_BYTES. With threads, at most G/threads, so that one observation alone still
-    gives every thread a block.
+    gives every thread a block, unless that leaves fewer than MIN_LANES channels per block.
     """
     g, cpg, size = plan.num_groups, plan.channels_per_group, plan.scalar.bytes
-    limit = g if threads == 1 else max(1, g // threads)
-    best = 0
-    for k in range(1, g + 1):
-        if g % k == 0 and k <= limit and k * cpg * size <= ROW_BLOCK_BYTES:
-            best = k
-    if best == 0 and cpg * size <= ROW_BLOCK_MAX_BYTES:
-        best = 1
-    return best
+    fits = [k for k in range(1, g + 1) if g % k == 0 and k * cpg * size <= ROW_BLOCK_BYTES]
+    if not fits:
+        return 1 if cpg * size <= ROW_BLOCK_MAX_BYTES else 0
+    shared = [k for k in fits if k <= g // threads and k * cpg >= MIN_LANES]
+    return max(shared) if threads > 1 and shared else max(fits)
 
 
 def plan_kernel(plan: Plan) -> CKernel:
@@ -148,7 +148,7 @@ def plan_kernel(plan: Plan) -> CKernel:
     layout: Layout = plan.layout
     dtype = plan.layer.dtype
     size = plan.scalar.bytes
-    max_lanes = LANE_BYTES // size
+    max_lanes = max(LANE_BYTES // size, MIN_LANES)
     threads = plan.threads
     common = dict(
         threads=threads, parallel_min_elements=PARALLEL_MIN_ELEMENTS,

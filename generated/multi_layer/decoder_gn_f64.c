@@ -142,7 +142,7 @@ static double decoder_gn_f64_split_mean(double pilot, double shift, double *mean
 }
 
 /*
- * Normalize one (observation, group) whose statistics read contiguous runs: 16 independent
+ * Normalize one (observation, group) whose statistics read contiguous runs: 32 independent
  * partial sums per sum, so the compiler vectorizes them without reassociating float additions.
  */
 static void decoder_gn_f64_job(const double *x, double *y, const double *scale, const double *offset, size_t job)
@@ -152,27 +152,31 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
     const size_t base = job * 288; /* the groups tile the buffer in job order */
     const double *xg = x + base;
     double *yg = y + base;
-    double s1[16]; /* lane k sums d over elements k, k + 16, k + 32, ... of each run */
-    double s2[16];
+    double s1[32]; /* lane k sums d over elements k, k + 32, k + 64, ... of each run */
+    double s2[32];
     double sums[2];
     double shift;
     double mean_lo;
 
     /* Statistics around a pilot taken from the group, so a large mean cancels nothing. */
     const double pilot = decoder_gn_f64_pilot(xg, 1);
-    for (size_t k = 0; k < 16; ++k) {
+    for (size_t k = 0; k < 32; ++k) {
         s1[k] = 0.0;
         s2[k] = 0.0;
     }
     const double *run = xg; /* 288 contiguous elements */
-    for (size_t i = 0; i < 288; i += 16) {
-        for (size_t k = 0; k < 16; ++k) {
+    for (size_t i = 0; i < 288; i += 32) {
+        for (size_t k = 0; k < 32; ++k) {
             const double d = run[i + k] - pilot;
             s1[k] += d;
             s2[k] += d * d;
         }
     }
     /* Add the lanes pairwise in a fixed tree: the result does not depend on the compiler. */
+    for (size_t k = 0; k < 16; ++k) {
+        s1[k] += s1[k + 16];
+        s2[k] += s2[k + 16];
+    }
     for (size_t k = 0; k < 8; ++k) {
         s1[k] += s1[k + 8];
         s2[k] += s2[k + 8];

@@ -16,7 +16,7 @@
  */
 /*
  * C kernel
- *   runs kernel: 16 partial sums per contiguous run of 288; a and b folded per channel
+ *   runs kernel: 32 partial sums per contiguous run of 288; a and b folded per channel
  *   one thread; a build for size (-Os, __OPTIMIZE_SIZE__) uses the compact nest
  *   squares that overflow are summed again scaled by 2^-560 (exact); |x| up to the largest
  *   finite value / 2 is normalized right
