@@ -320,3 +320,30 @@ def test_blocked_sums_beat_the_single_accumulator_baseline(rng):
     plan, module = _build(layer, FAST)
     report = verify_layer(layer, "c", "native", c_runner(plan, module), make_cases(layer))
     assert report.passed and report.max_rel < 2e-6, report.max_rel
+
+
+# --------------------------------------------------------------------------- strict builds
+
+
+def _strict_sets():
+    """One source per kernel kind and precision, plus threads (the OpenMP pragma)."""
+    sets = []
+    for name in ("nchw", "nhwc", "features", "cbt", "sbc", "batch_fastest", "btc_wide"):
+        for dtype in ("single", "double"):
+            sets.append((f"{name}_{dtype}", _layer(name, dtype)))
+    sets.append(("nhwc_threads", make_layer(name="k_strict_t2", threads=2,
+                                            **THREADED["nhwc"])))
+    sets.append(("nchw_threads", make_layer(name="k_strict_t4", threads=4,
+                                            **THREADED["nchw"])))
+    return sets
+
+
+@pytest.mark.parametrize("opt", ["-O0", "-Os", "-O3"])
+@pytest.mark.parametrize("name, layer", _strict_sets(), ids=[s[0] for s in _strict_sets()])
+def test_every_kind_compiles_strict_everywhere(name, layer, opt):
+    """Issue 5's flags on gcc, clang, g++ and the Arm cross compilers, fast and compact shapes
+    alike (-O0 and -O3 compile the fast shape, -Os the compact one)."""
+    from gncodegen import firmware as fw
+    sources = list(render_c(lower(layer), "test.yaml"))
+    for config in fw.STRICT_CONFIGS:
+        fw.check_strict(sources, config, opt)
