@@ -116,6 +116,11 @@ def _exchange(a: Path, b: Path) -> bool:
 def write_output(out_dir: str | Path, sources: tuple[Source, ...], manifest: str) -> Path:
     """Write the sources and manifest into out_dir, replacing it whole and atomically."""
     out = Path(out_dir)
+    old = out.with_name(f".{out.name}.old")
+    if old.is_dir() and not out.exists():
+        # A run of the fallback below was killed between its two renames: the previous
+        # output is complete in `old`, so put it back before anything else.
+        os.rename(old, out)
     if out.exists() and not out.is_dir():
         raise SpecError("output", f"{out} exists and is not a folder")
     if out.is_dir() and not _written_by_us(out):
@@ -135,7 +140,8 @@ def write_output(out_dir: str | Path, sources: tuple[Source, ...], manifest: str
         elif _exchange(stage, out):
             shutil.rmtree(stage)         # stage now holds the old contents
         else:
-            old = out.with_name(f".{out.name}.old")
+            # No atomic exchange here (filesystem or OS): a short window in which out is
+            # missing, repaired by the next run from `old` (see the top).
             shutil.rmtree(old, ignore_errors=True)
             os.rename(out, old)
             os.rename(stage, out)
@@ -143,4 +149,6 @@ def write_output(out_dir: str | Path, sources: tuple[Source, ...], manifest: str
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+    # A previous output left by a fallback run killed before its clean-up.
+    shutil.rmtree(old, ignore_errors=True)
     return out

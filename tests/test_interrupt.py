@@ -47,6 +47,8 @@ def wrap(owner, name, tag, after=False):
         return result
     setattr(owner, name, hooked)
 
+if os.environ.get("GN_NO_EXCHANGE"):   # as on a filesystem without RENAME_EXCHANGE
+    pipeline._exchange = lambda a, b: False
 wrap(build, "run_compiler", "compile")
 wrap(build, "run_compiler", "compiled", after=True)
 wrap(pipeline, "_exchange", "exchange")
@@ -55,8 +57,10 @@ wrap(pipeline.os, "fsync", "fsync")
 stage_prefix = "." + os.environ["GN_OUT_NAME"] + "."
 orig_rename = os.rename
 def rename(src, dst, *args, **kwargs):
-    # The cache entry's rename, or the staged output's (a new output folder).
-    tag = "rename-out" if os.path.basename(str(src)).startswith(stage_prefix) else "rename-cache"
+    # The staged output's rename, the old output's (fallback without exchange), the cache's.
+    base = os.path.basename(str(src))
+    tag = ("rename-out" if base.startswith(stage_prefix) else
+           "rename-old" if base == os.environ["GN_OUT_NAME"] else "rename-cache")
     hit(tag)
     orig_rename(src, dst, *args, **kwargs)
     hit(tag + "d")
@@ -144,11 +148,12 @@ class Scene:
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return proc
 
-    def killed_build(self, point: str, out: Path | None = None) -> subprocess.CompletedProcess:
+    def killed_build(self, point: str, out: Path | None = None,
+                     **env: str) -> subprocess.CompletedProcess:
         out = out or self.out
         return subprocess.run([sys.executable, "-P", "-c", WRAPPER, "build", str(self.spec),
                                "-o", str(out)],
-                              env=self.env(GN_KILL_AT=point, GN_OUT_NAME=out.name),
+                              env=self.env(GN_KILL_AT=point, GN_OUT_NAME=out.name, **env),
                               capture_output=True, text=True, timeout=300)
 
     def check_after_kill(self) -> str:
@@ -204,6 +209,30 @@ def test_kill_at_step(tmp_path: Path, template: Path, point: str, state: str):
         f"the run was not killed at {point}: {proc.returncode}\n{proc.stderr}")
     assert scene.check_after_kill() == state
     scene.check_recovers()
+
+
+# (kill point, state right after the kill) on the fallback path without an atomic exchange
+FALLBACK_POINTS = [
+    ("rename-old:1", "before"),     # about to move the old output aside
+    ("rename-oldd:1", "missing"),   # old output moved aside, new one not yet in place
+    ("rename-outd:1", "after"),     # new output in place, old one not yet removed
+]
+
+
+@pytest.mark.parametrize("point,state", FALLBACK_POINTS, ids=[p for p, _ in FALLBACK_POINTS])
+def test_kill_fallback_without_exchange(tmp_path: Path, template: Path, point: str, state: str):
+    """Where RENAME_EXCHANGE is unsupported, out may be missing for a moment: the previous
+    output is then complete beside it, and the next run puts it back or replaces it."""
+    scene = Scene(tmp_path, template=template)
+    proc = scene.killed_build(point, GN_NO_EXCHANGE="1")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    old = scene.out.with_name(".out.old")
+    if state == "missing":
+        assert snapshot(scene.out) is None and snapshot(old) == scene.before
+    else:
+        assert scene.check_after_kill() == state
+    scene.check_recovers()
+    assert not old.exists()
 
 
 def test_kill_into_new_folder(tmp_path: Path, template: Path):
