@@ -42,10 +42,13 @@ SHADOWED_HEADERS = frozenset(
     assert complex ctype errno fenv float inttypes iso646 limits locale math setjmp signal
     stdalign stdarg stdatomic stdbit stdbool stdckdint stddef stdint stdio stdlib stdnoreturn
     string tgmath threads time uchar wchar wctype unistd pthread omp immintrin arm_neon
-    python cuda cuda_runtime cuda_fp16 cuda_bf16 fw_io
+    python cuda cuda_runtime cuda_fp16 cuda_bf16 cooperative_groups gn_cuda_emulation fw_io
     """.split()
 )
 MAX_NAME_LENGTH = 48
+# Files the targets write per layer besides <name>.h/.c: another layer named <name><suffix>
+# would write over them.
+GENERATED_SUFFIXES = (("_cuda", "CUDA header"), ("_harness", "test harness"))
 
 DTYPES = {"single": "single", "float32": "single", "float": "single",
           "double": "double", "float64": "double",
@@ -231,6 +234,12 @@ def parse_spec(text: str, base_dir: Path, stem: str, path: str = "<string>",
                 if n.upper() == m.upper():
                     raise SpecError(f"layers[{i}].name",
                                     f"'{n}' and layers[{j}] '{m}' give the same macro prefix")
+                for a, b in ((n, m), (m, n)):
+                    for suffix, what in GENERATED_SUFFIXES:
+                        if a.lower() == f"{b}{suffix}".lower():
+                            raise SpecError(f"layers[{i}].name",
+                                            f"'{n}' and layers[{j}] '{m}': {a}.h would clash "
+                                            f"with {b}'s {what} ({b}{suffix}.*)")
     else:
         layers = [_parse_layer(doc, "", stem, base_dir, allow_code)]
     return Spec(path=path, stem=stem, sha256=sha256, layers=tuple(layers))
