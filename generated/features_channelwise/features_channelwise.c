@@ -117,7 +117,7 @@ static void features_channelwise_job(const float *x, float *y, const float *scal
  * overlap it: the iterations are independent, which compilers cannot prove when y == x.
  */
 #if defined(__clang__)
-#define FEATURES_CHANNELWISE_INDEPENDENT _Pragma("clang loop vectorize(assume_safety)")
+#define FEATURES_CHANNELWISE_INDEPENDENT _Pragma("clang loop vectorize(assume_safety) unroll(disable)")
 #elif defined(__GNUC__)
 #define FEATURES_CHANNELWISE_INDEPENDENT _Pragma("GCC ivdep")
 #else
@@ -162,12 +162,10 @@ static void features_channelwise_job(const float *x, float *y, const float *scal
         s2[k] = 0.0f;
     }
     const float *run = xg; /* 1 contiguous elements */
-    for (size_t i = 0; i < 1; i += 1) {
-        for (size_t k = 0; k < 1; ++k) {
-            const float d = run[i + k] - pilot;
-            s1[k] += d;
-            s2[k] += d * d;
-        }
+    for (size_t k = 0; k < 1; ++k) {
+        const float d = run[k] - pilot;
+        s1[k] += d;
+        s2[k] += d * d;
     }
     sums[0] = s1[0];
     sums[1] = s2[0];

@@ -124,7 +124,7 @@ static void matlab_gn_job(const float *x, float *y, const float *scale, const fl
  * overlap it: the iterations are independent, which compilers cannot prove when y == x.
  */
 #if defined(__clang__)
-#define MATLAB_GN_INDEPENDENT _Pragma("clang loop vectorize(assume_safety)")
+#define MATLAB_GN_INDEPENDENT _Pragma("clang loop vectorize(assume_safety) unroll(disable)")
 #elif defined(__GNUC__)
 #define MATLAB_GN_INDEPENDENT _Pragma("GCC ivdep")
 #else

@@ -120,7 +120,7 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
  * overlap it: the iterations are independent, which compilers cannot prove when y == x.
  */
 #if defined(__clang__)
-#define DECODER_GN_F64_INDEPENDENT _Pragma("clang loop vectorize(assume_safety)")
+#define DECODER_GN_F64_INDEPENDENT _Pragma("clang loop vectorize(assume_safety) unroll(disable)")
 #elif defined(__GNUC__)
 #define DECODER_GN_F64_INDEPENDENT _Pragma("GCC ivdep")
 #else

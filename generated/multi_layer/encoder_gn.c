@@ -128,7 +128,7 @@ static void encoder_gn_job(const float *x, float *y, const float *scale, const f
  * overlap it: the iterations are independent, which compilers cannot prove when y == x.
  */
 #if defined(__clang__)
-#define ENCODER_GN_INDEPENDENT _Pragma("clang loop vectorize(assume_safety)")
+#define ENCODER_GN_INDEPENDENT _Pragma("clang loop vectorize(assume_safety) unroll(disable)")
 #elif defined(__GNUC__)
 #define ENCODER_GN_INDEPENDENT _Pragma("GCC ivdep")
 #else

@@ -131,7 +131,7 @@ static void nhwc_rowmajor_job(const float *x, float *y, const float *scale, cons
  * overlap it: the iterations are independent, which compilers cannot prove when y == x.
  */
 #if defined(__clang__)
-#define NHWC_ROWMAJOR_INDEPENDENT _Pragma("clang loop vectorize(assume_safety)")
+#define NHWC_ROWMAJOR_INDEPENDENT _Pragma("clang loop vectorize(assume_safety) unroll(disable)")
 #elif defined(__GNUC__)
 #define NHWC_ROWMAJOR_INDEPENDENT _Pragma("GCC ivdep")
 #else

@@ -122,7 +122,7 @@ static void sequence_cbt_job(const float *x, float *y, size_t i_t_stride, const 
  * overlap it: the iterations are independent, which compilers cannot prove when y == x.
  */
 #if defined(__clang__)
-#define SEQUENCE_CBT_INDEPENDENT _Pragma("clang loop vectorize(assume_safety)")
+#define SEQUENCE_CBT_INDEPENDENT _Pragma("clang loop vectorize(assume_safety) unroll(disable)")
 #elif defined(__GNUC__)
 #define SEQUENCE_CBT_INDEPENDENT _Pragma("GCC ivdep")
 #else
