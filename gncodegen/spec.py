@@ -169,6 +169,12 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 def load_spec(path: str | Path, allow_code: bool = False) -> Spec:
     """Return the validated Spec read from a YAML file."""
     p = Path(path)
+    bad = [c for c in p.name if ord(c) < 32 or ord(c) == 127]
+    if bad:
+        # The file's name is printed in generated comments (C, CMake): a newline there
+        # would start a line of code.
+        raise SpecError("spec", f"the file name holds control character {_printable(bad[0])}; "
+                                "rename the file")
     try:
         raw = p.read_bytes()
     except FileNotFoundError:

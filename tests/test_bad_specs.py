@@ -211,6 +211,8 @@ CASES = [
     Case("name-code-injection", spec(name="'x(void){system(\"id\");} int y'"), "name", r"C identifier"),
     Case("name-comment-injection", spec(name="'x */ int evil; /*'"), "name", r"C identifier"),
     Case("name-preprocessor-injection", spec(name='"x\\n#include </etc/passwd>"'), "name", r"C identifier"),
+    Case("spec-file-name-injection", spec(), "spec", r"control character \\n",
+         stem="x\nexecute_process(COMMAND touch PWNED)\n#"),
     Case("stem-not-identifier", spec(drop=("name",)), "name", r"file stem 'bad-stem'", stem="bad-stem"),
     # format
     Case("format-bad-label", spec(format="SSXB"), "format", r"label 'X'"),
