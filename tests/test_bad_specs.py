@@ -293,6 +293,13 @@ CASES = [
          files=lambda w, o: np.savez(w / "p.npz", offset=np.zeros(8))),
     Case("npz-key-comment-injection", spec(offset="{file: p.npz, key: 'k*/ int evil = 1; /*'}"), "offset.key",
          r"\*/", files=_injected_key_npz),
+    Case("mat-corrupt", spec(scale="{file: w.mat, var: s}"), "scale.file", r"cannot read w\.mat",
+         files=_files(**{"w.mat": b"MATLAB 5.0 MAT-file, but not really"})),
+    Case("mat-var-absent", spec(scale="{file: w.mat, var: gamma}"), "scale.var",
+         r"'gamma' not in w\.mat \(has beta\)",
+         files=lambda w, o: __import__("scipy.io").io.savemat(w / "w.mat", {"beta": np.ones(8)})),
+    Case("mat-var-missing", spec(scale="{file: w.mat}"), "scale.var", r"required for a \.mat",
+         files=_files(**{"w.mat": b""})),
     Case("npy-with-key", spec(scale="{file: scale.npy, key: s}"), "scale", r"drop key",
          files=_files(**{"scale.npy": npy_bytes(np.ones(8))})),
     # keys
