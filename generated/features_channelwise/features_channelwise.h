@@ -15,11 +15,14 @@
  *   apply: y = a*(x - pilot) + b with a = scale*rstd, b = offset - (mean - pilot)*a
  */
 /*
- * C kernel
+ * C kernel (this header's C source; it supersedes the plan's numerics lines above)
  *   runs kernel: 1 partial sums per contiguous run of 1; per-channel a[], b[] (channels fastest)
- *   one thread; a build for size (-Os, __OPTIMIZE_SIZE__) uses the compact nest
- *   squares that overflow are summed again scaled by 2^-80 (exact); |x| up to the largest
- *   finite value / 2 is normalized right
+ *   one thread
+ *   a build for size (-Os, __OPTIMIZE_SIZE__) compiles the compact nest instead
+ *   pilot: the group's first element; sums of d = x - pilot and d^2
+ *   apply: y = a*(x - mean) + b, a = scale*rstd, b = offset - a*mean_lo, with mean + mean_lo
+ *   = pilot + shift exactly (two-sum); compact: y = a*((x - pilot) - shift) + offset
+ *   squares that overflow (|x| beyond ~1e19) are summed again scaled by 2^-80 (exact)
  */
 #ifndef FEATURES_CHANNELWISE_H
 #define FEATURES_CHANNELWISE_H

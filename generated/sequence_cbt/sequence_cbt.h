@@ -15,11 +15,14 @@
  *   apply: y = a*(x - pilot) + b with a = scale*rstd, b = offset - (mean - pilot)*a
  */
 /*
- * C kernel
+ * C kernel (this header's C source; it supersedes the plan's numerics lines above)
  *   rows kernel: 3 groups (12 channels) swept row by row with one accumulator per channel
- *   one thread; a build for size (-Os, __OPTIMIZE_SIZE__) uses the compact nest
- *   squares that overflow are summed again scaled by 2^-80 (exact); |x| up to the largest
- *   finite value / 2 is normalized right
+ *   one thread
+ *   a build for size (-Os, __OPTIMIZE_SIZE__) compiles the compact nest instead
+ *   pilot: the mean of 16 elements of the group; sums of d = x - pilot and d^2
+ *   apply: y = a*(x - mean) + b, a = scale*rstd, b = offset - a*mean_lo, with mean + mean_lo
+ *   = pilot + shift exactly (two-sum); compact: y = a*((x - pilot) - shift) + offset
+ *   squares that overflow (|x| beyond ~1e19) are summed again scaled by 2^-80 (exact)
  */
 #ifndef SEQUENCE_CBT_H
 #define SEQUENCE_CBT_H
