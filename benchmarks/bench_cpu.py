@@ -317,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                 np_us = median_us(numpy_runner(x_nchw, case), min_time)
         hand = HAND_KERNEL_US[case.shape]
         rows.append([case.shape, case.layout, fmt(c1), fmt(nbytes / (c1 * 1e3)), fmt(c2),
-                     fmt(c1 / c2, 2), fmt(best[1] / best[2], 2), fmt(t1), fmt(t2), fmt(ort_us), fmt(np_us),
+                     fmt(c1 / c2, 2), fmt(best[1] / best[2], 2), fmt(t1), fmt(t2),
+                     fmt(ort_us), fmt(np_us),
                      fmt(t1 / c1 if t1 else None, 2), fmt(hand), fmt(c1 / hand, 2),
                      fmt(floor_hot), fmt(c_cold), fmt(floor_cold), fmt(c_cold / floor_cold, 2)])
         print("  ".join(rows[-1]), file=sys.stderr, flush=True)
