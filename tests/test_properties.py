@@ -34,6 +34,7 @@ LAYERS_PER_MODULE = 20
 EXAMPLES = 25
 MIN_SPECS = 500
 MAX_OBSERVATION = 6000      # elements per observation: keeps 500 layers' verification fast
+CUDA_EXAMPLES = 12          # one harness build each (host emulation: a g++ run of the .cu)
 # Sizes: small, primes, powers of two and their neighbours (vector remainders for 4/8/16 lanes).
 SIZES = (1, 2, 3, 4, 5, 7, 8, 9, 11, 13, 15, 16, 17, 23, 31, 32, 33, 47, 64, 65, 97, 128, 257)
 CHANNELS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 15, 16, 17, 20, 24, 32, 33, 48, 64)
@@ -42,7 +43,7 @@ assert SIZE_FLAGS != HOST_FLAGS
 
 
 @st.composite
-def layer_docs(draw) -> dict:
+def layer_docs(draw, dtypes=("single", "double")) -> dict:
     """Return one random valid layer as the dict a spec file would hold (no name)."""
     n_s = draw(st.integers(0, 3))
     letters = ["C"] + ["S"] * n_s + ["B"] * draw(st.integers(0, 1)) \
@@ -69,7 +70,7 @@ def layer_docs(draw) -> dict:
         "layout": draw(st.sampled_from(["column-major", "row-major"])),
         "input_size": sizes,
         "epsilon": float(f"{10 ** draw(st.floats(-12, 0)):.6g}"),
-        "dtype": draw(st.sampled_from(["single", "double"])),
+        "dtype": draw(st.sampled_from(list(dtypes))),
     }
     if draw(st.booleans()):
         doc["num_channels"] = channels
@@ -179,3 +180,40 @@ def test_strategy_covers_the_space():
     assert has(lambda d: d["dtype"] == "double" and d.get("threads", 1) > 1)
     assert has(lambda d: "scale" in d)
     assert has(lambda d: math.prod(d["input_size"]) > 2000)
+
+
+def test_random_specs_match_reference_cuda():
+    """Random specs through the generated CUDA (host emulation here, the GPU where there is
+    one), every dtype including half and bfloat16: the same verification cases pass."""
+    from gncodegen.cuda_plan import lower_cuda
+    from gncodegen.cuda_render import render_cuda
+    from gncodegen.cuda_run import build_harness, cuda_runner, gpu_name
+
+    mode = "gpu" if gpu_name() else "emulation"
+    checked: list[int] = []
+
+    @settings(max_examples=CUDA_EXAMPLES, derandomize=True, database=None, deadline=None,
+              print_blob=False, phases=[Phase.explicit, Phase.generate],
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(layer_docs(dtypes=("single", "double", "half", "bfloat16")))
+    def check(doc: dict) -> None:
+        doc = {"name": "pc", **doc}
+        doc.pop("threads", None)
+        spec = parse_spec(yaml.safe_dump(doc, sort_keys=False), base_dir=Path("."),
+                          stem="properties")
+        plan = lower_spec(spec)[0]
+        cp = lower_cuda(plan)
+        sources = list(render_cuda(plan, "properties.yaml", cuda_plan=cp))
+        exe = build_harness(plan, cp, sources, mode)
+        report = verify_layer(plan.layer, "cuda", mode, cuda_runner(plan, exe),
+                              make_cases(plan.layer, seed=len(checked)))
+        if not report.passed:
+            bad = [f"  {c.case}: max rel error {c.max_rel:.3g} (tolerance {report.tolerance:g}), "
+                   f"{c.nan_mismatch} NaN mismatches" for c in report.cases if not c.passed]
+            pytest.fail(f"generated CUDA ({mode}) disagrees with the reference for this spec:\n"
+                        + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)
+                        + "\n".join(bad), pytrace=False)
+        checked.append(1)
+
+    check()
+    assert len(checked) == CUDA_EXAMPLES
