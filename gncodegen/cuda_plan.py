@@ -34,9 +34,7 @@ WARP = 32
 MAX_CLUSTER = 8            # the portable cluster size limit
 VECTOR_BYTES = 16          # one 128-bit load or store per thread per step
 ONCHIP_BYTES = 64          # input bytes a thread keeps in registers (16 floats)
-# ... and at most this many elements: 32 halves per thread left too few threads in flight
-# (B in fp16 ran 13.5 us against 9.9 us in fp32 with 256- instead of 512-thread blocks).
-ONCHIP_ELEMENTS = 16
+ONCHIP_ELEMENTS = 32       # ... and at most this many elements (32 halves)
 BLOCK_THREADS = (256, 512, 1024)
 WARP_TEAM_BLOCK = 256      # threads per block for the warp strategy
 GRID_LIMIT = 2**31 - 1
@@ -60,15 +58,17 @@ class CudaScalar:
     header: str        # extra CUDA header, '' for none
     bytes: int
     numpy: str         # numpy dtype used to hold the bits on the host
+    bits: str = ""     # function from a 16-bit elem to its unsigned short bits
 
 
 CUDA_SCALARS = {
     "single": CudaScalar("single", "float", "float", "", "", "", 4, "float32"),
     "double": CudaScalar("double", "double", "double", "", "", "", 8, "float64"),
     "half": CudaScalar("half", "__half", "float", "__half2float", "__float2half_rn",
-                       "cuda_fp16.h", 2, "float16"),
+                       "cuda_fp16.h", 2, "float16", "__half_as_ushort"),
     "bfloat16": CudaScalar("bfloat16", "__nv_bfloat16", "float", "__bfloat162float",
-                           "__float2bfloat16_rn", "cuda_bf16.h", 2, "uint16"),
+                           "__float2bfloat16_rn", "cuda_bf16.h", 2, "uint16",
+                           "__bfloat16_as_ushort"),
 }
 
 

@@ -77,6 +77,21 @@ struct dim3 {
     constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 
+struct alignas(8) uint2 {
+    unsigned x, y;
+};
+
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+
+inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+
+/* Cache-hinted stores are plain stores on the host. */
+template <typename T>
+inline void __stwb(T *p, T value) { *p = value; }
+
 enum cudaLaunchAttributeID { cudaLaunchAttributeClusterDimension = 4 };
 
 union cudaLaunchAttributeValue {
@@ -120,6 +135,13 @@ struct __half {
 inline float __half2float(__half h) { return (float)h.value; }
 inline __half __float2half_rn(float f) { return __half{(_Float16)f}; }
 
+inline unsigned short __half_as_ushort(__half h)
+{
+    unsigned short bits;
+    memcpy(&bits, &h, sizeof bits);
+    return bits;
+}
+
 struct __nv_bfloat16 {
     uint16_t bits;
 };
@@ -131,6 +153,8 @@ inline float __bfloat162float(__nv_bfloat16 b)
     memcpy(&f, &u, sizeof f);
     return f;
 }
+
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }
 
 inline __nv_bfloat16 __float2bfloat16_rn(float f)
 {
