@@ -3,6 +3,7 @@ the host emulation (and ThreadSanitizer), and on a GPU where one exists."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -256,6 +257,20 @@ def test_emulation_is_deterministic():
     assert a is not None and np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_examples_under_emulation_with_the_real_geometry(path):
+    # The exact sources `gncodegen build` writes (real block sizes and clusters), on the host.
+    for plan in lower_spec(load_spec(path)):
+        cp, sources = _sources(plan)
+        exe = build_harness(plan, cp, sources, "emulation")
+        report = verify_layer(plan.layer, "cuda", "host emulation", cuda_runner(plan, exe))
+        assert report.passed, report
+        old = verify_layer(plan.layer, "cuda", "host emulation sm_80",
+                           cuda_runner(plan, exe, {"GN_EMU_CC_MAJOR": "8"}),
+                           make_cases(plan.layer)[:1])
+        assert old.passed, old
+
+
 # --------------------------------------------------------------------------- ThreadSanitizer
 
 
@@ -299,6 +314,48 @@ def test_cli_verify_cuda_says_where_it_ran(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     where = "gpu (" if GPU else "host emulation"
     assert where in proc.stdout and "pass" in proc.stdout
+
+
+def test_cli_build_target_all_writes_c_cuda_cmake_and_the_ptxas_report(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(["python3", "-m", "gncodegen.cli", "build",
+                           str(ROOT / "examples" / "sequence_cbt.yaml"), "--target", "all",
+                           "-o", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    names = {p.name for p in out.iterdir()}
+    assert {"sequence_cbt.c", "sequence_cbt.h", "sequence_cbt.cu", "sequence_cbt_cuda.h",
+            "CMakeLists.txt", "manifest.json"} <= names
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("sequence_cbt")]
+    assert any(" c " in r and "pass" in r for r in rows)
+    assert any(" cuda " in r and "pass" in r for r in rows)
+    manifest = json.loads((out / "manifest.json").read_text())
+    if HAVE_NVCC:
+        kernels = manifest["cuda"]["kernels"]["sequence_cbt"]
+        assert kernels and all(k["spill_stores"] == 0 and k["registers"] > 0 for k in kernels)
+        assert {k["arch"] for k in kernels} == {"sm_80", "sm_90"}
+
+
+@needs_nvcc
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not on PATH")
+def test_cmake_builds_one_shared_library_from_c_and_cuda(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(["python3", "-m", "gncodegen.cli", "build",
+                           str(ROOT / "examples" / "features_channelwise.yaml"), "--target", "all",
+                           "-o", str(out)], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    build = tmp_path / "build"
+    for cmd in (["cmake", "-S", str(out), "-B", str(build), "-DCMAKE_CUDA_ARCHITECTURES=80"],
+                ["cmake", "--build", str(build)]):
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        assert res.returncode == 0, res.stdout + res.stderr
+    lib = build / "libfeatures_channelwise.so"
+    symbols = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True,
+                             text=True, check=True).stdout
+    for name in ("features_channelwise_predict", "features_channelwise_cuda_predict",
+                 "features_channelwise_cuda_predict_with_params"):
+        assert re.search(rf" T {name}$", symbols, re.M), name
 
 
 # --------------------------------------------------------------------------- GPU
