@@ -4,7 +4,8 @@ this machine can run: C (single, double; the fast -O2 kernel and the compact -Os
 generated CUDA under its host emulation (single, double, half, bfloat16).
 
 What is fair. Both implementations get the same input, already rounded to the dtype, the same
-scale, offset and epsilon, and work in that dtype (torch on the CPU). Each error is
+scale, offset and epsilon, and work in that dtype (torch on the CPU; for half and bfloat16 its
+output is stored in that dtype too, as ours is). Each error is
 max |y - reference| over the finite reference values, divided by the output's scale
 (max |reference|), exactly as verification measures it. Ours must be no worse than torch's,
 except that any error within the per-dtype tolerance of DESIGN.md section 6 counts as good:
@@ -26,7 +27,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from conftest import build_layers, make_layer, torch_group_norm
+from conftest import build_layers, make_layer
 from gncodegen.build import HOST_FLAGS
 from gncodegen.plan import lower, round_to_dtype
 from gncodegen.reference import from_canonical, group_norm_reference, to_flat
@@ -182,6 +183,23 @@ def reference(layer, x: np.ndarray, scale, offset) -> np.ndarray:
     if finite.size and finite.max() > 1e100:
         x = np.ldexp(x, -300)
     return group_norm_reference(x, layer, BATCH, scale, offset)
+
+
+def torch_group_norm(x: np.ndarray, layer, batch: int, scale, offset) -> np.ndarray:
+    """Return torch.nn.functional.group_norm of a flat buffer, computed and stored in the
+    layer's own dtype (half and bfloat16 too, so both sides round their output alike)."""
+    import torch
+
+    from gncodegen.reference import canonical, to_logical
+
+    dtype = {"single": torch.float32, "double": torch.float64, "half": torch.float16,
+             "bfloat16": torch.bfloat16}[layer.dtype]
+    canon = canonical(to_logical(x, layer, batch), layer)
+    t = torch.from_numpy(np.ascontiguousarray(canon)).to(dtype)
+    y = torch.nn.functional.group_norm(t, layer.num_groups, torch.from_numpy(np.asarray(
+        scale, dtype=np.float64)).to(dtype), torch.from_numpy(np.asarray(
+            offset, dtype=np.float64)).to(dtype), layer.epsilon)
+    return to_flat(from_canonical(y.to(torch.float64).numpy(), layer, batch), layer)
 
 
 def judge(layer, cls: InputClass, y: np.ndarray, x: np.ndarray, scale, offset, what: str):
