@@ -172,7 +172,11 @@ class Scene:
         """Assert a plain build now succeeds and writes the complete new output."""
         self.cli("build", str(self.spec), "-o", str(self.out))
         assert snapshot(self.out) == self.after
+        entries = sorted(p.name for p in self.cache.iterdir() if not p.name.startswith("."))
         self.cli("verify", str(self.spec))
+        # verify loaded the module the build cached: it added no entry.
+        assert sorted(p.name for p in self.cache.iterdir()
+                      if not p.name.startswith(".")) == entries
 
 
 # (kill point, the state the output folder must then be in)
