@@ -57,6 +57,8 @@ CHANNEL_ARRAY_BYTES = 4096
 PILOT_SAMPLES = 16
 SHORT_GROUP = 32
 SHORT_GROUP_SAMPLES = 4
+# Lane blocks per iteration of the statistics loop (a compiler hint): NCHW B 290 -> 245 us.
+STATS_UNROLL = 8
 # Calls on fewer elements than this stay on one thread: starting a team costs microseconds.
 PARALLEL_MIN_ELEMENTS = 1 << 16
 # Upper bound on the fast shape's stack arrays, asserted for every plan.
@@ -78,6 +80,7 @@ class CKernel:
     halvings: tuple[int, ...]       # lanes/2, lanes/4, ..., 1: the tree that adds the lanes
     threads: int                    # OpenMP threads over jobs (1: no pragma)
     parallel_min_elements: int      # a call on fewer elements runs on one thread
+    stats_unroll: int               # lane blocks per iteration of the statistics loop (a hint)
     jobs_per_observation: int       # groups (runs, strided) or channel blocks (rows)
     rescue_unit_literal: str        # 2^-e: scaling of d in the rescue sums
     rescue_unit_text: str           # the same in words: 2^-80
@@ -154,7 +157,7 @@ def plan_kernel(plan: Plan) -> CKernel:
     max_lanes = max(LANE_BYTES // size, MIN_LANES)
     threads = plan.threads
     common = dict(
-        threads=threads, parallel_min_elements=PARALLEL_MIN_ELEMENTS,
+        threads=threads, parallel_min_elements=PARALLEL_MIN_ELEMENTS, stats_unroll=STATS_UNROLL,
         rescue_unit_literal=c_literal(2.0 ** -RESCUE_EXPONENT[dtype], dtype),
         rescue_unit_text=f"2^-{RESCUE_EXPONENT[dtype]}",
         overflow_limit_literal=OVERFLOW_LIMIT[dtype],

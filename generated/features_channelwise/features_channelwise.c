@@ -123,6 +123,15 @@ static void features_channelwise_job(const float *x, float *y, const float *scal
 #else
 #define FEATURES_CHANNELWISE_INDEPENDENT
 #endif
+
+/* The lane sums' block loop, unrolled: more independent loads in flight per iteration. */
+#if defined(__clang__)
+#define FEATURES_CHANNELWISE_UNROLLED _Pragma("clang loop unroll_count(8)")
+#elif defined(__GNUC__) && __GNUC__ >= 8
+#define FEATURES_CHANNELWISE_UNROLLED _Pragma("GCC unroll 8")
+#else
+#define FEATURES_CHANNELWISE_UNROLLED
+#endif
 #define FEATURES_CHANNELWISE_JOBS_PER_OBSERVATION 16 /* groups */
 
 /*

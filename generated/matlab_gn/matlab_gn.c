@@ -130,6 +130,15 @@ static void matlab_gn_job(const float *x, float *y, const float *scale, const fl
 #else
 #define MATLAB_GN_INDEPENDENT
 #endif
+
+/* The lane sums' block loop, unrolled: more independent loads in flight per iteration. */
+#if defined(__clang__)
+#define MATLAB_GN_UNROLLED _Pragma("clang loop unroll_count(8)")
+#elif defined(__GNUC__) && __GNUC__ >= 8
+#define MATLAB_GN_UNROLLED _Pragma("GCC unroll 8")
+#else
+#define MATLAB_GN_UNROLLED
+#endif
 #define MATLAB_GN_JOBS_PER_OBSERVATION 4 /* groups */
 
 /*
@@ -169,6 +178,7 @@ static void matlab_gn_job(const float *x, float *y, const float *scale, const fl
         s2[k] = 0.0f;
     }
     const float *run = xg; /* 2880 contiguous elements */
+    MATLAB_GN_UNROLLED
     for (size_t i = 0; i < 2880; i += 32) {
         for (size_t k = 0; k < 32; ++k) {
             const float d = run[i + k] - pilot;

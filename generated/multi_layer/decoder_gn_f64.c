@@ -126,6 +126,15 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
 #else
 #define DECODER_GN_F64_INDEPENDENT
 #endif
+
+/* The lane sums' block loop, unrolled: more independent loads in flight per iteration. */
+#if defined(__clang__)
+#define DECODER_GN_F64_UNROLLED _Pragma("clang loop unroll_count(8)")
+#elif defined(__GNUC__) && __GNUC__ >= 8
+#define DECODER_GN_F64_UNROLLED _Pragma("GCC unroll 8")
+#else
+#define DECODER_GN_F64_UNROLLED
+#endif
 #define DECODER_GN_F64_JOBS_PER_OBSERVATION 1 /* groups */
 
 /*
@@ -165,6 +174,7 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
         s2[k] = 0.0;
     }
     const double *run = xg; /* 288 contiguous elements */
+    DECODER_GN_F64_UNROLLED
     for (size_t i = 0; i < 288; i += 32) {
         for (size_t k = 0; k < 32; ++k) {
             const double d = run[i + k] - pilot;

@@ -137,6 +137,15 @@ static void nhwc_rowmajor_job(const float *x, float *y, const float *scale, cons
 #else
 #define NHWC_ROWMAJOR_INDEPENDENT
 #endif
+
+/* The lane sums' block loop, unrolled: more independent loads in flight per iteration. */
+#if defined(__clang__)
+#define NHWC_ROWMAJOR_UNROLLED _Pragma("clang loop unroll_count(8)")
+#elif defined(__GNUC__) && __GNUC__ >= 8
+#define NHWC_ROWMAJOR_UNROLLED _Pragma("GCC unroll 8")
+#else
+#define NHWC_ROWMAJOR_UNROLLED
+#endif
 #define NHWC_ROWMAJOR_JOBS_PER_OBSERVATION 1 /* channel blocks */
 
 /*

@@ -128,6 +128,15 @@ static void sequence_cbt_job(const float *x, float *y, size_t i_t_stride, const 
 #else
 #define SEQUENCE_CBT_INDEPENDENT
 #endif
+
+/* The lane sums' block loop, unrolled: more independent loads in flight per iteration. */
+#if defined(__clang__)
+#define SEQUENCE_CBT_UNROLLED _Pragma("clang loop unroll_count(8)")
+#elif defined(__GNUC__) && __GNUC__ >= 8
+#define SEQUENCE_CBT_UNROLLED _Pragma("GCC unroll 8")
+#else
+#define SEQUENCE_CBT_UNROLLED
+#endif
 #define SEQUENCE_CBT_JOBS_PER_OBSERVATION 1 /* channel blocks */
 
 /*
