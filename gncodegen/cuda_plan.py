@@ -168,6 +168,12 @@ class CudaPlan:
         """Elements in one (observation, group)."""
         return self.plan.group_numel
 
+    @property
+    def pilot_indices(self) -> tuple[int, int, int]:
+        """Flat in-group indices of the pilot candidates: first, middle and last element."""
+        n = self.plan.group_numel
+        return (0, n // 2, n - 1)
+
 
 @dataclass(frozen=True)
 class Rows:
@@ -186,6 +192,11 @@ class Rows:
     def team_numel(self) -> int:
         """Elements one team owns."""
         return self.positions * self.width
+
+    @property
+    def pilot_rows(self) -> tuple[int, int, int]:
+        """The rows whose first channel gives a group's pilot candidates: first, middle, last."""
+        return (0, self.positions // 2, self.positions - 1)
 
 
 ROW_BYTES = 64           # aim rows of at least two 32-byte sectors

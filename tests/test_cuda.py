@@ -19,7 +19,7 @@ from gncodegen.cuda_run import (build_harness, compile_check, cuda_runner, gpu_n
 from gncodegen.plan import lower, lower_spec, round_to_dtype
 from gncodegen.reference import group_norm_reference
 from gncodegen.spec import load_spec, parse_spec
-from gncodegen.verify import TOLERANCE, Case, compare, make_cases, verify_layer
+from gncodegen.verify import TOLERANCE, Case, _per_group, compare, make_cases, verify_layer
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -224,6 +224,26 @@ def test_emulation_half_squares_do_not_overflow():
     report = verify_layer(plan.layer, "cuda", "host emulation", cuda_runner(plan, exe),
                           [Case("|x| up to 60000", x, 2)])
     assert report.passed, report
+
+
+@pytest.mark.parametrize("key", ["cluster_sscb", "warp_sscb", "rows_nhwc", "looped"])
+def test_emulation_outlier_first_element_does_not_cancel(key):
+    # A group whose first element sits 10*sqrt(n) standard deviations out: with that element as
+    # the pilot, sum((x - pilot)^2) ~ n*var*100 cancels against (mean - pilot)^2 (5e-4 error
+    # in single for 4096 elements); the median-of-three pilot avoids it.
+    plan, cp, exe = _emulate(key, "single")
+    rng = np.random.default_rng(6)
+
+    def fill(r, k):
+        x = r.normal(0.0, 1.0, k)
+        x[0] = 10.0 * np.sqrt(k)
+        return x
+
+    batch = 2 if plan.has_batch else 1
+    x = round_to_dtype(_per_group(plan.layer, batch, fill, rng), "single")
+    report = verify_layer(plan.layer, "cuda", "host emulation", cuda_runner(plan, exe),
+                          [Case("outlier first", x, batch)])
+    assert report.passed and report.max_rel < 1e-6, report
 
 
 def test_emulation_unaligned_pointers_take_the_scalar_kernel():
