@@ -27,7 +27,10 @@ mean, the less s2/N - shift^2 cancels: with the first element alone the variance
 while the input is finite (|x| beyond ~1e19 in single precision) the group is summed again
 with d scaled by a power of two (`rescue_unit`), which is exact, and the statistics are scaled
 back. The fast apply is y = a*(x - mean) + b with the mean split into mean + mean_lo by
-two-sum and b = offset - a*mean_lo; the compact one y = a*((x - pilot) - shift) + offset.
+two-sum and b = offset - a*mean_lo; the compact one y = a*((x - pilot) - shift) + offset,
+its pilot the mean found by a first sweep (two sweeps: no loop of samples, which would break
+the Cortex-M4 text budget). Limits: |x| up to FLT_MAX/2 in the fast kernels, FLT_MAX/N in the
+compact nest (its first sweep is unscaled); beyond, the group is NaN, never a wrong value.
 Either way a mean of 1e4 with std 1 costs no accuracy (PyTorch loses 7e-4 there).
 """
 
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .plan import Layout, Loop, Plan, c_literal
+from .plan import Layout, Loop, Plan, c_literal, round_to_dtype
 
 # Bytes of independent partial sums for each of the two sums: two AVX-512 registers, four
 # AVX2 or eight SSE/NEON registers. Enough chains to hide the add latency on any of them.
@@ -84,6 +87,7 @@ class CKernel:
     jobs_per_observation: int       # groups (runs, strided) or channel blocks (rows)
     rescue_unit_literal: str        # 2^-e: scaling of d in the rescue sums
     rescue_unit_text: str           # the same in words: 2^-80
+    rescue_epsilon_literal: str     # epsilon * rescue_unit^2 (0 unless epsilon is huge)
     overflow_limit_literal: str     # largest finite value of the accumulation type
     pilot_samples: int              # elements averaged into the pilot
     pilot_stride: str               # their distance in elements (a literal or a runtime stride)
@@ -160,6 +164,9 @@ def plan_kernel(plan: Plan) -> CKernel:
         threads=threads, parallel_min_elements=PARALLEL_MIN_ELEMENTS, stats_unroll=STATS_UNROLL,
         rescue_unit_literal=c_literal(2.0 ** -RESCUE_EXPONENT[dtype], dtype),
         rescue_unit_text=f"2^-{RESCUE_EXPONENT[dtype]}",
+        rescue_epsilon_literal=c_literal(
+            float(round_to_dtype(plan.layer.epsilon * 2.0 ** (-2 * RESCUE_EXPONENT[dtype]),
+                                 dtype)[()]), dtype),
         overflow_limit_literal=OVERFLOW_LIMIT[dtype],
     )
     cpg = plan.channels_per_group

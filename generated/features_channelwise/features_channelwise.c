@@ -25,7 +25,7 @@ static const float features_channelwise_offset[16] = {
  * returns rstd = 1/sqrt(var + epsilon) and sets *shift = mean - pilot. unit is 1, or a power
  * of two after a rescue; scaling by it is exact and is undone here.
  */
-static float features_channelwise_finish(float s1, float s2, float unit, float *shift)
+static float features_channelwise_finish(float s1, float s2, float unit, float epsilon_u, float *shift)
 {
     const float shift_u = s1 * 1.0f; /* (mean - pilot) * unit */
     float var_u = s2 * 1.0f - shift_u * shift_u; /* biased variance * unit^2 */
@@ -33,24 +33,13 @@ static float features_channelwise_finish(float s1, float s2, float unit, float *
         var_u = 0.0f; /* rounding only: the variance is never negative */
     }
     *shift = shift_u / unit;
-    return unit / sqrtf(var_u + FEATURES_CHANNELWISE_EPSILON * unit * unit);
-}
-
-/*
- * The pilot of a group: its first element. Any value would do (the
- * statistics are exact relative to it), but the closer it is to the mean, the less the variance
- * s2/N - shift^2 cancels. Each term is scaled first, so no sum overflows.
- */
-static float features_channelwise_pilot(const float *xg, size_t step)
-{
-    (void)step;
-    return xg[0];
+    return unit / sqrtf(var_u + epsilon_u);
 }
 
 /*
  * Sums of d = (x - pilot) * unit over one group in memory order, with one accumulator each.
- * The compact build sums every group with it; the fast build only rescues a group whose sum
- * of squares overflowed.
+ * The compact build sums every group with it (twice); the fast build only rescues a group
+ * whose sum of squares overflowed.
  */
 static void features_channelwise_group_sums(const float *xg, float pilot, float unit, float sums[2])
 {
@@ -95,19 +84,26 @@ static void features_channelwise_job(const float *x, float *y, const float *scal
     float sums[2];
     float shift;
 
-    /* Statistics around a pilot taken from the group, so a large mean cancels nothing. If
-       the squares overflow (|x| beyond about the square root of the largest value), sum once
-       more with d scaled by 2^-80, which is exact. */
-    const float pilot = features_channelwise_pilot(xg, 1);
+    /* Two sweeps of sums: the first around the group's first element finds the mean, the
+       second sums around that mean, so s2/N - shift^2 cancels nothing. If the first sweep's
+       squares overflowed (|x| beyond about the square root of the largest value), the second
+       scales d by 2^-80, which is exact. Limit of this compact build: the first sweep's
+       sum of x - x[0] must stay finite, |x| * 1 below the largest value. */
+    float pilot = xg[0];
     float unit = 1.0f;
-    for (;;) {
+    float epsilon_u = FEATURES_CHANNELWISE_EPSILON; /* epsilon * unit^2 */
+    for (unsigned sweep = 1;; ++sweep) {
         features_channelwise_group_sums(xg, pilot, unit, sums);
-        if (sums[1] <= 3.40282347e+38f || unit != 1.0f) {
+        if (sweep == 2) {
             break;
         }
-        unit = 8.271806e-25f;
+        pilot += sums[0] * 1.0f; /* the mean */
+        if (!(sums[1] <= 3.40282347e+38f)) {
+            unit = 8.271806e-25f;
+            epsilon_u = 0.0f;
+        }
     }
-    const float rstd = features_channelwise_finish(sums[0], sums[1], unit, &shift);
+    const float rstd = features_channelwise_finish(sums[0], sums[1], unit, epsilon_u, &shift);
     features_channelwise_group_apply(xg, y + base, scale + c0, offset + c0, pilot, shift, rstd);
 }
 #else
@@ -123,6 +119,18 @@ static void features_channelwise_job(const float *x, float *y, const float *scal
 #else
 #define FEATURES_CHANNELWISE_INDEPENDENT
 #endif
+
+/*
+ * The pilot of a group: its first element. Any value would do (the
+ * statistics are exact relative to it), but the closer it is to the mean, the less the variance
+ * s2/N - shift^2 cancels. Taken relative to the first element, so a constant group's pilot
+ * is that constant exactly (and its output exactly the offset); each term is scaled first.
+ */
+static float features_channelwise_pilot(const float *xg, size_t step)
+{
+    (void)step;
+    return xg[0];
+}
 
 /* The lane sums' block loop, unrolled: more independent loads in flight per iteration. */
 #if defined(__clang__)
@@ -179,13 +187,15 @@ static void features_channelwise_job(const float *x, float *y, const float *scal
     sums[0] = s1[0];
     sums[1] = s2[0];
     float unit = 1.0f;
+    float epsilon_u = FEATURES_CHANNELWISE_EPSILON; /* epsilon * unit^2 */
     if (!(sums[1] <= 3.40282347e+38f)) {
         /* The squares overflowed (|x| beyond about the square root of the largest value):
            sum again with d scaled by a power of two, which is exact. */
         unit = 8.271806e-25f; /* 2^-80 */
+        epsilon_u = 0.0f;
         features_channelwise_group_sums(xg, pilot, unit, sums);
     }
-    const float rstd = features_channelwise_finish(sums[0], sums[1], unit, &shift);
+    const float rstd = features_channelwise_finish(sums[0], sums[1], unit, epsilon_u, &shift);
     const float mean = features_channelwise_split_mean(pilot, shift, &mean_lo);
     {
         /* y = a*(x - mean) + b; channels are fastest, so a and b are arrays over the row. */

@@ -23,7 +23,7 @@ static const double decoder_gn_f64_offset[8] = {
  * returns rstd = 1/sqrt(var + epsilon) and sets *shift = mean - pilot. unit is 1, or a power
  * of two after a rescue; scaling by it is exact and is undone here.
  */
-static double decoder_gn_f64_finish(double s1, double s2, double unit, double *shift)
+static double decoder_gn_f64_finish(double s1, double s2, double unit, double epsilon_u, double *shift)
 {
     const double shift_u = s1 * 0.003472222222222222; /* (mean - pilot) * unit */
     double var_u = s2 * 0.003472222222222222 - shift_u * shift_u; /* biased variance * unit^2 */
@@ -31,27 +31,13 @@ static double decoder_gn_f64_finish(double s1, double s2, double unit, double *s
         var_u = 0.0; /* rounding only: the variance is never negative */
     }
     *shift = shift_u / unit;
-    return unit / sqrt(var_u + DECODER_GN_F64_EPSILON * unit * unit);
-}
-
-/*
- * The pilot of a group: the mean of 16 of its elements, `step` apart. Any value would do (the
- * statistics are exact relative to it), but the closer it is to the mean, the less the variance
- * s2/N - shift^2 cancels. Each term is scaled first, so no sum overflows.
- */
-static double decoder_gn_f64_pilot(const double *xg, size_t step)
-{
-    double sum = 0.0;
-    for (size_t i = 0; i < 16; ++i) {
-        sum += xg[i * step] * 0.0625;
-    }
-    return sum;
+    return unit / sqrt(var_u + epsilon_u);
 }
 
 /*
  * Sums of d = (x - pilot) * unit over one group in memory order, with one accumulator each.
- * The compact build sums every group with it; the fast build only rescues a group whose sum
- * of squares overflowed.
+ * The compact build sums every group with it (twice); the fast build only rescues a group
+ * whose sum of squares overflowed.
  */
 static void decoder_gn_f64_group_sums(const double *xg, double pilot, double unit, double sums[2])
 {
@@ -98,19 +84,26 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
     double sums[2];
     double shift;
 
-    /* Statistics around a pilot taken from the group, so a large mean cancels nothing. If
-       the squares overflow (|x| beyond about the square root of the largest value), sum once
-       more with d scaled by 2^-560, which is exact. */
-    const double pilot = decoder_gn_f64_pilot(xg, 1);
+    /* Two sweeps of sums: the first around the group's first element finds the mean, the
+       second sums around that mean, so s2/N - shift^2 cancels nothing. If the first sweep's
+       squares overflowed (|x| beyond about the square root of the largest value), the second
+       scales d by 2^-560, which is exact. Limit of this compact build: the first sweep's
+       sum of x - x[0] must stay finite, |x| * 288 below the largest value. */
+    double pilot = xg[0];
     double unit = 1.0;
-    for (;;) {
+    double epsilon_u = DECODER_GN_F64_EPSILON; /* epsilon * unit^2 */
+    for (unsigned sweep = 1;; ++sweep) {
         decoder_gn_f64_group_sums(xg, pilot, unit, sums);
-        if (sums[1] <= 1.7976931348623157e+308 || unit != 1.0) {
+        if (sweep == 2) {
             break;
         }
-        unit = 2.6497349136889905e-169;
+        pilot += sums[0] * 0.003472222222222222; /* the mean */
+        if (!(sums[1] <= 1.7976931348623157e+308)) {
+            unit = 2.6497349136889905e-169;
+            epsilon_u = 0.0;
+        }
     }
-    const double rstd = decoder_gn_f64_finish(sums[0], sums[1], unit, &shift);
+    const double rstd = decoder_gn_f64_finish(sums[0], sums[1], unit, epsilon_u, &shift);
     decoder_gn_f64_group_apply(xg, y + base, scale + c0, offset + c0, pilot, shift, rstd);
 }
 #else
@@ -126,6 +119,22 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
 #else
 #define DECODER_GN_F64_INDEPENDENT
 #endif
+
+/*
+ * The pilot of a group: the mean of 16 of its elements, `step` apart. Any value would do (the
+ * statistics are exact relative to it), but the closer it is to the mean, the less the variance
+ * s2/N - shift^2 cancels. Taken relative to the first element, so a constant group's pilot
+ * is that constant exactly (and its output exactly the offset); each term is scaled first.
+ */
+static double decoder_gn_f64_pilot(const double *xg, size_t step)
+{
+    const double first = xg[0];
+    double sum = 0.0;
+    for (size_t i = 1; i < 16; ++i) {
+        sum += (xg[i * step] - first) * 0.0625;
+    }
+    return first + sum; /* exactly the value of a constant group */
+}
 
 /* The lane sums' block loop, unrolled: more independent loads in flight per iteration. */
 #if defined(__clang__)
@@ -206,13 +215,15 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
     sums[0] = s1[0];
     sums[1] = s2[0];
     double unit = 1.0;
+    double epsilon_u = DECODER_GN_F64_EPSILON; /* epsilon * unit^2 */
     if (!(sums[1] <= 1.7976931348623157e+308)) {
         /* The squares overflowed (|x| beyond about the square root of the largest value):
            sum again with d scaled by a power of two, which is exact. */
         unit = 2.6497349136889905e-169; /* 2^-560 */
+        epsilon_u = 0.0;
         decoder_gn_f64_group_sums(xg, pilot, unit, sums);
     }
-    const double rstd = decoder_gn_f64_finish(sums[0], sums[1], unit, &shift);
+    const double rstd = decoder_gn_f64_finish(sums[0], sums[1], unit, epsilon_u, &shift);
     const double mean = decoder_gn_f64_split_mean(pilot, shift, &mean_lo);
 
     /* y = a*(x - mean) + b, with scale and offset folded per channel. */

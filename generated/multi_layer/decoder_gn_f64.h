@@ -19,10 +19,12 @@
  *   runs kernel: 32 partial sums per contiguous run of 288; a and b folded per channel
  *   one thread
  *   a build for size (-Os, __OPTIMIZE_SIZE__) compiles the compact nest instead
- *   pilot: the mean of 16 elements of the group; sums of d = x - pilot and d^2
+ *   pilot: the mean of 16 elements of the group; sums of d = x - pilot and d^2 (compact:
+ *   two sweeps, the second around the mean the first found)
  *   apply: y = a*(x - mean) + b, a = scale*rstd, b = offset - a*mean_lo, with mean + mean_lo
  *   = pilot + shift exactly (two-sum); compact: y = a*((x - pilot) - shift) + offset
- *   squares that overflow (|x| beyond ~1e154) are summed again scaled by 2^-560 (exact)
+ *   squares that overflow (|x| beyond ~1e154) are summed again scaled by 2^-560 (exact);
+ *   limit: |x| up to half the largest value (compact: the largest value / 288), else NaN
  */
 #ifndef DECODER_GN_F64_H
 #define DECODER_GN_F64_H

@@ -31,7 +31,7 @@ static const float encoder_gn_offset[32] = {
  * returns rstd = 1/sqrt(var + epsilon) and sets *shift = mean - pilot. unit is 1, or a power
  * of two after a rescue; scaling by it is exact and is undone here.
  */
-static float encoder_gn_finish(float s1, float s2, float unit, float *shift)
+static float encoder_gn_finish(float s1, float s2, float unit, float epsilon_u, float *shift)
 {
     const float shift_u = s1 * 0.00390625f; /* (mean - pilot) * unit */
     float var_u = s2 * 0.00390625f - shift_u * shift_u; /* biased variance * unit^2 */
@@ -39,27 +39,13 @@ static float encoder_gn_finish(float s1, float s2, float unit, float *shift)
         var_u = 0.0f; /* rounding only: the variance is never negative */
     }
     *shift = shift_u / unit;
-    return unit / sqrtf(var_u + ENCODER_GN_EPSILON * unit * unit);
-}
-
-/*
- * The pilot of a group: the mean of 16 of its elements, `step` apart. Any value would do (the
- * statistics are exact relative to it), but the closer it is to the mean, the less the variance
- * s2/N - shift^2 cancels. Each term is scaled first, so no sum overflows.
- */
-static float encoder_gn_pilot(const float *xg, size_t step)
-{
-    float sum = 0.0f;
-    for (size_t i = 0; i < 16; ++i) {
-        sum += xg[i * step] * 0.0625f;
-    }
-    return sum;
+    return unit / sqrtf(var_u + epsilon_u);
 }
 
 /*
  * Sums of d = (x - pilot) * unit over one group in memory order, with one accumulator each.
- * The compact build sums every group with it; the fast build only rescues a group whose sum
- * of squares overflowed.
+ * The compact build sums every group with it (twice); the fast build only rescues a group
+ * whose sum of squares overflowed.
  */
 static void encoder_gn_group_sums(const float *xg, float pilot, float unit, float sums[2])
 {
@@ -106,19 +92,26 @@ static void encoder_gn_job(const float *x, float *y, const float *scale, const f
     float sums[2];
     float shift;
 
-    /* Statistics around a pilot taken from the group, so a large mean cancels nothing. If
-       the squares overflow (|x| beyond about the square root of the largest value), sum once
-       more with d scaled by 2^-80, which is exact. */
-    const float pilot = encoder_gn_pilot(xg, 1);
+    /* Two sweeps of sums: the first around the group's first element finds the mean, the
+       second sums around that mean, so s2/N - shift^2 cancels nothing. If the first sweep's
+       squares overflowed (|x| beyond about the square root of the largest value), the second
+       scales d by 2^-80, which is exact. Limit of this compact build: the first sweep's
+       sum of x - x[0] must stay finite, |x| * 256 below the largest value. */
+    float pilot = xg[0];
     float unit = 1.0f;
-    for (;;) {
+    float epsilon_u = ENCODER_GN_EPSILON; /* epsilon * unit^2 */
+    for (unsigned sweep = 1;; ++sweep) {
         encoder_gn_group_sums(xg, pilot, unit, sums);
-        if (sums[1] <= 3.40282347e+38f || unit != 1.0f) {
+        if (sweep == 2) {
             break;
         }
-        unit = 8.271806e-25f;
+        pilot += sums[0] * 0.00390625f; /* the mean */
+        if (!(sums[1] <= 3.40282347e+38f)) {
+            unit = 8.271806e-25f;
+            epsilon_u = 0.0f;
+        }
     }
-    const float rstd = encoder_gn_finish(sums[0], sums[1], unit, &shift);
+    const float rstd = encoder_gn_finish(sums[0], sums[1], unit, epsilon_u, &shift);
     encoder_gn_group_apply(xg, y + base, scale + c0, offset + c0, pilot, shift, rstd);
 }
 #else
@@ -134,6 +127,22 @@ static void encoder_gn_job(const float *x, float *y, const float *scale, const f
 #else
 #define ENCODER_GN_INDEPENDENT
 #endif
+
+/*
+ * The pilot of a group: the mean of 16 of its elements, `step` apart. Any value would do (the
+ * statistics are exact relative to it), but the closer it is to the mean, the less the variance
+ * s2/N - shift^2 cancels. Taken relative to the first element, so a constant group's pilot
+ * is that constant exactly (and its output exactly the offset); each term is scaled first.
+ */
+static float encoder_gn_pilot(const float *xg, size_t step)
+{
+    const float first = xg[0];
+    float sum = 0.0f;
+    for (size_t i = 1; i < 16; ++i) {
+        sum += (xg[i * step] - first) * 0.0625f;
+    }
+    return first + sum; /* exactly the value of a constant group */
+}
 
 /* The lane sums' block loop, unrolled: more independent loads in flight per iteration. */
 #if defined(__clang__)
@@ -214,13 +223,15 @@ static void encoder_gn_job(const float *x, float *y, const float *scale, const f
     sums[0] = s1[0];
     sums[1] = s2[0];
     float unit = 1.0f;
+    float epsilon_u = ENCODER_GN_EPSILON; /* epsilon * unit^2 */
     if (!(sums[1] <= 3.40282347e+38f)) {
         /* The squares overflowed (|x| beyond about the square root of the largest value):
            sum again with d scaled by a power of two, which is exact. */
         unit = 8.271806e-25f; /* 2^-80 */
+        epsilon_u = 0.0f;
         encoder_gn_group_sums(xg, pilot, unit, sums);
     }
-    const float rstd = encoder_gn_finish(sums[0], sums[1], unit, &shift);
+    const float rstd = encoder_gn_finish(sums[0], sums[1], unit, epsilon_u, &shift);
     const float mean = encoder_gn_split_mean(pilot, shift, &mean_lo);
 
     /* y = a*(x - mean) + b, with scale and offset folded per channel. */

@@ -19,10 +19,12 @@
  *   rows kernel: 3 groups (12 channels) swept row by row with one accumulator per channel
  *   one thread
  *   a build for size (-Os, __OPTIMIZE_SIZE__) compiles the compact nest instead
- *   pilot: the mean of 16 elements of the group; sums of d = x - pilot and d^2
+ *   pilot: the mean of 16 elements of the group; sums of d = x - pilot and d^2 (compact:
+ *   two sweeps, the second around the mean the first found)
  *   apply: y = a*(x - mean) + b, a = scale*rstd, b = offset - a*mean_lo, with mean + mean_lo
  *   = pilot + shift exactly (two-sum); compact: y = a*((x - pilot) - shift) + offset
- *   squares that overflow (|x| beyond ~1e19) are summed again scaled by 2^-80 (exact)
+ *   squares that overflow (|x| beyond ~1e19) are summed again scaled by 2^-80 (exact);
+ *   limit: |x| up to half the largest value (compact: the largest value / 200), else NaN
  */
 #ifndef SEQUENCE_CBT_H
 #define SEQUENCE_CBT_H
