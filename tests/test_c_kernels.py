@@ -300,7 +300,7 @@ def test_squares_that_overflow_are_rescued(name, magnitude, build, rng):
     y = _run(plan, module, x, batch)
     ref = group_norm_reference(x, layer, batch)
     compact = build == "Os" or plan_kernel(plan).kind == "strided"
-    if compact and magnitude * plan.group_numel > np.finfo(np.float32).max:
+    if compact and magnitude * plan.group_numel > float(np.finfo(np.float32).max):
         # The compact nest's documented limit: its first sweep sums x - x[0] unscaled, so
         # where |x| * N overflows the group comes out NaN -- never a wrong finite value.
         nan = np.isnan(y)
