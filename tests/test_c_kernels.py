@@ -311,7 +311,7 @@ def test_squares_that_overflow_are_rescued(name, magnitude, build, rng):
     assert res.passed, (res.max_rel, res.nan_mismatch)
     # The squares do overflow float: summed naively, the variance would be inf (y = 0 or NaN).
     g = plan.group_numel
-    assert float(np.max(np.abs(x))) ** 2 * g > np.finfo(np.float32).max or magnitude < 1e19
+    assert float(np.max(np.abs(x))) ** 2 * g > float(np.finfo(np.float32).max) or magnitude < 1e19
 
 
 def test_double_squares_that_overflow_are_rescued(rng):
