@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # shapes.py
 
 from gncodegen.build import STRICT_WARNINGS, build_c_module  # noqa: E402
 from gncodegen.plan import lower  # noqa: E402
@@ -35,15 +36,7 @@ from gncodegen.spec import parse_spec  # noqa: E402
 
 FAST_FLAGS = ("-std=c99", "-O3", "-march=native", "-fPIC", *STRICT_WARNINGS)
 
-# name: (N, C, spatial sizes, G) -- DESIGN.md section 8 / issue 4
-SHAPES = {
-    "A": (1, 32, (32, 32), 8),
-    "B": (8, 64, (56, 56), 32),
-    "C": (1, 320, (64, 64), 32),
-    "D": (2, 512, (32, 32), 32),
-    "E": (256, 1024, (), 32),
-    "F": (16, 256, (128,), 16),
-}
+from shapes import SHAPES  # noqa: E402  (DESIGN.md section 8)
 # The issue's hand-written AVX-512 kernel, median us per call, 1 thread, hot caches.
 HAND_KERNEL_US = {"A": 2.0, "B": 131, "C": 132, "D": 103, "E": 29, "F": 45}
 LAST_LEVEL_CACHE = 32 << 20

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # shapes.py
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -38,15 +39,7 @@ from gncodegen.cuda_run import NVCC_FLAGS  # noqa: E402
 from gncodegen.plan import lower  # noqa: E402
 from gncodegen.spec import parse_spec  # noqa: E402
 
-# name: (N, C, spatial sizes, G) -- DESIGN.md section 8
-SHAPES = {
-    "A": (1, 32, (32, 32), 8),
-    "B": (8, 64, (56, 56), 32),
-    "C": (1, 320, (64, 64), 32),
-    "D": (2, 512, (32, 32), 32),
-    "E": (256, 1024, (), 32),
-    "F": (16, 256, (128,), 16),
-}
+from shapes import SHAPES  # noqa: E402  (DESIGN.md section 8)
 DTYPES = {"fp32": ("single", torch.float32), "fp16": ("half", torch.float16)}
 EPS = 1e-5
 
