@@ -20,12 +20,24 @@ Strategies
            on chip or looped as above) owns several neighbouring groups, so every load is a
            full row of contiguous channels; each thread always sees the same channels and
            keeps one pair of sums per group its vector touches.
+
+Overflow rescue (issue 6). The sums are of d = x - pilot; when a group's |x| is large enough
+for the sum of d*d to overflow the accumulation type (|x| beyond ~1e19 / sqrt(N) in float),
+the team sums the group again with d = x*2^-e - pilot*2^-e, which is exact, and undoes the
+scaling in the statistics (`Rescue`). The rescue is a rare branch taken by whole teams (by
+whole warps for the warp kernel, whole blocks via __syncthreads_or for rows teams): on chip
+kernels sum again from their registers, looped ones read the group once more. NaN and Inf
+also take it and stay in the sums, so they reach their group as in the reference. half never
+needs it (65504^2 times any group size fits a float), nor do groups of one element (d = 0).
+Limit: |x| up to half the largest value of the storage type (x - pilot must stay finite).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from .errors import TargetUnavailable
 from .plan import Plan, c_literal
@@ -41,6 +53,12 @@ GRID_LIMIT = 2**31 - 1
 SIZE_MAX = 2**64 - 1
 AB_SMEM_BYTES = 16 * 1024  # folded a/b per channel staged in shared memory up to this size
 MIN_WAVES = 2              # the wide variant is used below this many blocks per SM
+# Largest finite values: of each storage dtype, and of each accumulation type.
+FLT_MAX = float(np.finfo(np.float32).max)
+DBL_MAX = float(np.finfo(np.float64).max)
+ELEM_LARGEST = {"single": FLT_MAX, "double": DBL_MAX, "half": 65504.0,
+                "bfloat16": 3.3895313892515355e38}
+ACC_LARGEST = {"float": FLT_MAX, "double": DBL_MAX}
 # Splitting a team over a cluster costs ~2-3 us of synchronisation on an H100 (measured with
 # benchmarks/bench_cuda.py --cluster-sweep): worth it only for teams this large.
 WIDE_MIN_NUMEL = 8192
@@ -156,6 +174,7 @@ class CudaPlan:
     min_blocks_per_sm: int
     ab_in_smem: bool                  # stage folded a/b per channel in shared memory
     rows: Rows | None                 # channels-last teams of several groups
+    rescue: Rescue | None             # sums again, scaled, when the squares overflow
     uses_cluster: bool
     epsilon_literal: str
     inv_numel_literal: str
@@ -173,6 +192,47 @@ class CudaPlan:
         """Flat in-group indices of the pilot candidates: first, middle and last element."""
         n = self.plan.group_numel
         return (0, n // 2, n - 1)
+
+
+@dataclass(frozen=True)
+class Rescue:
+    """Statistics summed again with d scaled by 2^-exponent when the sum of squares overflows."""
+
+    exponent: int
+    unit_literal: str      # 2^-exponent in the accumulation type
+    epsilon_literal: str   # epsilon * 2^(-2*exponent) (0 below the normal range)
+    largest_literal: str   # the largest finite accumulator: s2 above it (or NaN) is rescued
+
+    @property
+    def unit_text(self) -> str:
+        """The scaling in words, for comments."""
+        return f"2^-{self.exponent}"
+
+
+def rescue_plan(numel: int, dtype: str, acc: str, epsilon: float) -> Rescue | None:
+    """Return the rescue of a group of numel elements, or None when its squares cannot overflow.
+
+    |d| = |x - pilot| <= 2 * the largest element, so numel squares of d*2^-e stay below half the
+    largest accumulator when 2e >= log2(8 * largest^2 * numel / acc_largest); the smallest
+    overflowed sum, acc_largest, scaled by 2^-2e must stay a normal number with bits to spare.
+    """
+    if numel == 1:
+        return None                        # d = x - x = 0: nothing to overflow
+    m, a = ELEM_LARGEST[dtype], ACC_LARGEST[acc]
+    need = 3 + 2 * math.log2(m) + math.log2(numel) - math.log2(a)
+    if need <= 0:
+        return None                        # e.g. half: every sum of squares fits a float
+    e = math.ceil(need / 2)
+    tiny = float(np.finfo(np.float32 if acc == "float" else np.float64).tiny)
+    assert math.log2(a) - 2 * e >= math.log2(tiny) + 64, (numel, dtype, e)
+    kind = "double" if acc == "double" else "single"
+    # epsilon in the scaled units, 0 below the normal range: epsilon is then under 2^(2e)
+    # times the smallest normal (>= 64), nothing next to a variance whose squares overflowed.
+    scaled_eps = epsilon * 2.0 ** (-2 * e)
+    if scaled_eps < tiny:
+        scaled_eps = 0.0
+    return Rescue(e, c_literal(2.0 ** -e, kind), c_literal(scaled_eps, kind),
+                  c_literal(a, kind))
 
 
 @dataclass(frozen=True)
@@ -445,6 +505,7 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
         assert rows.width * 2 * (8 if sc.acc == "double" else 4) <= AB_SMEM_BYTES
 
     acc = "double" if sc.acc == "double" else "single"
+    rescue = rescue_plan(numel, layer.dtype, sc.acc, layer.epsilon)
     lines = list(plan.summary[:6])
     lines.append(f"CUDA: {sc.elem} in memory, {sc.acc} accumulation; loads of {vec} "
                  f"element{'s' if vec > 1 else ''}; archs {', '.join(f'sm_{a}' for a in archs)}")
@@ -452,6 +513,9 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
         lines.append(f"rows: a team owns {rows.groups} neighbouring groups, {rows.positions} rows "
                      f"of {rows.width} contiguous channels read by {rows.row_threads} threads "
                      f"with loads of {rows.vec}")
+    if rescue is not None:
+        lines.append(f"overflow rescue: a group whose sum of squares overflows {sc.acc} is "
+                     f"summed again with d scaled by {rescue.unit_text}")
     for v in variants:
         where = "sm_90+" if v.needs_sm90 else "any arch"
         lines.append(f"kernel {v.name} ({where}): {v.strategy}, {v.threads} threads"
@@ -467,7 +531,8 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
         group_stride_per_batch=lay.channel_per_batch, batch_stride=lay.batch_stride,
         max_batch=max_batch, variants=variants, warp=warp, narrow=narrow, wide=wide,
         portable=portable, scalar_variant=scalar, min_blocks_per_sm=MIN_WAVES,
-        ab_in_smem=ab_in_smem, rows=rows, uses_cluster=any(v.cluster > 1 for v in variants),
+        ab_in_smem=ab_in_smem, rows=rows, rescue=rescue,
+        uses_cluster=any(v.cluster > 1 for v in variants),
         epsilon_literal=c_literal(layer.epsilon, acc),
         inv_numel_literal=c_literal(1.0 / numel, acc),
         scale_literals=tuple(c_literal(v, acc) for v in plan.scale_values),

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gncodegen.cuda_plan import CudaOptions, chosen_variant, lower_cuda
+from gncodegen.cuda_plan import CudaOptions, chosen_variant, lower_cuda, rescue_plan
 from gncodegen.cuda_render import render_cmake, render_cuda
 from gncodegen.cuda_run import (build_harness, compile_check, cuda_runner, gpu_name,
                                 parse_ptxas, run_call)
@@ -119,6 +119,22 @@ def test_plan_without_sm90_has_no_clusters():
     cp = lower_cuda(lower(layer))
     assert not cp.uses_cluster and cp.narrow is None and cp.wide is None
     assert all(not v.needs_sm90 for v in cp.variants)
+
+
+def test_plan_rescue_only_where_squares_can_overflow():
+    # half: (2 * 65504)^2 times any group size fits a float; one element: d = x - x = 0.
+    assert lower_cuda(lower(layer_of("SSCB", "column-major", [6, 5, 4], 2, "half"))).rescue is None
+    assert lower_cuda(lower(layer_of("CB", "column-major", [16], 16))).rescue is None
+    for dtype, acc in (("single", "float"), ("bfloat16", "float"), ("double", "double")):
+        cp = lower_cuda(lower(layer_of("SSCB", "column-major", [6, 5, 4], 2, dtype)))
+        assert cp.rescue is not None and cp.rescue == rescue_plan(60, dtype, acc, 1e-5)
+        assert any("overflow rescue" in line for line in cp.summary)
+    # The scaling keeps every sum of squares finite, up to the largest group size.
+    for numel in (2, 60, 4096, 2**31 - 1):
+        e = rescue_plan(numel, "single", "float", 1e-5).exponent
+        assert (2 * 3.4028235e38 * 2.0**-e) ** 2 * numel <= 3.4028235e38 / 2
+        e = rescue_plan(numel, "double", "double", 1e-5).exponent
+        assert 4 * numel * 2.0 ** (2 * (1024 - e)) <= 2.0**1023
 
 
 def test_rendering_is_deterministic_and_prefixed():
@@ -246,6 +262,79 @@ def test_emulation_outlier_first_element_does_not_cancel(key):
     assert report.passed and report.max_rel < 1e-6, report
 
 
+# Amplitudes whose squares, summed over a group, overflow the accumulation type: the issue's
+# 1e18 in single (4096-element groups overflow), and one whose every square overflows.
+OVERFLOW_AMPLITUDES = {"single": (1e18, 1e37), "double": (1e153, 1e300),
+                       "bfloat16": (1e18, 1e37)}
+
+
+def _overflow_reference(plan, x, batch, ids):
+    """Return the reference; float64's own squares of 1e153 overflow, so of those groups scaled
+    by a power of two first, to |x| < 2^450 (exact: their output moves by epsilon's weight)."""
+    x = x.copy()
+    for g in np.unique(ids):
+        at = ids == g
+        finite = x[at][np.isfinite(x[at])]
+        if finite.size and np.abs(finite).max() > 1e100:
+            x[at] = np.ldexp(x[at], 450 - int(np.ceil(np.log2(np.abs(finite).max()))))
+    return group_norm_reference(x, plan.layer, batch, plan.scale_values, plan.offset_values)
+
+
+def _overflow_checks(plan, exe, env=None):
+    """Run the overflow inputs; return the failures (empty when all is well)."""
+    dtype = plan.layer.dtype
+    batch = 2 if plan.has_batch else 1
+    rng = np.random.default_rng(9)
+    counter = iter(range(batch * plan.num_groups))
+    ids = _per_group(plan.layer, batch, lambda r, k: np.full(k, float(next(counter))), rng)
+    cases = {f"|x| up to {amp:g}": _per_group(plan.layer, batch,
+                                              lambda r, k, a=amp: r.uniform(-1.0, 1.0, k) * a, rng)
+             for amp in OVERFLOW_AMPLITUDES[dtype]}
+    big = cases[f"|x| up to {OVERFLOW_AMPLITUDES[dtype][-1]:g}"]
+    normal = _per_group(plan.layer, batch, lambda r, k: r.normal(0.0, 1.0, k), rng)
+    # NaN in the first group and Inf (at its first element) in the last: they are NaN over
+    # their group only, while their neighbours (same warp, same rows team) take the rescue.
+    poisoned = big.copy()
+    first, last = np.flatnonzero(ids == 0), np.flatnonzero(ids == ids.max())
+    poisoned[first[len(first) // 2]] = np.nan
+    poisoned[last[0]] = np.inf
+    cases["NaN and Inf among overflowing groups"] = poisoned
+    # One overflowing group among normal ones: only it takes the rescue.
+    cases["one overflowing group"] = np.where(ids == 1, big, normal)
+    failures = []
+    outputs = {}
+    for name, x in cases.items():
+        x = round_to_dtype(x, dtype)
+        for in_place in (False, True):
+            y = cuda_runner(plan, exe, env)(Case(name, x, batch, in_place=in_place))
+            res = compare(y, _overflow_reference(plan, x, batch, ids), TOLERANCE[dtype], name)
+            if not res.passed:
+                failures.append(res)
+            outputs[name] = y
+    # The normal groups of the last case have the bits they have when no group overflows.
+    y_normal = cuda_runner(plan, exe, env)(Case("normal", round_to_dtype(normal, dtype), batch))
+    clean = ids != 1
+    if not np.array_equal(outputs["one overflowing group"][clean], y_normal[clean]):
+        failures.append("a rescue changed the bits of a group that did not overflow")
+    return failures
+
+
+@pytest.mark.parametrize("key", list(SHAPES))
+def test_emulation_squares_overflow_every_strategy(key):
+    # |x| up to 1e18 and 1e37: sum((x - pilot)^2) overflows float, and every kernel (warp,
+    # block, cluster, looped, rows; sm_90 and the portable ones) sums the group again scaled.
+    plan, cp, exe = _emulate(key, "single")
+    assert not _overflow_checks(plan, exe)
+    assert not _overflow_checks(plan, exe, {"GN_EMU_CC_MAJOR": "8"})
+
+
+@pytest.mark.parametrize("dtype", ["double", "bfloat16"])
+@pytest.mark.parametrize("key", DTYPE_SHAPES)
+def test_emulation_squares_overflow_every_dtype(key, dtype):
+    plan, cp, exe = _emulate(key, dtype)
+    assert not _overflow_checks(plan, exe)
+
+
 def test_emulation_unaligned_pointers_take_the_scalar_kernel():
     plan, cp, exe = _emulate("nhwc", "single")
     assert cp.vec > 1
@@ -294,10 +383,15 @@ def test_examples_under_emulation_with_the_real_geometry(path):
 # --------------------------------------------------------------------------- ThreadSanitizer
 
 
-def _tsan_run(plan, cp, sources):
+def _tsan_input(plan, amplitude=1.0):
+    return round_to_dtype(np.random.default_rng(3).normal(0, amplitude, plan.observation_numel),
+                          "single")
+
+
+def _tsan_run(plan, cp, sources, amplitude=1.0, env=None):
     exe = build_harness(plan, cp, sources, "tsan")
-    x = round_to_dtype(np.random.default_rng(3).normal(0, 1, plan.observation_numel), "single")
-    env = {"TSAN_OPTIONS": "halt_on_error=1 exitcode=66 report_signal_unsafe=0"}
+    x = _tsan_input(plan, amplitude)
+    env = {"TSAN_OPTIONS": "halt_on_error=1 exitcode=66 report_signal_unsafe=0", **(env or {})}
     return run_call(exe, plan, "baked", 1, x, env=env)
 
 
@@ -308,6 +402,38 @@ def test_tsan_finds_no_race_in_generated_kernels():
         cp, sources = _sources(plan, SMALL)
         res = _tsan_run(plan, cp, sources)
         assert res.returncode == 0 and "ThreadSanitizer" not in res.stderr, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("cc_major", ["9", "8"])
+def test_tsan_finds_no_race_in_the_overflow_rescue(cc_major):
+    # |x| ~ 1e30: every group sums twice, so the rescue's barriers (and, on sm_90, the second
+    # round of cluster barriers) run under ThreadSanitizer.
+    for key in ("cluster_sscb", "warp_sscb", "rows_nhwc", "looped"):
+        fmt, layout, size, groups, _ = SHAPES[key]
+        plan = lower(layer_of(fmt, layout, size, groups, name=f"tsan_rescue_{key}"))
+        cp, sources = _sources(plan, SMALL)
+        assert cp.rescue is not None
+        res = _tsan_run(plan, cp, sources, 1e30, {"GN_EMU_CC_MAJOR": cc_major})
+        assert res.returncode == 0 and "ThreadSanitizer" not in res.stderr, res.stderr[-3000:]
+        ref = group_norm_reference(_tsan_input(plan, 1e30), plan.layer, 1, plan.scale_values,
+                                   plan.offset_values)
+        assert compare(res.y, ref, TOLERANCE["single"], key).passed
+
+
+def test_tsan_catches_a_planted_missing_barrier_in_the_rescue():
+    # Without the barrier before the rescue's second block sums, a warp's second sums overwrite
+    # shared memory another warp may still be reading (one block per group: sm_80 kernels).
+    fmt, layout, size, groups, _ = SHAPES["looped"]
+    plan = lower(layer_of(fmt, layout, size, groups, name="tsan_planted_rescue"))
+    cp, sources = _sources(plan, SMALL)
+    cu = next(s for s in sources if s.name.endswith(".cu"))
+    barrier = "        __syncthreads(); /* every warp has read the first warp sums */\n"
+    assert cu.text.count(barrier) == 1
+    planted = type(cu)(cu.name, cu.text.replace(barrier, ""))
+    sources = [planted if s is cu else s for s in sources]
+    res = _tsan_run(plan, cp, sources, 1e30, {"GN_EMU_CC_MAJOR": "8"})
+    assert res.returncode == 66, res.stderr[-3000:]
+    assert "WARNING: ThreadSanitizer: data race" in res.stderr
 
 
 def test_tsan_catches_a_planted_missing_barrier():

@@ -117,9 +117,6 @@ CLASS_IDS = ["normal", "mean1e4", "tinystd", "overflow", "constant", "denormal",
 KEPT_OUT = {
     ("c", "outlier"): "pilot sums cancel: single -O2 65536-element group 3.2e-5, -Os 6.2e-4 "
                       "(4096: 2.2e-5); double -Os 1.8e-12; torch 1.5e-7 / 1.3e-16",
-    ("cuda", "outlier"): "single 256-element group 1.8e-5, 4096: 4.9e-4 (torch 8e-8)",
-    ("cuda", "overflow"): "no rescue when squares overflow: error 0.74-0.79 in single, double "
-                          "and bfloat16 (4096-element groups; 256 in double)",
 }
 
 

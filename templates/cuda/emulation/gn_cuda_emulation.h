@@ -8,8 +8,9 @@
  *   - one host thread per CUDA thread; threadIdx, blockIdx, blockDim, gridDim are thread-local;
  *   - the blocks of one cluster run together (clusters one after another), so __syncthreads,
  *     cluster barriers and warp shuffles have real concurrency behind them;
- *   - __syncthreads is a barrier of the block's threads; a warp shuffle writes the lane's value
- *     into a per-warp buffer, waits for the warp, reads its source lane, waits again;
+ *   - __syncthreads is a barrier of the block's threads (__syncthreads_or also ORs a vote); a
+ *     warp shuffle (or vote) writes the lane's value into a per-warp buffer, waits for the warp,
+ *     reads its source lane (or every lane), waits again;
  *   - shared memory (GN_BLOCK_SHARED) is one arena per block, filled with 0xff bytes (a NaN
  *     pattern) at the start so a read before a write shows; the cluster maps a peer's address
  *     at the same offset in the peer's arena;
@@ -220,6 +221,8 @@ struct Block {
     std::vector<unsigned char> shared;
     std::vector<std::unique_ptr<Barrier>> warps;
     std::vector<std::vector<uint64_t>> slots;   /* one 8-byte slot per lane of each warp */
+    std::mutex vote_m;                          /* __syncthreads_or's running vote */
+    int vote = 0;
 };
 
 struct Launch {
@@ -294,6 +297,46 @@ inline void __syncthreads() { gn_emu::ctx.block->barrier.arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu)
 {
     gn_emu::ctx.block->warps[threadIdx.x / 32]->arrive_and_wait();
+}
+
+/* A barrier of the block that returns nonzero when any thread's predicate is. */
+inline int __syncthreads_or(int predicate)
+{
+    gn_emu::Block &b = *gn_emu::ctx.block;
+    b.barrier.arrive_and_wait(); /* the previous vote has been read and cleared */
+    if (predicate) {
+        std::lock_guard<std::mutex> lock(b.vote_m);
+        b.vote = 1;
+    }
+    b.barrier.arrive_and_wait();
+    int any;
+    {
+        std::lock_guard<std::mutex> lock(b.vote_m);
+        any = b.vote;
+    }
+    b.barrier.arrive_and_wait();
+    if (threadIdx.x == 0) {
+        std::lock_guard<std::mutex> lock(b.vote_m);
+        b.vote = 0;
+    }
+    return any;
+}
+
+/* Nonzero in every lane when any lane of the warp has a nonzero predicate. */
+inline int __any_sync(unsigned, int predicate)
+{
+    gn_emu::Block &b = *gn_emu::ctx.block;
+    const unsigned warp = threadIdx.x / 32;
+    const unsigned lane = threadIdx.x % 32;
+    const unsigned lanes = blockDim.x - warp * 32 < 32 ? blockDim.x - warp * 32 : 32;
+    b.slots[warp][lane] = predicate != 0;
+    b.warps[warp]->arrive_and_wait();
+    int any = 0;
+    for (unsigned l = 0; l < lanes; ++l) {
+        any |= (int)b.slots[warp][l];
+    }
+    b.warps[warp]->arrive_and_wait();
+    return any;
 }
 
 template <typename T>
