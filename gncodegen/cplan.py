@@ -14,11 +14,17 @@ Kernel kinds (CKernel.kind):
   of whole groups is swept row by row with one accumulator per channel (an elementwise update
   that vectorizes across channels); the channel partials of each group are added at the end.
 - ``strided``: anything else (a batch dimension faster than the channels, say): the portable
-  nest of the baseline, correct for every layout.
+  nest of the baseline (two sweeps of sums, then the normalize sweep), correct for every layout.
 
 Whatever the kind, a build that optimizes for size (``__OPTIMIZE_SIZE__``, i.e. -Os, the firmware
-build) compiles the compact nest instead: it meets the Cortex-M budget of issue 5 (kernel text
-<= 400 bytes, stack <= 96 bytes for single precision) that the fast shape's stack arrays cannot.
+build) compiles the compact nest instead: one loop nest over the group swept three times (sums
+around x[0], sums around that mean, then the normalize sweep), so the loop code exists once, and
+the rescue below is a change of `unit` between sweeps, not a second loop. It meets the Cortex-M
+budget of issue 5 (kernel text <= 400 bytes, stack <= 96 bytes for single precision; the
+firmware tests assert it for every example and test shape) that the fast shapes' stack arrays
+cannot. Its square root is the FPU's instruction where the core has one for the precision
+(`fpu_sqrt`): at -Os gcc calls sqrtf for errno's sake, and that call alone cost the kernel 16 B
+of stack and the caller-saved FPU registers.
 
 Numerics shared by every shape (issue 6): sums of d = x - pilot, the pilot being the mean of up
 to PILOT_SAMPLES elements of the group along its longest loop (the closer the pilot is to the
@@ -26,11 +32,12 @@ mean, the less s2/N - shift^2 cancels: with the first element alone the variance
 1e-6 relative on normal data, five times PyTorch's error). When the sum of squares overflows
 while the input is finite (|x| beyond ~1e19 in single precision) the group is summed again
 with d scaled by a power of two (`rescue_unit`), which is exact, and the statistics are scaled
-back. The fast apply is y = a*(x - mean) + b with the mean split into mean + mean_lo by
-two-sum and b = offset - a*mean_lo; the compact one y = a*((x - pilot) - shift) + offset,
-its pilot the mean found by a first sweep (two sweeps: no loop of samples, which would break
-the Cortex-M4 text budget). Limits: |x| up to FLT_MAX/2 in the fast kernels, FLT_MAX/N in the
-compact nest (its first sweep is unscaled); beyond, the group is NaN, never a wrong value.
+back (the compact nest keeps d, shift and the variance in that unit and needs no undoing).
+The fast apply is y = a*(x - mean) + b with the mean split into mean + mean_lo by two-sum and
+b = offset - a*mean_lo; the compact and strided one y = a*((x - pilot) - shift) + offset, its
+pilot the mean found by a first sweep (no loop of samples, which would break the Cortex-M4 text
+budget). Limits: |x| up to FLT_MAX/2 in the fast kernels, FLT_MAX/N in the compact and strided
+nests (their first sweep is unscaled); beyond, the group is NaN, never a wrong value.
 Either way a mean of 1e4 with std 1 costs no accuracy (PyTorch loses 7e-4 there).
 """
 
@@ -71,6 +78,11 @@ MAX_STACK_BYTES = 16384
 # stays a normal number once scaled by 2^-160. Double: the same reasoning with 2^-560.
 RESCUE_EXPONENT = {"single": 80, "double": 560}
 OVERFLOW_LIMIT = {"single": "3.40282347e+38f", "double": "1.7976931348623157e+308"}
+# The compact nest's square root as one FPU instruction, by precision: the instruction and the
+# bit of the ACLE's __ARM_FP that says the FPU has it (4: single precision). The argument,
+# variance + epsilon, is never negative, so errno (why gcc -Os calls sqrtf) never matters.
+# Double keeps sqrt(): no core built at -Os for double precision runs under the tests.
+FPU_SQRT = {"single": ("vsqrt.f32", 4)}
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,8 @@ class CKernel:
     rescue_unit_text: str           # the same in words: 2^-80
     rescue_epsilon_literal: str     # epsilon * rescue_unit^2 (0 unless epsilon is huge)
     overflow_limit_literal: str     # largest finite value of the accumulation type
+    fpu_sqrt: str                   # compact nest: the Arm FPU's square root ("" for none)
+    fpu_sqrt_flag: int              # the __ARM_FP bit that says the FPU has fpu_sqrt
     pilot_samples: int              # elements averaged into the pilot
     pilot_stride: str               # their distance in elements (a literal or a runtime stride)
     pilot_scale_literal: str        # 1 / pilot_samples
@@ -107,11 +121,6 @@ class CKernel:
     block_groups: int = 0                # groups swept together
     block_channels: int = 0              # channels swept together (stack arrays' length)
     stack_bytes: int = 0                 # the fast shape's stack arrays, in bytes
-
-    @property
-    def fast(self) -> bool:
-        """True when a fast shape exists besides the compact nest."""
-        return self.kind != "strided"
 
 
 def _pow2_floor(n: int) -> int:
@@ -168,6 +177,7 @@ def plan_kernel(plan: Plan) -> CKernel:
             float(round_to_dtype(plan.layer.epsilon * 2.0 ** (-2 * RESCUE_EXPONENT[dtype]),
                                  dtype)[()]), dtype),
         overflow_limit_literal=OVERFLOW_LIMIT[dtype],
+        fpu_sqrt=FPU_SQRT.get(dtype, ("", 0))[0], fpu_sqrt_flag=FPU_SQRT.get(dtype, ("", 0))[1],
     )
     cpg = plan.channels_per_group
     stats, group = layout.stats_loops, layout.group_loops

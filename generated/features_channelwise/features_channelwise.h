@@ -11,14 +11,13 @@
  *   each group is one contiguous run of 1 elements
  *   dtype single, epsilon 0.001
  *   scale: ones; offset: inline
- *   statistics: one sweep of sums of (x - pilot) and (x - pilot)^2, pilot = the group's first element; biased variance
- *   apply: y = a*(x - pilot) + b with a = scale*rstd, b = offset - (mean - pilot)*a
  */
 /*
- * C kernel (this header's C source; it supersedes the plan's numerics lines above)
+ * C kernel
  *   runs kernel: 1 partial sums per contiguous run of 1; per-channel a[], b[] (channels fastest)
  *   one thread
- *   a build for size (-Os, __OPTIMIZE_SIZE__) compiles the compact nest instead
+ *   a build for size (-Os, __OPTIMIZE_SIZE__) compiles the compact nest instead: one loop
+ *   nest swept three times (two sums, then apply); vsqrt.f32 for the square root on an Arm FPU
  *   pilot: the group's first element; sums of d = x - pilot and d^2 (compact:
  *   two sweeps, the second around the mean the first found)
  *   apply: y = a*(x - mean) + b, a = scale*rstd, b = offset - a*mean_lo, with mean + mean_lo

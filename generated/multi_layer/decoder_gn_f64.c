@@ -18,6 +18,77 @@ static const double decoder_gn_f64_offset[8] = {
     0.0, 0.0
 };
 
+#if defined(__OPTIMIZE_SIZE__)
+/* Built for size (-Os, firmware): the compact nest below, within the Cortex-M budget. */
+
+/*
+ * The square root of a value that is never negative.
+ */
+static double decoder_gn_f64_sqrt(double v)
+{
+    return sqrt(v);
+}
+
+/*
+ * Normalize one (observation, group) with the compact nest: three sweeps of one loop nest.
+ * The first sums d = x - x[0] to find the mean, the second sums d = x - mean, so that
+ * s2/N - shift^2 cancels nothing, and the third writes y = a*(d - shift) + b with
+ * a = scale*rstd and b = offset per channel (x - pilot is exact when the mean is large, so
+ * subtracting shift rounds only once). If the first sweep's squares overflowed (|x| beyond
+ * about the square root of the largest value), the later sweeps scale d by 2^-560: exact,
+ * and shift, the variance and epsilon are all taken in that unit. Limit of this compact
+ * build: the first sweep's sum of x - x[0] must stay finite, |x| * 288 below the
+ * largest value.
+ */
+#define DECODER_GN_F64_JOBS_PER_OBSERVATION DECODER_GN_F64_NUM_GROUPS
+static void decoder_gn_f64_job(const double *x, double *y, const double *scale, const double *offset, size_t job)
+{
+    const size_t c0 = 0;
+    const size_t base = job * 288; /* the groups tile the buffer in job order */
+    const double *xg = x + base;
+    double *yg = y + base;
+    double pilot = xg[0];
+    double unit = 1.0;
+    double epsilon_u = DECODER_GN_F64_EPSILON; /* epsilon * unit^2 */
+    double shift = 0.0;         /* (mean - pilot) * unit */
+    double rstd = 0.0;          /* 1/sqrt(variance + epsilon) / unit */
+    for (unsigned sweep = 0;; ++sweep) {
+        double s1 = 0.0;
+        double s2 = 0.0;
+        for (size_t c = 0; c < 8; ++c) {
+            for (size_t i_s2s1 = 0; i_s2s1 < 36; ++i_s2s1) {
+                const double d = (xg[c * 36 + i_s2s1] - pilot) * unit;
+                if (sweep == 2) {
+                    yg[c * 36 + i_s2s1] = scale[c0 + c] * rstd * (d - shift) + offset[c0 + c];
+                } else {
+                    s1 += d;
+                    s2 += d * d;
+                }
+            }
+        }
+        if (sweep == 2) {
+            break;
+        }
+        {
+            double var_u; /* biased variance * unit^2 */
+            shift = s1 * 0.003472222222222222;
+            var_u = s2 * 0.003472222222222222 - shift * shift;
+            if (var_u < 0.0) {
+                var_u = 0.0; /* rounding only: the variance is never negative */
+            }
+            rstd = 1.0 / decoder_gn_f64_sqrt(var_u + epsilon_u);
+        }
+        if (sweep == 0) {
+            pilot += shift; /* the mean */
+            if (s2 - s2 != 0.0) { /* s2 is infinite (or NaN) */
+                unit = 2.6497349136889905e-169;
+                epsilon_u = 0.0;
+            }
+        }
+    }
+}
+#else
+
 /*
  * Statistics of one group from the sums of d = (x - pilot) * unit over its 288 elements:
  * returns rstd = 1/sqrt(var + epsilon) and sets *shift = mean - pilot. unit is 1, or a power
@@ -36,8 +107,8 @@ static double decoder_gn_f64_finish(double s1, double s2, double unit, double ep
 
 /*
  * Sums of d = (x - pilot) * unit over one group in memory order, with one accumulator each.
- * The compact build sums every group with it (twice); the fast build only rescues a group
- * whose sum of squares overflowed.
+ * The strided nest sums every group with it (twice); the runs and rows kernels only rescue a
+ * group whose sum of squares overflowed.
  */
 static void decoder_gn_f64_group_sums(const double *xg, double pilot, double unit, double sums[2])
 {
@@ -52,61 +123,6 @@ static void decoder_gn_f64_group_sums(const double *xg, double pilot, double uni
     sums[0] = s1;
     sums[1] = s2;
 }
-
-
-#if defined(__OPTIMIZE_SIZE__)
-/* Built for size (-Os, firmware): the compact nest below; the fast shape's arrays would not fit. */
-
-/*
- * y = a*((x - pilot) - shift) + b over one group, with a = scale*rstd and b = offset per
- * channel: x - pilot is exact when the mean is large, so subtracting shift rounds only once.
- */
-static void decoder_gn_f64_group_apply(const double *xg, double *yg, const double *scale,
-    const double *offset, double pilot, double shift, double rstd)
-{
-    for (size_t c = 0; c < 8; ++c) {
-        const double a = scale[c] * rstd;
-        const double b = offset[c];
-        for (size_t i_s2s1 = 0; i_s2s1 < 36; ++i_s2s1) {
-            yg[c * 36 + i_s2s1] = a * ((xg[c * 36 + i_s2s1] - pilot) - shift) + b;
-        }
-    }
-}
-
-/* Normalize one (observation, group) with the compact nest. */
-#define DECODER_GN_F64_JOBS_PER_OBSERVATION DECODER_GN_F64_NUM_GROUPS
-static void decoder_gn_f64_job(const double *x, double *y, const double *scale, const double *offset, size_t job)
-{
-
-    const size_t c0 = 0;
-    const size_t base = job * 288; /* the groups tile the buffer in job order */
-    const double *xg = x + base;
-    double sums[2];
-    double shift;
-
-    /* Two sweeps of sums: the first around the group's first element finds the mean, the
-       second sums around that mean, so s2/N - shift^2 cancels nothing. If the first sweep's
-       squares overflowed (|x| beyond about the square root of the largest value), the second
-       scales d by 2^-560, which is exact. Limit of this compact build: the first sweep's
-       sum of x - x[0] must stay finite, |x| * 288 below the largest value. */
-    double pilot = xg[0];
-    double unit = 1.0;
-    double epsilon_u = DECODER_GN_F64_EPSILON; /* epsilon * unit^2 */
-    for (unsigned sweep = 1;; ++sweep) {
-        decoder_gn_f64_group_sums(xg, pilot, unit, sums);
-        if (sweep == 2) {
-            break;
-        }
-        pilot += sums[0] * 0.003472222222222222; /* the mean */
-        if (!(sums[1] <= 1.7976931348623157e+308)) {
-            unit = 2.6497349136889905e-169;
-            epsilon_u = 0.0;
-        }
-    }
-    const double rstd = decoder_gn_f64_finish(sums[0], sums[1], unit, epsilon_u, &shift);
-    decoder_gn_f64_group_apply(xg, y + base, scale + c0, offset + c0, pilot, shift, rstd);
-}
-#else
 
 /*
  * Each iteration of a loop marked so reads x[i] before it writes y[i], and y is x or does not

@@ -18,6 +18,85 @@ static const float sequence_cbt_offset[12] = {
     -0.022441939f, 0.0061989767f, -0.012826535f, -0.002888265f, -0.017252784f, 0.006074493f
 };
 
+#if defined(__OPTIMIZE_SIZE__)
+/* Built for size (-Os, firmware): the compact nest below, within the Cortex-M budget. */
+
+/*
+ * The square root of a value that is never negative: vsqrt.f32 where the Arm core's FPU has
+ * it. gcc -Os calls sqrtf instead, for errno's sake, which costs the kernel a call
+ * frame and the FPU registers the call clobbers.
+ */
+static float sequence_cbt_sqrt(float v)
+{
+#if defined(__GNUC__) && defined(__arm__) && defined(__ARM_FP) && (__ARM_FP & 4)
+    float r;
+    __asm__("vsqrt.f32 %0, %1" : "=t"(r) : "t"(v));
+    return r;
+#else
+    return sqrtf(v);
+#endif
+}
+
+/*
+ * Normalize one (observation, group) with the compact nest: three sweeps of one loop nest.
+ * The first sums d = x - x[0] to find the mean, the second sums d = x - mean, so that
+ * s2/N - shift^2 cancels nothing, and the third writes y = a*(d - shift) + b with
+ * a = scale*rstd and b = offset per channel (x - pilot is exact when the mean is large, so
+ * subtracting shift rounds only once). If the first sweep's squares overflowed (|x| beyond
+ * about the square root of the largest value), the later sweeps scale d by 2^-80: exact,
+ * and shift, the variance and epsilon are all taken in that unit. Limit of this compact
+ * build: the first sweep's sum of x - x[0] must stay finite, |x| * 200 below the
+ * largest value.
+ */
+#define SEQUENCE_CBT_JOBS_PER_OBSERVATION SEQUENCE_CBT_NUM_GROUPS
+static void sequence_cbt_job(const float *x, float *y, size_t i_t_stride, const float *scale, const float *offset, size_t job)
+{
+    const size_t c0 = job % SEQUENCE_CBT_NUM_GROUPS * 4;
+    const size_t base = job * 4; /* the groups tile the buffer in job order */
+    const float *xg = x + base;
+    float *yg = y + base;
+    float pilot = xg[0];
+    float unit = 1.0f;
+    float epsilon_u = SEQUENCE_CBT_EPSILON; /* epsilon * unit^2 */
+    float shift = 0.0f;         /* (mean - pilot) * unit */
+    float rstd = 0.0f;          /* 1/sqrt(variance + epsilon) / unit */
+    for (unsigned sweep = 0;; ++sweep) {
+        float s1 = 0.0f;
+        float s2 = 0.0f;
+        for (size_t i_t = 0; i_t < 50; ++i_t) {
+            for (size_t c = 0; c < 4; ++c) {
+                const float d = (xg[i_t * i_t_stride + c] - pilot) * unit;
+                if (sweep == 2) {
+                    yg[i_t * i_t_stride + c] = scale[c0 + c] * rstd * (d - shift) + offset[c0 + c];
+                } else {
+                    s1 += d;
+                    s2 += d * d;
+                }
+            }
+        }
+        if (sweep == 2) {
+            break;
+        }
+        {
+            float var_u; /* biased variance * unit^2 */
+            shift = s1 * 0.005f;
+            var_u = s2 * 0.005f - shift * shift;
+            if (var_u < 0.0f) {
+                var_u = 0.0f; /* rounding only: the variance is never negative */
+            }
+            rstd = 1.0f / sequence_cbt_sqrt(var_u + epsilon_u);
+        }
+        if (sweep == 0) {
+            pilot += shift; /* the mean */
+            if (s2 - s2 != 0.0f) { /* s2 is infinite (or NaN) */
+                unit = 8.271806e-25f;
+                epsilon_u = 0.0f;
+            }
+        }
+    }
+}
+#else
+
 /*
  * Statistics of one group from the sums of d = (x - pilot) * unit over its 200 elements:
  * returns rstd = 1/sqrt(var + epsilon) and sets *shift = mean - pilot. unit is 1, or a power
@@ -36,8 +115,8 @@ static float sequence_cbt_finish(float s1, float s2, float unit, float epsilon_u
 
 /*
  * Sums of d = (x - pilot) * unit over one group in memory order, with one accumulator each.
- * The compact build sums every group with it (twice); the fast build only rescues a group
- * whose sum of squares overflowed.
+ * The strided nest sums every group with it (twice); the runs and rows kernels only rescue a
+ * group whose sum of squares overflowed.
  */
 static void sequence_cbt_group_sums(const float *xg, size_t i_t_stride, float pilot, float unit, float sums[2])
 {
@@ -54,61 +133,6 @@ static void sequence_cbt_group_sums(const float *xg, size_t i_t_stride, float pi
     sums[0] = s1;
     sums[1] = s2;
 }
-
-
-#if defined(__OPTIMIZE_SIZE__)
-/* Built for size (-Os, firmware): the compact nest below; the fast shape's arrays would not fit. */
-
-/*
- * y = a*((x - pilot) - shift) + b over one group, with a = scale*rstd and b = offset per
- * channel: x - pilot is exact when the mean is large, so subtracting shift rounds only once.
- */
-static void sequence_cbt_group_apply(const float *xg, float *yg, size_t i_t_stride, const float *scale,
-    const float *offset, float pilot, float shift, float rstd)
-{
-    for (size_t i_t = 0; i_t < 50; ++i_t) {
-        for (size_t c = 0; c < 4; ++c) {
-            const float a = scale[c] * rstd;
-            const float b = offset[c];
-            yg[i_t * i_t_stride + c] = a * ((xg[i_t * i_t_stride + c] - pilot) - shift) + b;
-        }
-    }
-}
-
-/* Normalize one (observation, group) with the compact nest. */
-#define SEQUENCE_CBT_JOBS_PER_OBSERVATION SEQUENCE_CBT_NUM_GROUPS
-static void sequence_cbt_job(const float *x, float *y, size_t i_t_stride, const float *scale, const float *offset, size_t job)
-{
-
-    const size_t c0 = job % SEQUENCE_CBT_NUM_GROUPS * 4;
-    const size_t base = job * 4; /* the groups tile the buffer in job order */
-    const float *xg = x + base;
-    float sums[2];
-    float shift;
-
-    /* Two sweeps of sums: the first around the group's first element finds the mean, the
-       second sums around that mean, so s2/N - shift^2 cancels nothing. If the first sweep's
-       squares overflowed (|x| beyond about the square root of the largest value), the second
-       scales d by 2^-80, which is exact. Limit of this compact build: the first sweep's
-       sum of x - x[0] must stay finite, |x| * 200 below the largest value. */
-    float pilot = xg[0];
-    float unit = 1.0f;
-    float epsilon_u = SEQUENCE_CBT_EPSILON; /* epsilon * unit^2 */
-    for (unsigned sweep = 1;; ++sweep) {
-        sequence_cbt_group_sums(xg, i_t_stride, pilot, unit, sums);
-        if (sweep == 2) {
-            break;
-        }
-        pilot += sums[0] * 0.005f; /* the mean */
-        if (!(sums[1] <= 3.40282347e+38f)) {
-            unit = 8.271806e-25f;
-            epsilon_u = 0.0f;
-        }
-    }
-    const float rstd = sequence_cbt_finish(sums[0], sums[1], unit, epsilon_u, &shift);
-    sequence_cbt_group_apply(xg, y + base, i_t_stride, scale + c0, offset + c0, pilot, shift, rstd);
-}
-#else
 
 /*
  * Each iteration of a loop marked so reads x[i] before it writes y[i], and y is x or does not
