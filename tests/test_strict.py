@@ -63,7 +63,9 @@ def test_a_warning_fails_with_the_command_and_the_compiler_output():
     header, source = render_c(plan, "test.yaml")
     # An implicit float -> double promotion: -Wdouble-promotion must turn it into an error.
     assert "#include <math.h>\n" in source.text
-    promoted = "#include <math.h>\n#define sqrtf(v) ((float)sqrt((v) * 1.0))\n"
+    # (Not through sqrtf: at -Os on Cortex-M4 the kernel takes vsqrt.f32 and never calls it.)
+    promoted = ("#include <math.h>\nfloat warned_root(float v);\n"
+                "float warned_root(float v) { return (float)sqrt(v * 1.0); }\n")
     bad = Source(source.name, source.text.replace("#include <math.h>\n", promoted, 1))
     gcc = next(c for c in fw.STRICT_CONFIGS if c.label == "cortex-m4")
     with pytest.raises(BuildError) as info:
