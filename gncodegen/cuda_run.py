@@ -226,12 +226,14 @@ _USED = re.compile(r"Used (\d+) registers(?:.*?, (\d+) bytes smem)?")
 
 def _readable(mangled: str) -> str:
     """Return a short readable kernel name from a mangled one: name<template arguments>."""
-    m = re.search(r"(\d+)(warp_kernel|group_kernel)I(.*)EEvP", mangled)
+    # The mangled name holds a hash of nvcc's anonymous namespace that differs from one
+    # compile to the next, so only the name and the template arguments are kept.
+    m = re.search(r"\d([a-z_]+_kernel)I(.*)EEvP", mangled)
     if not m:
-        return mangled
-    args = re.findall(r"Li(\d+)E|Lb(\d)E", m.group(3) + "E")
+        return re.sub(r"_GLOBAL__N__[0-9a-f]+_", "_GLOBAL__N__", mangled)
+    args = re.findall(r"Li(\d+)E|Lb(\d)E", m.group(2) + "E")
     flat = [a or ("true" if b == "1" else "false") for a, b in args]
-    return f"{m.group(2)}<{', '.join(flat)}>"
+    return f"{m.group(1)}<{', '.join(flat)}>"
 
 
 def parse_ptxas(text: str) -> list[KernelResources]:
