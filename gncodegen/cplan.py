@@ -39,6 +39,11 @@ pilot the mean found by a first sweep (no loop of samples, which would break the
 budget). Limits: |x| up to FLT_MAX/2 in the fast kernels, FLT_MAX/N in the compact and strided
 nests (their first sweep is unscaled); beyond, the group is NaN, never a wrong value.
 Either way a mean of 1e4 with std 1 costs no accuracy (PyTorch loses 7e-4 there).
+The fast kernels' pilot averages samples, so it can still land far from the mean when one of
+them is an outlier (a group's first element 10*sqrt(N) std out: s2/N - shift^2 then lost 3e-5
+relative in single over 65536 elements). When (mean - pilot)^2 > RECENTER_LIMIT * var
+they sum the group once more, with the same lanes, around pilot + shift (`recenter`): a compare
+per group on ordinary data, where the 16-sample pilot is within a fraction of a std.
 """
 
 from __future__ import annotations
@@ -77,6 +82,13 @@ MAX_STACK_BYTES = 16384
 # times 2^28 elements stays below FLT_MAX, and a variance that overflowed (>= FLT_MAX/N^2)
 # stays a normal number once scaled by 2^-160. Double: the same reasoning with 2^-560.
 RESCUE_EXPONENT = {"single": 80, "double": 560}
+# The fast kernels sum a group again around its mean when (mean - pilot)^2 exceeds this many
+# times the variance: s2/N - shift^2 then loses up to (1 + this) ulps of the variance.
+# Never on ordinary data (a 16-sample pilot is within about a quarter std of the mean).
+# Groups of at most SHORT_GROUP elements skip the test: it cost feature input (32 per group)
+# 6%, and there the pilot is within sqrt(N - 1) std of the mean (it averages group elements),
+# so the cancellation loses at most about N = 32 ulps of the variance (2e-6 in single).
+RECENTER_LIMIT = 1.0
 OVERFLOW_LIMIT = {"single": "3.40282347e+38f", "double": "1.7976931348623157e+308"}
 # The compact nest's square root as one FPU instruction, by precision: the instruction and the
 # bit of the ACLE's __ARM_FP that says the FPU has it (4: single precision). The argument,
@@ -101,6 +113,8 @@ class CKernel:
     rescue_unit_text: str           # the same in words: 2^-80
     rescue_epsilon_literal: str     # epsilon * rescue_unit^2 (0 unless epsilon is huge)
     overflow_limit_literal: str     # largest finite value of the accumulation type
+    recenter: bool                  # fast kernels: test for a far pilot (groups > SHORT_GROUP)
+    recenter_factor_literal: str    # fast kernels: sum again when shift^2 * it > s2/N
     fpu_sqrt: str                   # compact nest: the Arm FPU's square root ("" for none)
     fpu_sqrt_flag: int              # the __ARM_FP bit that says the FPU has fpu_sqrt
     pilot_samples: int              # elements averaged into the pilot
@@ -177,6 +191,9 @@ def plan_kernel(plan: Plan) -> CKernel:
             float(round_to_dtype(plan.layer.epsilon * 2.0 ** (-2 * RESCUE_EXPONENT[dtype]),
                                  dtype)[()]), dtype),
         overflow_limit_literal=OVERFLOW_LIMIT[dtype],
+        recenter=plan.group_numel > SHORT_GROUP,
+        # shift^2 > limit * (s2/N - shift^2)  <=>  shift^2 * (1 + limit) / limit > s2/N
+        recenter_factor_literal=c_literal((1.0 + RECENTER_LIMIT) / RECENTER_LIMIT, dtype),
         fpu_sqrt=FPU_SQRT.get(dtype, ("", 0))[0], fpu_sqrt_flag=FPU_SQRT.get(dtype, ("", 0))[1],
     )
     cpg = plan.channels_per_group

@@ -176,6 +176,60 @@ static double decoder_gn_f64_split_mean(double pilot, double shift, double *mean
 }
 
 /*
+ * The job's lane sums of d = x - pilot over one group, for a second pass around the mean
+ * when the pilot was far from it: the same lanes and order, so as accurate as the first.
+ */
+typedef struct {
+    double s1, s2;
+} decoder_gn_f64_sum_pair; /* returned in registers: the job's sums never go through memory */
+static decoder_gn_f64_sum_pair decoder_gn_f64_lane_sums(const double *xg, double pilot)
+{
+    double s1[32];
+    double s2[32];
+    double sums[2];
+    decoder_gn_f64_sum_pair out;
+    for (size_t k = 0; k < 32; ++k) {
+        s1[k] = 0.0;
+        s2[k] = 0.0;
+    }
+    const double *run = xg; /* 288 contiguous elements */
+    DECODER_GN_F64_UNROLLED
+    for (size_t i = 0; i < 288; i += 32) {
+        for (size_t k = 0; k < 32; ++k) {
+            const double d = run[i + k] - pilot;
+            s1[k] += d;
+            s2[k] += d * d;
+        }
+    }
+    /* Add the lanes pairwise in a fixed tree: the result does not depend on the compiler. */
+    for (size_t k = 0; k < 16; ++k) {
+        s1[k] += s1[k + 16];
+        s2[k] += s2[k + 16];
+    }
+    for (size_t k = 0; k < 8; ++k) {
+        s1[k] += s1[k + 8];
+        s2[k] += s2[k + 8];
+    }
+    for (size_t k = 0; k < 4; ++k) {
+        s1[k] += s1[k + 4];
+        s2[k] += s2[k + 4];
+    }
+    for (size_t k = 0; k < 2; ++k) {
+        s1[k] += s1[k + 2];
+        s2[k] += s2[k + 2];
+    }
+    for (size_t k = 0; k < 1; ++k) {
+        s1[k] += s1[k + 1];
+        s2[k] += s2[k + 1];
+    }
+    sums[0] = s1[0];
+    sums[1] = s2[0];
+    out.s1 = sums[0];
+    out.s2 = sums[1];
+    return out;
+}
+
+/*
  * Normalize one (observation, group) whose statistics read contiguous runs: 32 independent
  * partial sums per sum, so the compiler vectorizes them without reassociating float additions.
  */
@@ -193,7 +247,7 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
     double mean_lo;
 
     /* Statistics around a pilot taken from the group, so a large mean cancels nothing. */
-    const double pilot = decoder_gn_f64_pilot(xg, 1);
+    double pilot = decoder_gn_f64_pilot(xg, 1);
     for (size_t k = 0; k < 32; ++k) {
         s1[k] = 0.0;
         s2[k] = 0.0;
@@ -238,6 +292,22 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
         unit = 2.6497349136889905e-169; /* 2^-560 */
         epsilon_u = 0.0;
         decoder_gn_f64_group_sums(xg, pilot, unit, sums);
+    }
+    {
+        const double shift_u = sums[0] * 0.003472222222222222;
+        if (shift_u * shift_u * 2.0 > sums[1] * 0.003472222222222222) {
+            /* An outlier among the pilot's samples put it beyond a std from the mean, and
+               s2/N - shift^2 would cancel: sum again, the same way, around the mean (rare:
+               ordinary data never comes here). */
+            pilot += shift_u / unit;
+            if (unit == 1.0) {
+                const decoder_gn_f64_sum_pair again = decoder_gn_f64_lane_sums(xg, pilot);
+                sums[0] = again.s1;
+                sums[1] = again.s2;
+            } else {
+                decoder_gn_f64_group_sums(xg, pilot, unit, sums);
+            }
+        }
     }
     const double rstd = decoder_gn_f64_finish(sums[0], sums[1], unit, epsilon_u, &shift);
     const double mean = decoder_gn_f64_split_mean(pilot, shift, &mean_lo);

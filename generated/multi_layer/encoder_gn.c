@@ -192,6 +192,60 @@ static float encoder_gn_split_mean(float pilot, float shift, float *mean_lo)
 }
 
 /*
+ * The job's lane sums of d = x - pilot over one group, for a second pass around the mean
+ * when the pilot was far from it: the same lanes and order, so as accurate as the first.
+ */
+typedef struct {
+    float s1, s2;
+} encoder_gn_sum_pair; /* returned in registers: the job's sums never go through memory */
+static encoder_gn_sum_pair encoder_gn_lane_sums(const float *xg, float pilot)
+{
+    float s1[32];
+    float s2[32];
+    float sums[2];
+    encoder_gn_sum_pair out;
+    for (size_t k = 0; k < 32; ++k) {
+        s1[k] = 0.0f;
+        s2[k] = 0.0f;
+    }
+    const float *run = xg; /* 256 contiguous elements */
+    ENCODER_GN_UNROLLED
+    for (size_t i = 0; i < 256; i += 32) {
+        for (size_t k = 0; k < 32; ++k) {
+            const float d = run[i + k] - pilot;
+            s1[k] += d;
+            s2[k] += d * d;
+        }
+    }
+    /* Add the lanes pairwise in a fixed tree: the result does not depend on the compiler. */
+    for (size_t k = 0; k < 16; ++k) {
+        s1[k] += s1[k + 16];
+        s2[k] += s2[k + 16];
+    }
+    for (size_t k = 0; k < 8; ++k) {
+        s1[k] += s1[k + 8];
+        s2[k] += s2[k + 8];
+    }
+    for (size_t k = 0; k < 4; ++k) {
+        s1[k] += s1[k + 4];
+        s2[k] += s2[k + 4];
+    }
+    for (size_t k = 0; k < 2; ++k) {
+        s1[k] += s1[k + 2];
+        s2[k] += s2[k + 2];
+    }
+    for (size_t k = 0; k < 1; ++k) {
+        s1[k] += s1[k + 1];
+        s2[k] += s2[k + 1];
+    }
+    sums[0] = s1[0];
+    sums[1] = s2[0];
+    out.s1 = sums[0];
+    out.s2 = sums[1];
+    return out;
+}
+
+/*
  * Normalize one (observation, group) whose statistics read contiguous runs: 32 independent
  * partial sums per sum, so the compiler vectorizes them without reassociating float additions.
  */
@@ -209,7 +263,7 @@ static void encoder_gn_job(const float *x, float *y, const float *scale, const f
     float mean_lo;
 
     /* Statistics around a pilot taken from the group, so a large mean cancels nothing. */
-    const float pilot = encoder_gn_pilot(xg, 1);
+    float pilot = encoder_gn_pilot(xg, 1);
     for (size_t k = 0; k < 32; ++k) {
         s1[k] = 0.0f;
         s2[k] = 0.0f;
@@ -254,6 +308,22 @@ static void encoder_gn_job(const float *x, float *y, const float *scale, const f
         unit = 8.271806e-25f; /* 2^-80 */
         epsilon_u = 0.0f;
         encoder_gn_group_sums(xg, pilot, unit, sums);
+    }
+    {
+        const float shift_u = sums[0] * 0.00390625f;
+        if (shift_u * shift_u * 2.0f > sums[1] * 0.00390625f) {
+            /* An outlier among the pilot's samples put it beyond a std from the mean, and
+               s2/N - shift^2 would cancel: sum again, the same way, around the mean (rare:
+               ordinary data never comes here). */
+            pilot += shift_u / unit;
+            if (unit == 1.0f) {
+                const encoder_gn_sum_pair again = encoder_gn_lane_sums(xg, pilot);
+                sums[0] = again.s1;
+                sums[1] = again.s2;
+            } else {
+                encoder_gn_group_sums(xg, pilot, unit, sums);
+            }
+        }
     }
     const float rstd = encoder_gn_finish(sums[0], sums[1], unit, epsilon_u, &shift);
     const float mean = encoder_gn_split_mean(pilot, shift, &mean_lo);

@@ -195,6 +195,27 @@ static float nhwc_rowmajor_split_mean(float pilot, float shift, float *mean_lo)
 }
 
 /*
+ * The job's per-channel sums of d = x - pilot[c] over one block, for a second pass when a
+ * group's pilot was far from its mean: the same order, so every other group's sums come out
+ * the same and this group's as accurate as on ordinary data.
+ */
+static void nhwc_rowmajor_block_sums(const float *xb, const float *pilot, float *s1, float *s2)
+{
+    for (size_t c = 0; c < 32; ++c) {
+        s1[c] = 0.0f;
+        s2[c] = 0.0f;
+    }
+    for (size_t i_s1s2 = 0; i_s1s2 < 256; ++i_s1s2) {
+        const float *xr = xb + i_s1s2 * 32;
+        for (size_t c = 0; c < 32; ++c) {
+            const float d = xr[c] - pilot[c];
+            s1[c] += d;
+            s2[c] += d * d;
+        }
+    }
+}
+
+/*
  * Normalize 8 groups (32 channels) of one observation. Channels are fastest, so the
  * block is swept row by row with one accumulator per channel: an elementwise update the
  * compiler vectorizes across channels without reassociating float additions.
@@ -237,6 +258,7 @@ static void nhwc_rowmajor_job(const float *x, float *y, const float *scale, cons
         float sums[2];
         float shift;
         float mean_lo;
+        float group_pilot = pilot[cj];
         sums[0] = 0.0f;
         sums[1] = 0.0f;
         for (size_t k = 0; k < 4; ++k) { /* the group's channels */
@@ -252,8 +274,31 @@ static void nhwc_rowmajor_job(const float *x, float *y, const float *scale, cons
             epsilon_u = 0.0f;
             nhwc_rowmajor_group_sums(xb + cj, pilot[cj], unit, sums);
         }
+        {
+            const float shift_u = sums[0] * 0.0009765625f;
+            if (shift_u * shift_u * 2.0f > sums[1] * 0.0009765625f) {
+                /* An outlier among the pilot's samples put it beyond a std from the mean, and
+                   s2/N - shift^2 would cancel: sum again, the same way, around the mean (rare:
+                   ordinary data never comes here). */
+                group_pilot += shift_u / unit;
+                if (unit == 1.0f) {
+                    for (size_t k = 0; k < 4; ++k) {
+                        pilot[cj + k] = group_pilot;
+                    }
+                    nhwc_rowmajor_block_sums(xb, pilot, s1, s2);
+                    sums[0] = 0.0f;
+                    sums[1] = 0.0f;
+                    for (size_t k = 0; k < 4; ++k) { /* the group's channels */
+                        sums[0] += s1[cj + k];
+                        sums[1] += s2[cj + k];
+                    }
+                } else {
+                    nhwc_rowmajor_group_sums(xb + cj, group_pilot, unit, sums);
+                }
+            }
+        }
         const float rstd = nhwc_rowmajor_finish(sums[0], sums[1], unit, epsilon_u, &shift);
-        const float group_mean = nhwc_rowmajor_split_mean(pilot[cj], shift, &mean_lo);
+        const float group_mean = nhwc_rowmajor_split_mean(group_pilot, shift, &mean_lo);
         for (size_t k = 0; k < 4; ++k) {
             mean[cj + k] = group_mean;
             a[cj + k] = scale[c0 + cj + k] * rstd;

@@ -186,6 +186,27 @@ static float sequence_cbt_split_mean(float pilot, float shift, float *mean_lo)
 }
 
 /*
+ * The job's per-channel sums of d = x - pilot[c] over one block, for a second pass when a
+ * group's pilot was far from its mean: the same order, so every other group's sums come out
+ * the same and this group's as accurate as on ordinary data.
+ */
+static void sequence_cbt_block_sums(const float *xb, size_t i_t_stride, const float *pilot, float *s1, float *s2)
+{
+    for (size_t c = 0; c < 12; ++c) {
+        s1[c] = 0.0f;
+        s2[c] = 0.0f;
+    }
+    for (size_t i_t = 0; i_t < 50; ++i_t) {
+        const float *xr = xb + i_t * i_t_stride;
+        for (size_t c = 0; c < 12; ++c) {
+            const float d = xr[c] - pilot[c];
+            s1[c] += d;
+            s2[c] += d * d;
+        }
+    }
+}
+
+/*
  * Normalize 3 groups (12 channels) of one observation. Channels are fastest, so the
  * block is swept row by row with one accumulator per channel: an elementwise update the
  * compiler vectorizes across channels without reassociating float additions.
@@ -228,6 +249,7 @@ static void sequence_cbt_job(const float *x, float *y, size_t i_t_stride, const 
         float sums[2];
         float shift;
         float mean_lo;
+        float group_pilot = pilot[cj];
         sums[0] = 0.0f;
         sums[1] = 0.0f;
         for (size_t k = 0; k < 4; ++k) { /* the group's channels */
@@ -243,8 +265,31 @@ static void sequence_cbt_job(const float *x, float *y, size_t i_t_stride, const 
             epsilon_u = 0.0f;
             sequence_cbt_group_sums(xb + cj, i_t_stride, pilot[cj], unit, sums);
         }
+        {
+            const float shift_u = sums[0] * 0.005f;
+            if (shift_u * shift_u * 2.0f > sums[1] * 0.005f) {
+                /* An outlier among the pilot's samples put it beyond a std from the mean, and
+                   s2/N - shift^2 would cancel: sum again, the same way, around the mean (rare:
+                   ordinary data never comes here). */
+                group_pilot += shift_u / unit;
+                if (unit == 1.0f) {
+                    for (size_t k = 0; k < 4; ++k) {
+                        pilot[cj + k] = group_pilot;
+                    }
+                    sequence_cbt_block_sums(xb, i_t_stride, pilot, s1, s2);
+                    sums[0] = 0.0f;
+                    sums[1] = 0.0f;
+                    for (size_t k = 0; k < 4; ++k) { /* the group's channels */
+                        sums[0] += s1[cj + k];
+                        sums[1] += s2[cj + k];
+                    }
+                } else {
+                    sequence_cbt_group_sums(xb + cj, i_t_stride, group_pilot, unit, sums);
+                }
+            }
+        }
         const float rstd = sequence_cbt_finish(sums[0], sums[1], unit, epsilon_u, &shift);
-        const float group_mean = sequence_cbt_split_mean(pilot[cj], shift, &mean_lo);
+        const float group_mean = sequence_cbt_split_mean(group_pilot, shift, &mean_lo);
         for (size_t k = 0; k < 4; ++k) {
             mean[cj + k] = group_mean;
             a[cj + k] = scale[c0 + cj + k] * rstd;
