@@ -249,3 +249,28 @@ def plan_kernel(plan: Plan) -> CKernel:
         assert kernel.stats_full + kernel.stats_remainder == kernel.stats_run.extent
         assert kernel.stats_remainder < kernel.lanes
     return kernel
+
+
+def kernel_comment(plan: Plan) -> tuple[str, ...]:
+    """Return the lines of the C header's "C kernel" comment: how this kernel computes."""
+    k = plan_kernel(plan)
+    threads = (f"OpenMP over {k.threads} threads when built with -fopenmp (calls of at least "
+               f"{k.parallel_min_elements} elements)" if k.threads > 1 else "one thread")
+    sqrt = f"; {k.fpu_sqrt} for the square root on an Arm FPU" if k.fpu_sqrt else ""
+    pilot = (f"the mean of {k.pilot_samples} elements of the group" if k.pilot_samples > 1
+             else "the group's first element")
+    overflow = "1e19" if plan.layer.dtype == "single" else "1e154"
+    return (
+        k.reason,
+        threads,
+        "a build for size (-Os, __OPTIMIZE_SIZE__) compiles the compact nest instead: one loop",
+        f"nest swept three times (two sums, then apply){sqrt}",
+        f"pilot: {pilot}; sums of d = x - pilot and d^2 (compact:",
+        "two sweeps, the second around the mean the first found)",
+        "apply: y = a*(x - mean) + b, a = scale*rstd, b = offset - a*mean_lo, with mean + mean_lo",
+        "= pilot + shift exactly (two-sum); compact: y = a*((x - pilot) - shift) + offset",
+        f"squares that overflow (|x| beyond ~{overflow}) are summed again scaled by "
+        f"{k.rescue_unit_text} (exact);",
+        f"limit: |x| up to half the largest value (compact: the largest value / "
+        f"{plan.group_numel}), else NaN",
+    )

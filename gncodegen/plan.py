@@ -243,6 +243,12 @@ class Plan:
         return plan_kernel(self)
 
     @property
+    def ckernel_comment(self) -> tuple[str, ...]:
+        """Return the lines of the C header's comment on how its kernel computes."""
+        from .cplan import kernel_comment
+        return kernel_comment(self)
+
+    @property
     def batch_rule(self) -> str:
         """When a batch count is refused, in words for the header."""
         if self.has_batch:
