@@ -44,6 +44,20 @@ them is an outlier (a group's first element 10*sqrt(N) std out: s2/N - shift^2 t
 relative in single over 65536 elements). When (mean - pilot)^2 > RECENTER_LIMIT * var
 they sum the group once more, with the same lanes, around pilot + shift (`recenter`): a compare
 per group on ordinary data, where the 16-sample pilot is within a fraction of a std.
+
+Tiny groups (``simd_groups``, issue 4's shape E: 32 channels per group, no spatial extent). One
+group at a time, the runs kernel spends its time on the latency of each group's own chain (a
+horizontal add, a square root, a division) rather than on its 128 bytes. A build with AVX-512
+(``__AVX512F__``, single precision) reduces SIMD_LANES groups together instead: each group's
+elements are added down to one register, then a fixed tree of blends and two-source
+permutes (`simd_tree`) adds 16 such registers into one whose lane k is group k's sum, so the
+square roots and divisions of 16 groups are one instruction each. It takes two reductions: the
+pilot is each group's mean (its elements times 1/N, added up), then the sums of d = x - pilot
+and d^2 around it, which cancel nothing, so no recenter test is needed. A block whose sums are
+not finite (overflowing squares, NaN or Inf input) has those groups done again by the portable
+job, rescue and all. SIMD_BLOCKS blocks go through each phase together, so that the phases of
+different blocks overlap; the jobs left over (fewer than a call's worth) and every other build
+take the portable job.
 """
 
 from __future__ import annotations
@@ -89,6 +103,13 @@ RESCUE_EXPONENT = {"single": 80, "double": 560}
 # 6%, and there the pilot is within sqrt(N - 1) std of the mean (it averages group elements),
 # so the cancellation loses at most about N = 32 ulps of the variance (2e-6 in single).
 RECENTER_LIMIT = 1.0
+# The AVX-512 kernel for tiny groups (module docstring): groups reduced together (the float lanes
+# of a register), the largest group it takes (eight registers: the runs kernel's 32 lanes keep
+# larger groups busy enough), and the blocks of SIMD_LANES groups that one call sweeps
+# phase by phase (E: 1 block 61 us, 2 or more 55 us; 4 keeps the call's 64 groups in L1).
+SIMD_LANES = 16
+SIMD_MAX_GROUP = 128
+SIMD_BLOCKS = 4
 OVERFLOW_LIMIT = {"single": "3.40282347e+38f", "double": "1.7976931348623157e+308"}
 # The compact nest's square root as one FPU instruction, by precision: the instruction and the
 # bit of the ACLE's __ARM_FP that says the FPU has it (4: single precision). The argument,
@@ -117,6 +138,10 @@ class CKernel:
     recenter_factor_literal: str    # fast kernels: sum again when shift^2 * it > s2/N
     fpu_sqrt: str                   # compact nest: the Arm FPU's square root ("" for none)
     fpu_sqrt_flag: int              # the __ARM_FP bit that says the FPU has fpu_sqrt
+    simd_groups: int                # groups per call of the AVX-512 tiny-group kernel (0: none)
+    simd_vectors: int               # its registers per group
+    simd_tree: tuple[tuple[int, str, tuple[int, ...]], ...]  # per level: pairs, blend mask, indices
+    simd_order: tuple[int, ...]     # group k's register goes in at position simd_order[k]
     pilot_samples: int              # elements averaged into the pilot
     pilot_stride: str               # their distance in elements (a literal or a runtime stride)
     pilot_scale_literal: str        # 1 / pilot_samples
@@ -158,6 +183,46 @@ def _group_stride(plan: Plan) -> int:
     stride = plan.channels_per_group * layout.channel_stride
     tiles = not plan.has_batch or layout.batch_stride == plan.num_groups * stride
     return stride if tiles else 0
+
+
+def simd_tree(lanes: int) -> tuple[tuple[tuple[int, str, tuple[int, ...]], ...], tuple[int, ...]]:
+    """Return the levels of the tree that adds `lanes` registers into one, and its input order.
+
+    Each level adds `pairs` pairs of registers (a, b): blend(a, b, mask) + permute2(a, b, index), where
+    the mask takes b's lanes in every other run of h/2 lanes (h: lanes per group so far) and
+    the index brings each lane's partner, h/2 lanes away, from the same register. A level halves
+    both the registers and each group's lanes. Lane j of the last register then holds the
+    group whose register went in at position bit-reverse(j); feeding group k at position
+    bit-reverse(k) (the returned order) puts it in lane k.
+    """
+    levels = []
+    h = pairs = lanes
+    while h > 1:
+        pairs //= 2
+        half = h // 2
+        from_b = [(j // half) % 2 for j in range(lanes)]
+        mask = sum(1 << j for j in range(lanes) if from_b[j])
+        index = tuple((j ^ half) + (lanes if from_b[j] else 0) for j in range(lanes))
+        levels.append((pairs, f"0x{mask:0{lanes // 4}X}", index))
+        h = half
+    bits = lanes.bit_length() - 1
+    order = tuple(int(f"{k:0{bits}b}"[::-1], 2) for k in range(lanes))
+    return tuple(levels), order
+
+
+def _simd_groups(plan: Plan, kernel_is_runs: bool, channel_fastest: bool, group_stride: int,
+                 outer: bool) -> int:
+    """Return the groups per call of the AVX-512 tiny-group kernel for a plan, or 0.
+
+    It takes single-precision groups that are one contiguous run of channels each (scale and
+    offset are vectors along it), of a whole number of registers up to SIMD_MAX_GROUP
+    elements, tiling the buffer in job order (a call's groups are one contiguous span).
+    """
+    n = plan.group_numel
+    fits = (plan.layer.dtype == "single" and kernel_is_runs and channel_fastest and not outer
+            and group_stride == n and n % SIMD_LANES == 0 and n <= SIMD_MAX_GROUP
+            and not plan.layout.runtime_strides)
+    return SIMD_LANES * SIMD_BLOCKS if fits else 0
 
 
 def _block_groups(plan: Plan, threads: int) -> int:
@@ -207,6 +272,8 @@ def plan_kernel(plan: Plan) -> CKernel:
                   pilot_stride=along.stride_expr if along else "1",
                   pilot_scale_literal=c_literal(1.0 / samples, dtype),
                   group_stride=_group_stride(plan))
+    tree, order = simd_tree(SIMD_LANES)
+    common.update(simd_groups=0, simd_vectors=0, simd_tree=tree, simd_order=order)
     innermost_contiguous = bool(stats) and stats[-1].stride == 1 and not stats[-1].per_batch
     channel_fastest = bool(group) and group[-1].is_channel
 
@@ -216,6 +283,10 @@ def plan_kernel(plan: Plan) -> CKernel:
         assert apply_run.stride == 1 and not apply_run.per_batch, apply_run
         lanes = min(max_lanes, _pow2_floor(run.extent))
         stack = 2 * lanes * size + (2 * cpg * size if channel_fastest else 0)
+        simd = _simd_groups(plan, True, channel_fastest, common["group_stride"],
+                            bool(stats[:-1] or group[:-1]))
+        if simd:
+            common.update(simd_groups=simd, simd_vectors=plan.group_numel // SIMD_LANES)
         kernel = CKernel(
             kind="runs",
             reason=(f"runs kernel: {lanes} partial sums per contiguous run of {run.extent}; "
@@ -245,6 +316,9 @@ def plan_kernel(plan: Plan) -> CKernel:
     assert kernel.stack_bytes <= MAX_STACK_BYTES, kernel
     assert kernel.lanes & (kernel.lanes - 1) == 0
     assert kernel.jobs_per_observation * (kernel.block_groups or 1) == plan.num_groups
+    if kernel.simd_groups:
+        assert kernel.kind == "runs" and kernel.simd_vectors * SIMD_LANES == plan.group_numel
+        assert kernel.simd_groups % SIMD_LANES == 0
     if kernel.kind == "runs":
         assert kernel.stats_full + kernel.stats_remainder == kernel.stats_run.extent
         assert kernel.stats_remainder < kernel.lanes
@@ -260,8 +334,13 @@ def kernel_comment(plan: Plan) -> tuple[str, ...]:
     pilot = (f"the mean of {k.pilot_samples} elements of the group" if k.pilot_samples > 1
              else "the group's first element")
     overflow = "1e19" if plan.layer.dtype == "single" else "1e154"
+    simd = ((f"an AVX-512 build (__AVX512F__) takes {k.simd_groups} groups per call, "
+             f"{len(k.simd_order)} reduced together",
+             "in register lanes, around each group's mean; the rest as below")
+            if k.simd_groups else ())
     return (
         k.reason,
+        *simd,
         threads,
         "a build for size (-Os, __OPTIMIZE_SIZE__) compiles the compact nest instead: one loop",
         f"nest swept three times (two sums, then apply){sqrt}",

@@ -165,12 +165,16 @@ STRICT_OPTS = ("-O0", "-Os", "-O3")
 STRICT_CONFIGS: tuple[StrictConfig, ...] = (
     StrictConfig("gcc", "gcc", ()),
     StrictConfig("clang", "clang", ()),
+    # x86-64 with AVX-512 (x86-64-v4): the fast kernels' intrinsics paths compile too.
+    StrictConfig("gcc-avx512", "gcc", ("-march=x86-64-v4",)),
+    StrictConfig("clang-avx512", "clang", ("-march=x86-64-v4",)),
     StrictConfig("cortex-m4", "arm-none-eabi-gcc", M4_FLAGS),
     StrictConfig("cortex-m7", "arm-none-eabi-gcc", M7_FLAGS),
     StrictConfig("cortex-m55", "arm-none-eabi-gcc", M55_FLAGS),
     StrictConfig("aarch64", "aarch64-linux-gnu-gcc", ()),
     # The header is included from C++ firmware too; the source compiles as C++ as well.
     StrictConfig("g++", "g++", (), language="c++"),
+    StrictConfig("g++-avx512", "g++", ("-march=x86-64-v4",), language="c++"),
 )
 
 

@@ -48,6 +48,16 @@ def torch_group_norm(x: np.ndarray, layer: Layer, batch: int, scale, offset) -> 
     return to_flat(from_canonical(out, layer, batch), layer)
 
 
+def cpu_has_avx512f() -> bool:
+    """Whether this CPU runs AVX-512F code (the CI machines do; a build for it dies elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "avx512f" in flags.split()
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -24,7 +24,7 @@ from gncodegen.reference import group_norm_reference
 from gncodegen.render import render_c
 from gncodegen.verify import TOLERANCE, Case, c_runner, compare, make_cases, verify_layer
 
-from conftest import make_layer, torch_group_norm
+from conftest import cpu_has_avx512f, make_layer, torch_group_norm
 
 FAST = ("-std=c99", "-O3", "-march=native", "-fPIC", *STRICT_WARNINGS)
 AVX2 = ("-std=c99", "-O3", "-mavx2", "-mfma", "-mno-avx512f", "-fPIC", *STRICT_WARNINGS)
@@ -51,6 +51,9 @@ LAYOUTS = {
     "batch_fastest": (dict(format="SSCB", layout="row-major", input_size=[4, 5, 6],
                            num_groups=3), "strided"),
     "no_batch": (dict(format="SSC", input_size=[5, 7, 6], num_groups=2), "runs"),
+    # Tiny groups (shape E): 32 channels each, 80 per observation, so one observation is one
+    # call of the AVX-512 kernel (64 groups) plus 16 groups left to the portable job.
+    "tiny": (dict(format="BC", layout="row-major", input_size=[2560], num_groups=80), "runs"),
 }
 
 
@@ -135,7 +138,7 @@ def test_every_layout_matches_reference(name, dtype, build):
 
 
 @pytest.mark.parametrize("build", ["avx2", "sse"])
-@pytest.mark.parametrize("name", ["nchw", "nhwc", "features", "cbt", "sbc"])
+@pytest.mark.parametrize("name", ["nchw", "nhwc", "features", "cbt", "sbc", "tiny"])
 def test_instruction_sets(name, build):
     layer = _layer(name)
     plan, module = _build(layer, BUILDS[build])
@@ -162,6 +165,7 @@ THREADED = {
     "nhwc": dict(format="BSSC", layout="row-major", input_size=[24, 41, 64], num_groups=4),
     "cbt": dict(format="CBT", input_size=[64, 300], num_groups=4),
     "features": dict(format="CB", input_size=[2000], num_groups=50),
+    "tiny": dict(format="BC", layout="row-major", input_size=[2048], num_groups=64),
 }
 
 
@@ -218,7 +222,7 @@ NUMERIC_CLASSES = {
 
 @pytest.mark.parametrize("build", ["native", "Os"])
 @pytest.mark.parametrize("cls", sorted(NUMERIC_CLASSES))
-@pytest.mark.parametrize("name", ["nchw", "nhwc", "features"])
+@pytest.mark.parametrize("name", ["nchw", "nhwc", "features", "tiny"])
 def test_accuracy_no_worse_than_torch(name, cls, build, rng):
     layer = _layer(name)
     plan, module = _build(layer, BUILDS[build])
@@ -236,7 +240,7 @@ def test_accuracy_no_worse_than_torch(name, cls, build, rng):
 
 
 @pytest.mark.parametrize("build", ["native", "Os"])
-@pytest.mark.parametrize("name", ["nchw", "nhwc", "features", "cbt", "batch_fastest"])
+@pytest.mark.parametrize("name", ["nchw", "nhwc", "features", "cbt", "batch_fastest", "tiny"])
 def test_constant_groups_give_offset_exactly(name, build, rng):
     layer = _layer(name, offset_initializer="narrow-normal")
     plan, module = _build(layer, BUILDS[build])
@@ -257,7 +261,7 @@ def test_single_element_groups_give_offset(build, rng):
 
 
 @pytest.mark.parametrize("build", ["native", "Os"])
-@pytest.mark.parametrize("name", ["nchw", "nhwc", "features"])
+@pytest.mark.parametrize("name", ["nchw", "nhwc", "features", "tiny"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_nan_and_inf_poison_only_their_group(name, bad, build, rng):
     layer = _layer(name)
@@ -285,7 +289,7 @@ def test_denormal_inputs(name, build, rng):
 
 
 @pytest.mark.parametrize("build", ["native", "O2", "Os"])
-@pytest.mark.parametrize("name", ["nchw", "nhwc", "features", "cbt", "batch_fastest"])
+@pytest.mark.parametrize("name", ["nchw", "nhwc", "features", "cbt", "batch_fastest", "tiny"])
 @pytest.mark.parametrize("magnitude", [1e18, 1e30, 1e37])
 def test_squares_that_overflow_are_rescued(name, magnitude, build, rng):
     """Squares of (x - pilot) overflow float beyond ~1.8e19: the rescue sums scaled by 2^-80.
@@ -300,9 +304,9 @@ def test_squares_that_overflow_are_rescued(name, magnitude, build, rng):
     y = _run(plan, module, x, batch)
     ref = group_norm_reference(x, layer, batch)
     compact = build == "Os" or plan_kernel(plan).kind == "strided"
-    if compact and magnitude * plan.group_numel > float(np.finfo(np.float32).max):
+    if compact and 2 * float(np.max(np.abs(x))) * plan.group_numel > float(np.finfo(np.float32).max):
         # The compact nest's documented limit: its first sweep sums x - x[0] unscaled, so
-        # where |x| * N overflows the group comes out NaN -- never a wrong finite value.
+        # where |x - x[0]| * N may overflow the group comes out NaN -- never a wrong value.
         nan = np.isnan(y)
         assert nan.any()
         assert compare(np.where(nan, ref, y), ref, TOLERANCE["single"], "big").passed
@@ -357,3 +361,116 @@ def test_every_kind_compiles_strict_everywhere(name, layer, opt):
     sources = list(render_c(lower(layer), "test.yaml"))
     for config in fw.STRICT_CONFIGS:
         fw.check_strict(sources, config, opt)
+
+
+# --------------------------------------------------------------------------- AVX-512 tiny groups
+
+
+# The build that compiles the AVX-512 kernel whatever -march=native says. The CI machines have
+# AVX-512; elsewhere running it would die of an illegal instruction, so it is skipped there.
+AVX512 = ("-std=c99", "-O3", "-march=x86-64-v4", "-fPIC", *STRICT_WARNINGS)
+needs_avx512 = pytest.mark.skipif(not cpu_has_avx512f(),
+                                  reason="this CPU has no AVX-512F (the CI machines have it)")
+
+
+def _tiny(n: int, groups: int, dtype: str = "single", **extra):
+    return make_layer(name=f"tiny_{n}_{groups}_{dtype}", format="BC", layout="row-major",
+                      input_size=[n * groups], num_groups=groups, dtype=dtype, **extra)
+
+
+def test_tiny_groups_take_the_simd_kernel_only_where_it_fits():
+    k = plan_kernel(lower(_tiny(32, 32)))                 # shape E
+    assert (k.simd_groups, k.simd_vectors) == (64, 2)
+    assert plan_kernel(lower(_tiny(128, 8))).simd_vectors == 8
+    # MATLAB's own feature format: channels fastest, then the batch, so groups tile too.
+    cb = make_layer(name="tiny_cb", format="CB", input_size=[256], num_groups=8)
+    assert plan_kernel(lower(cb)).simd_groups == 64
+    not_taken = [
+        _tiny(32, 32, dtype="double"),                    # single precision only
+        _tiny(40, 8),                                     # not a whole number of registers
+        _tiny(144, 8),                                    # large enough for the lane sums
+        make_layer(name="tiny_nchw", format="BCS", layout="row-major", input_size=[64, 2],
+                   num_groups=4),                         # a group is two runs
+        make_layer(name="tiny_sbc", format="SBC", input_size=[2, 512], num_groups=16),
+    ]
+    for layer in not_taken:
+        assert plan_kernel(lower(layer)).simd_groups == 0, layer.name
+
+
+def test_simd_tree_puts_each_groups_sum_in_its_lane(rng):
+    """Emulate the tree's blends and two-source permutes with NumPy: lane k = sum of group k."""
+    from gncodegen.cplan import simd_tree
+    tree, order = simd_tree(16)
+    groups = rng.integers(-1000, 1000, (16, 16)).astype(np.int64)   # exact sums
+    v = [None] * 16
+    for k in range(16):
+        v[order[k]] = groups[k]
+    for pairs, mask, index in tree:
+        m = int(mask, 16)
+        for i in range(pairs):
+            a, b = v[2 * i], v[2 * i + 1]
+            both = np.concatenate([a, b])
+            blend = np.where([(m >> j) & 1 for j in range(16)], b, a)
+            v[i] = blend + both[list(index)]
+    assert np.array_equal(v[0], groups.sum(axis=1))
+    assert len(tree) == 4 and [p for p, _, _ in tree] == [8, 4, 2, 1]
+
+
+def test_tiny_group_source_compiles_the_avx512_kernel_only_where_asked(tmp_path):
+    plan = lower(_tiny(32, 80))
+    header, source = render_c(plan, "t.yaml")
+    for s in (header, source):
+        (tmp_path / s.name).write_text(s.text)
+    asm = {}
+    for label, flags in (("avx512", ["-march=x86-64-v4", "-O3"]), ("avx2", ["-mavx2", "-O3"]),
+                         ("size", ["-march=x86-64-v4", "-Os"])):
+        proc = subprocess.run(["cc", "-std=c99", *flags, *STRICT_WARNINGS, "-S", "-o", "-",
+                               source.name], cwd=tmp_path, check=True, capture_output=True,
+                              text=True)
+        asm[label] = proc.stdout
+    assert "vpermt2ps" in asm["avx512"] or "vpermi2ps" in asm["avx512"]
+    assert "tiny_32_80_single_groups" in asm["avx512"]
+    assert "tiny_32_80_single_groups" not in asm["avx2"]
+    assert "tiny_32_80_single_groups" not in asm["size"]   # -Os: the compact nest only
+
+
+@needs_avx512
+@pytest.mark.parametrize("n, groups", [(16, 64), (32, 80), (48, 70), (128, 17)])
+def test_tiny_groups_avx512_match_reference(n, groups, rng):
+    """Whole calls of 64 groups and the groups left over, out of place and in place."""
+    layer = _tiny(n, groups)
+    plan, module = _build(layer, AVX512)
+    assert plan_kernel(plan).simd_groups == 64
+    for batch in (1, 3, 7):
+        x = round_to_dtype(rng.normal(rng.normal(0, 5, 1), 2.0, batch * layer.observation_numel),
+                           "single")
+        scale = round_to_dtype(rng.normal(1, 0.5, layer.num_channels), "single")
+        offset = round_to_dtype(rng.normal(0, 0.5, layer.num_channels), "single")
+        ref = group_norm_reference(x, layer, batch, scale, offset)
+        run = c_runner(plan, module)
+        y = run(Case("x", x, batch, scale=scale, offset=offset))
+        res = compare(y, ref, TOLERANCE["single"], "avx512")
+        assert res.passed, (batch, res.max_rel)
+        y_in = run(Case("x", x, batch, scale=scale, offset=offset, in_place=True))
+        assert np.array_equal(y, y_in)
+
+
+@needs_avx512
+def test_tiny_groups_avx512_redo_only_the_groups_that_need_it(rng):
+    """A group with NaN, Inf or squares that overflow goes to the portable job; its neighbours
+    in the same block of 16 keep the AVX-512 result."""
+    layer = _tiny(32, 64)
+    plan, module = _build(layer, AVX512)
+    x = round_to_dtype(rng.normal(0, 1, 2 * layer.observation_numel), "single")
+    x[3 * 32 + 5] = np.nan
+    x[17 * 32 + 1] = np.inf
+    x[40 * 32: 41 * 32] = round_to_dtype(rng.normal(0, 1e30, 32), "single")
+    x[70 * 32: 71 * 32] = 7.25                             # a constant group: offset exactly
+    y = _run(plan, module, x, 2)
+    ref = group_norm_reference(x, layer, 2)
+    assert np.array_equal(np.isnan(y), np.isnan(ref))
+    assert np.isnan(y[3 * 32: 4 * 32]).all() and np.isnan(y[17 * 32: 18 * 32]).all()
+    res = compare(y, ref, TOLERANCE["single"], "redo")
+    assert res.passed, res.max_rel
+    assert np.array_equal(y[70 * 32: 71 * 32], round_to_dtype(layer.offset[6 * 32: 7 * 32],
+                                                              "single"))

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from conftest import build_layers, make_layer
+from conftest import build_layers, cpu_has_avx512f, make_layer
 from gncodegen.build import HOST_FLAGS
 from gncodegen.plan import lower, round_to_dtype
 from gncodegen.reference import from_canonical, group_norm_reference, to_flat
@@ -42,9 +42,18 @@ LAYERS = {
     "cbt_g3_odd": ("CBT", "column-major", [9, 37], 3, 1e-13),
     "cb_channelwise": ("CB", "column-major", [16], "channel-wise", 1e-5),
     "sscb_g1_65536": ("SSCB", "column-major", [128, 128, 4], 1, 1e-5),
+    # Tiny groups (shape E): the AVX-512 build reduces 16 groups together (80 groups: one call
+    # of 64 per observation, 16 left to the portable job).
+    "bc_g80_32": ("BC", "row-major", [2560], 80, 1e-5),
 }
 BATCH = 2
 SIZE_FLAGS = tuple("-Os" if f == "-O2" else f for f in HOST_FLAGS)
+# The verification build with AVX-512 (x86-64-v4): the ISA paths of the fast kernels.
+AVX512_FLAGS = (*HOST_FLAGS, "-march=x86-64-v4")
+
+
+AVX512_PARAM = pytest.param(AVX512_FLAGS, id="fast-avx512", marks=pytest.mark.skipif(
+    not cpu_has_avx512f(), reason="this CPU has no AVX-512F (the CI machines have it)"))
 BIG_MEAN = {"single": 1e4, "double": 1e4, "half": 1e3, "bfloat16": 1e2}
 # Amplitude whose squares, summed over a group, overflow the accumulation type.
 OVERFLOW_AMPLITUDE = {"single": 1e18, "double": 1e153, "half": 6e4, "bfloat16": 1e18}
@@ -247,7 +256,8 @@ def c_module(dtype: str, flags: tuple[str, ...]):
 
 @pytest.mark.parametrize("cls", classes_for("c"))
 @pytest.mark.parametrize("layer_name", list(LAYERS))
-@pytest.mark.parametrize("flags", [HOST_FLAGS, SIZE_FLAGS], ids=["fast-O2", "compact-Os"])
+@pytest.mark.parametrize("flags", [pytest.param(HOST_FLAGS, id="fast-O2"), AVX512_PARAM,
+                                   pytest.param(SIZE_FLAGS, id="compact-Os")])
 @pytest.mark.parametrize("dtype", ["single", "double"])
 def test_c_input_class(dtype, flags, layer_name, cls):
     """The generated C on one input class: reference NaN pattern, no worse than torch."""

@@ -24,7 +24,7 @@ from gncodegen.targets import render_c_sources
 from conftest import EXAMPLES, make_layer
 
 # Shapes the examples do not have: three spatial dims, a U dim, one group, no B, one element
-# per group, double with a runtime stride.
+# per group, double with a runtime stride, tiny groups (the AVX-512 kernel).
 EXTRA_LAYERS = {
     "sssc_3d": dict(name="s_3d", num_groups=2, format="SSSCB", input_size=[3, 2, 2, 4]),
     "u_dim": dict(name="s_u", num_groups=1, format="CUB", layout="row-major",
@@ -35,6 +35,8 @@ EXTRA_LAYERS = {
                                input_size=[3]),
     "double_cbt": dict(name="s_f64", num_groups=3, format="CBT", input_size=[6, 4],
                        dtype="double"),
+    "tiny_groups": dict(name="s_tiny", num_groups=8, format="BC", layout="row-major",
+                        input_size=[256]),
 }
 
 
