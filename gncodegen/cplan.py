@@ -110,6 +110,10 @@ RECENTER_LIMIT = 1.0
 SIMD_LANES = 16
 SIMD_MAX_GROUP = 128
 SIMD_BLOCKS = 4
+# The fused multiply-add of each precision and the <math.h> macro that says the target has it
+# in hardware (compilers define __FMA__ on x86 too; clang does not define the macro there).
+# Fused in the sweeps' a*b + c: one instruction less per element (NCT F: 57 -> 53 us).
+FUSED = {"single": ("fmaf", "FP_FAST_FMAF"), "double": ("fma", "FP_FAST_FMA")}
 OVERFLOW_LIMIT = {"single": "3.40282347e+38f", "double": "1.7976931348623157e+308"}
 # The compact nest's square root as one FPU instruction, by precision: the instruction and the
 # bit of the ACLE's __ARM_FP that says the FPU has it (4: single precision). The argument,
@@ -136,6 +140,8 @@ class CKernel:
     overflow_limit_literal: str     # largest finite value of the accumulation type
     recenter: bool                  # fast kernels: test for a far pilot (groups > SHORT_GROUP)
     recenter_factor_literal: str    # fast kernels: sum again when shift^2 * it > s2/N
+    fma: str                        # fast kernels: the fused multiply-add function
+    fast_fma_macro: str             # ... and the <math.h> macro that says it is one instruction
     fpu_sqrt: str                   # compact nest: the Arm FPU's square root ("" for none)
     fpu_sqrt_flag: int              # the __ARM_FP bit that says the FPU has fpu_sqrt
     simd_groups: int                # groups per call of the AVX-512 tiny-group kernel (0: none)
@@ -260,6 +266,7 @@ def plan_kernel(plan: Plan) -> CKernel:
         # shift^2 > limit * (s2/N - shift^2)  <=>  shift^2 * (1 + limit) / limit > s2/N
         recenter_factor_literal=c_literal((1.0 + RECENTER_LIMIT) / RECENTER_LIMIT, dtype),
         fpu_sqrt=FPU_SQRT.get(dtype, ("", 0))[0], fpu_sqrt_flag=FPU_SQRT.get(dtype, ("", 0))[1],
+        fma=FUSED[dtype][0], fast_fma_macro=FUSED[dtype][1],
     )
     cpg = plan.channels_per_group
     stats, group = layout.stats_loops, layout.group_loops
@@ -348,6 +355,7 @@ def kernel_comment(plan: Plan) -> tuple[str, ...]:
         "two sweeps, the second around the mean the first found)",
         "apply: y = a*(x - mean) + b, a = scale*rstd, b = offset - a*mean_lo, with mean + mean_lo",
         "= pilot + shift exactly (two-sum); compact: y = a*((x - pilot) - shift) + offset",
+        f"fast kernels fuse d*d + s2 and the apply's multiply-add ({k.fma}) where the target has it",
         f"squares that overflow (|x| beyond ~{overflow}) are summed again scaled by "
         f"{k.rescue_unit_text} (exact);",
         f"limit: |x| up to half the largest value (compact: the largest value / "

@@ -125,6 +125,16 @@ static void decoder_gn_f64_group_sums(const double *xg, double pilot, double uni
 }
 
 /*
+ * a*b + c in the sweeps over the data: fused (one rounding, one instruction) where the target
+ * has fma in hardware, else a multiply and an add (a libm call would cost more than it saves).
+ */
+#if defined(FP_FAST_FMA) || defined(__FMA__)
+#define DECODER_GN_F64_MAC(a, b, c) fma(a, b, c)
+#else
+#define DECODER_GN_F64_MAC(a, b, c) ((a) * (b) + (c))
+#endif
+
+/*
  * Each iteration of a loop marked so reads x[i] before it writes y[i], and y is x or does not
  * overlap it: the iterations are independent, which compilers cannot prove when y == x.
  */
@@ -198,7 +208,7 @@ static decoder_gn_f64_sum_pair decoder_gn_f64_lane_sums(const double *xg, double
         for (size_t k = 0; k < 32; ++k) {
             const double d = run[i + k] - pilot;
             s1[k] += d;
-            s2[k] += d * d;
+            s2[k] = DECODER_GN_F64_MAC(d, d, s2[k]);
         }
     }
     /* Add the lanes pairwise in a fixed tree: the result does not depend on the compiler. */
@@ -258,7 +268,7 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
         for (size_t k = 0; k < 32; ++k) {
             const double d = run[i + k] - pilot;
             s1[k] += d;
-            s2[k] += d * d;
+            s2[k] = DECODER_GN_F64_MAC(d, d, s2[k]);
         }
     }
     /* Add the lanes pairwise in a fixed tree: the result does not depend on the compiler. */
@@ -320,7 +330,7 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
         double *yr = yg + c * 36;
         DECODER_GN_F64_INDEPENDENT
         for (size_t i = 0; i < 36; ++i) {
-            yr[i] = a * (xr[i] - mean) + b;
+            yr[i] = DECODER_GN_F64_MAC(a, xr[i] - mean, b);
         }
     }
 }

@@ -141,6 +141,16 @@ static void encoder_gn_group_sums(const float *xg, float pilot, float unit, floa
 }
 
 /*
+ * a*b + c in the sweeps over the data: fused (one rounding, one instruction) where the target
+ * has fmaf in hardware, else a multiply and an add (a libm call would cost more than it saves).
+ */
+#if defined(FP_FAST_FMAF) || defined(__FMA__)
+#define ENCODER_GN_MAC(a, b, c) fmaf(a, b, c)
+#else
+#define ENCODER_GN_MAC(a, b, c) ((a) * (b) + (c))
+#endif
+
+/*
  * Each iteration of a loop marked so reads x[i] before it writes y[i], and y is x or does not
  * overlap it: the iterations are independent, which compilers cannot prove when y == x.
  */
@@ -214,7 +224,7 @@ static encoder_gn_sum_pair encoder_gn_lane_sums(const float *xg, float pilot)
         for (size_t k = 0; k < 32; ++k) {
             const float d = run[i + k] - pilot;
             s1[k] += d;
-            s2[k] += d * d;
+            s2[k] = ENCODER_GN_MAC(d, d, s2[k]);
         }
     }
     /* Add the lanes pairwise in a fixed tree: the result does not depend on the compiler. */
@@ -274,7 +284,7 @@ static void encoder_gn_job(const float *x, float *y, const float *scale, const f
         for (size_t k = 0; k < 32; ++k) {
             const float d = run[i + k] - pilot;
             s1[k] += d;
-            s2[k] += d * d;
+            s2[k] = ENCODER_GN_MAC(d, d, s2[k]);
         }
     }
     /* Add the lanes pairwise in a fixed tree: the result does not depend on the compiler. */
@@ -336,7 +346,7 @@ static void encoder_gn_job(const float *x, float *y, const float *scale, const f
         float *yr = yg + c * 64;
         ENCODER_GN_INDEPENDENT
         for (size_t i = 0; i < 64; ++i) {
-            yr[i] = a * (xr[i] - mean) + b;
+            yr[i] = ENCODER_GN_MAC(a, xr[i] - mean, b);
         }
     }
 }

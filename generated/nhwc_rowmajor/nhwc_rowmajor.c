@@ -144,6 +144,16 @@ static void nhwc_rowmajor_group_sums(const float *xg, float pilot, float unit, f
 }
 
 /*
+ * a*b + c in the sweeps over the data: fused (one rounding, one instruction) where the target
+ * has fmaf in hardware, else a multiply and an add (a libm call would cost more than it saves).
+ */
+#if defined(FP_FAST_FMAF) || defined(__FMA__)
+#define NHWC_ROWMAJOR_MAC(a, b, c) fmaf(a, b, c)
+#else
+#define NHWC_ROWMAJOR_MAC(a, b, c) ((a) * (b) + (c))
+#endif
+
+/*
  * Each iteration of a loop marked so reads x[i] before it writes y[i], and y is x or does not
  * overlap it: the iterations are independent, which compilers cannot prove when y == x.
  */
@@ -210,7 +220,7 @@ static void nhwc_rowmajor_block_sums(const float *xb, const float *pilot, float 
         for (size_t c = 0; c < 32; ++c) {
             const float d = xr[c] - pilot[c];
             s1[c] += d;
-            s2[c] += d * d;
+            s2[c] = NHWC_ROWMAJOR_MAC(d, d, s2[c]);
         }
     }
 }
@@ -249,7 +259,7 @@ static void nhwc_rowmajor_job(const float *x, float *y, const float *scale, cons
         for (size_t c = 0; c < 32; ++c) {
             const float d = xr[c] - pilot[c];
             s1[c] += d;
-            s2[c] += d * d;
+            s2[c] = NHWC_ROWMAJOR_MAC(d, d, s2[c]);
         }
     }
 
@@ -312,7 +322,7 @@ static void nhwc_rowmajor_job(const float *x, float *y, const float *scale, cons
         float *yr = yb + i_s1s2 * 32;
         NHWC_ROWMAJOR_INDEPENDENT
         for (size_t c = 0; c < 32; ++c) {
-            yr[c] = a[c] * (xr[c] - mean[c]) + b[c];
+            yr[c] = NHWC_ROWMAJOR_MAC(a[c], xr[c] - mean[c], b[c]);
         }
     }
 }

@@ -22,6 +22,7 @@
  *   two sweeps, the second around the mean the first found)
  *   apply: y = a*(x - mean) + b, a = scale*rstd, b = offset - a*mean_lo, with mean + mean_lo
  *   = pilot + shift exactly (two-sum); compact: y = a*((x - pilot) - shift) + offset
+ *   fast kernels fuse d*d + s2 and the apply's multiply-add (fmaf) where the target has it
  *   squares that overflow (|x| beyond ~1e19) are summed again scaled by 2^-80 (exact);
  *   limit: |x| up to half the largest value (compact: the largest value / 200), else NaN
  */
