@@ -194,7 +194,7 @@ def test_threads_source_builds_without_openmp(tmp_path):
     """The OpenMP pragma is behind _OPENMP: a firmware build needs nothing and warns nothing."""
     plan = lower(_layer("nhwc", threads=2))
     header, source = render_c(plan, "t.yaml")
-    assert "#pragma omp parallel for num_threads(2) schedule(static) if (" in source.text
+    assert "#pragma omp parallel for num_threads(2) schedule(static)\n" in source.text
     for s in (header, source):
         (tmp_path / s.name).write_text(s.text)
     for opts in (["-O3"], ["-O3", "-fopenmp"]):
