@@ -9,9 +9,11 @@ For each reference shape of DESIGN.md section 8 and each layout, in one run on t
 thread, and 2 threads through OpenMP), torch.nn.functional.group_norm (1 and 2 threads, NCHW
 and channels_last), ONNX Runtime (GroupNormalization opset 21, else the decomposed graph) and
 NumPy. Every figure is the median time per call over many calls after warm-up (the machines
-are noisy: read ratios). The floor is the input read once plus the output written once over a
-copy bandwidth measured here: hot (a copy of the same size, in cache) and cold (caches flushed
-before every call, against the copy bandwidth of buffers far beyond the last-level cache).
+are noisy: read ratios). The one-thread C, PyTorch and the hot floor are timed in turns, round
+by round, and their ratios are medians of each round's ratio, so that a neighbour's burst of
+work slows both sides of a ratio alike. The floor is the input read once plus the output written
+once: hot, a copy of the same bytes (in cache) timed with the rest; cold (caches flushed before
+every call), over the copy bandwidth of buffers far beyond the last-level cache.
 """
 
 from __future__ import annotations
@@ -107,6 +109,44 @@ def timings_us(fn, min_time: float, warmup: int = 3) -> tuple[float, float]:
             fn()
         samples.append((time.perf_counter_ns() - t0) / per_batch / 1e3)
     return statistics.median(samples), min(samples)
+
+
+def interleaved_us(fns: dict, min_time: float, warmup: int = 3) -> dict[str, list[float]]:
+    """Return {name: samples of us per call} for callables timed in turns.
+
+    Each round times every callable over a batch of about 1 ms, one after the other, so that
+    a busy neighbour slows them alike: ratios taken round by round (`ratio`) hold on a noisy
+    machine where medians taken a minute apart do not. Two untimed calls before each batch
+    bring the callable's own buffers back into the caches that the others evicted (hot-cache
+    figures, as when it runs alone). Only single-threaded callables go in
+    together: an OpenMP pool keeps its idle workers spinning for a while after each call, and
+    on a machine whose two cores are one core's hyperthreads they would slow the next batch.
+    Rounds go on for about min_time seconds per callable, and at least 5.
+    """
+    per_batch = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        t0 = time.perf_counter()
+        fn()
+        per_batch[name] = max(1, int(1e-3 / max(time.perf_counter() - t0, 1e-7)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    end = time.perf_counter() + min_time * len(fns)
+    while len(samples[next(iter(fns))]) < 5 or time.perf_counter() < end:
+        for name, fn in fns.items():
+            n = per_batch[name]
+            for _ in range(2):          # bring its own buffers back into the caches
+                fn()
+            t0 = time.perf_counter_ns()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter_ns() - t0) / n / 1e3)
+    return samples
+
+
+def ratio(num: list[float], den: list[float]) -> float:
+    """Return the median over rounds of num/den (samples from the same interleaved rounds)."""
+    return statistics.median(a / b for a, b in zip(num, den))
 
 
 def cold_us(fn, flush, repeats: int) -> float:
@@ -268,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# generated C: cc {' '.join(FAST_FLAGS[:4])}; times are medians in us per call")
     header = ["shape", "layout", "C 1t", "GB/s", "C 2t", "1->2t", "best 1->2t", "torch 1t",
               "torch 2t",
-              "ORT", "NumPy", "torch1t/C", "hand", "C/hand", "floor hot", "C cold",
+              "ORT", "NumPy", "torch1t/C", "hand", "C/hand", "floor hot", "C/floor", "C cold",
               "floor cold", "cold/floor"]
     rows = [header]
     ort_kinds = set()
@@ -281,22 +321,28 @@ def main(argv: list[str] | None = None) -> int:
             x = x_nchw.ravel().copy()
         y = np.empty_like(x)
         nbytes = 2 * x.nbytes
-        results, best = {}, {}
+        runs = {}
         for threads in (1, 2):
             plan, lib, ffi = build(case, threads)
             px, py = ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", y)
             fn = getattr(lib, f"{plan.prefix}_predict")
-            results[threads], best[threads] = timings_us(lambda: fn(px, py, case.n), min_time)
-            if threads == 1:
-                c_cold = cold_us(lambda: fn(px, py, case.n), flusher, cold_repeats)
-        c1, c2 = results[1], results[2]
-        hot_bw = copy_bandwidth(x.nbytes, min_time)
-        floor_hot = nbytes / hot_bw * 1e6
+            runs[threads] = (lambda f=fn, a=px, b=py: f(a, b, case.n))
+        c_cold = cold_us(runs[1], flusher, cold_repeats)
+        # One thread: the C, PyTorch and the hot floor (a copy of the same bytes, in cache) in
+        # the same rounds; then the two-thread runs, each on its own.
+        copy_src = np.ones_like(x)
+        copy_dst = np.empty_like(x)
+        fns = {"c1": runs[1], "copy": lambda: np.copyto(copy_dst, copy_src)}
+        last = case.layout == "NHWC"
+        if torch is not None:
+            fns["torch1"] = torch_runner(torch, x_nchw, case, 1, last)
+        t = interleaved_us(fns, min_time)
+        c1, floor_hot = statistics.median(t["c1"]), statistics.median(t["copy"])
+        c2, best2 = timings_us(runs[2], min_time)
         floor_cold = nbytes / dram_bw * 1e6
         t1 = t2 = ort_us = np_us = None
         if torch is not None:
-            last = case.layout == "NHWC"
-            t1 = median_us(torch_runner(torch, x_nchw, case, 1, last), min_time)
+            t1 = statistics.median(t["torch1"])
             t2 = median_us(torch_runner(torch, x_nchw, case, 2, last), min_time)
             torch.set_num_threads(1)
             if case.layout == "NCHW":
@@ -310,10 +356,11 @@ def main(argv: list[str] | None = None) -> int:
                 np_us = median_us(numpy_runner(x_nchw, case), min_time)
         hand = HAND_KERNEL_US[case.shape]
         rows.append([case.shape, case.layout, fmt(c1), fmt(nbytes / (c1 * 1e3)), fmt(c2),
-                     fmt(c1 / c2, 2), fmt(best[1] / best[2], 2), fmt(t1), fmt(t2),
-                     fmt(ort_us), fmt(np_us),
-                     fmt(t1 / c1 if t1 else None, 2), fmt(hand), fmt(c1 / hand, 2),
-                     fmt(floor_hot), fmt(c_cold), fmt(floor_cold), fmt(c_cold / floor_cold, 2)])
+                     fmt(c1 / c2, 2), fmt(min(t["c1"]) / best2, 2),
+                     fmt(t1), fmt(t2), fmt(ort_us), fmt(np_us),
+                     fmt(ratio(t["torch1"], t["c1"]) if t1 else None, 2), fmt(hand),
+                     fmt(c1 / hand, 2), fmt(floor_hot), fmt(ratio(t["c1"], t["copy"]), 2),
+                     fmt(c_cold), fmt(floor_cold), fmt(c_cold / floor_cold, 2)])
         print("  ".join(rows[-1]), file=sys.stderr, flush=True)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
@@ -324,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
           "medians on shared machines)")
     print("# 1->2t: C 1t / C 2t; torch1t/C: PyTorch 1 thread over the C (goal >= 2.5); "
           "C/hand: over the issue's AVX-512 kernel (goal <= 1.1); cold/floor: goal <= 1.3")
+    print("# C 1t, torch 1t and the hot floor (a copy of the same bytes) are timed in turns, "
+          "round by round; torch1t/C and C/floor are medians of the rounds' ratios")
     return 0
 
 
