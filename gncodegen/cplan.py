@@ -194,12 +194,12 @@ def _group_stride(plan: Plan) -> int:
 def simd_tree(lanes: int) -> tuple[tuple[tuple[int, str, tuple[int, ...]], ...], tuple[int, ...]]:
     """Return the levels of the tree that adds `lanes` registers into one, and its input order.
 
-    Each level adds `pairs` pairs of registers (a, b): blend(a, b, mask) + permute2(a, b, index), where
-    the mask takes b's lanes in every other run of h/2 lanes (h: lanes per group so far) and
-    the index brings each lane's partner, h/2 lanes away, from the same register. A level halves
-    both the registers and each group's lanes. Lane j of the last register then holds the
-    group whose register went in at position bit-reverse(j); feeding group k at position
-    bit-reverse(k) (the returned order) puts it in lane k.
+    Each level adds `pairs` pairs of registers (a, b) as blend(a, b, mask) + permute2(a, b,
+    index): the mask takes b's lanes in every other run of h/2 lanes (h: lanes per group so
+    far), the index brings each lane's partner, h/2 lanes away, from the same register. A
+    level halves both the registers and each group's lanes. Lane j of the last register then
+    holds the group whose register went in at position bit-reverse(j); feeding group k at
+    position bit-reverse(k) (the returned order) puts it in lane k.
     """
     levels = []
     h = pairs = lanes
@@ -216,16 +216,15 @@ def simd_tree(lanes: int) -> tuple[tuple[tuple[int, str, tuple[int, ...]], ...],
     return tuple(levels), order
 
 
-def _simd_groups(plan: Plan, kernel_is_runs: bool, channel_fastest: bool, group_stride: int,
-                 outer: bool) -> int:
-    """Return the groups per call of the AVX-512 tiny-group kernel for a plan, or 0.
+def _simd_groups(plan: Plan, channel_fastest: bool, group_stride: int, outer: bool) -> int:
+    """Return the groups per call of the AVX-512 tiny-group kernel for a runs plan, or 0.
 
     It takes single-precision groups that are one contiguous run of channels each (scale and
     offset are vectors along it), of a whole number of registers up to SIMD_MAX_GROUP
     elements, tiling the buffer in job order (a call's groups are one contiguous span).
     """
     n = plan.group_numel
-    fits = (plan.layer.dtype == "single" and kernel_is_runs and channel_fastest and not outer
+    fits = (plan.layer.dtype == "single" and channel_fastest and not outer
             and group_stride == n and n % SIMD_LANES == 0 and n <= SIMD_MAX_GROUP
             and not plan.layout.runtime_strides)
     return SIMD_LANES * SIMD_BLOCKS if fits else 0
@@ -290,7 +289,7 @@ def plan_kernel(plan: Plan) -> CKernel:
         assert apply_run.stride == 1 and not apply_run.per_batch, apply_run
         lanes = min(max_lanes, _pow2_floor(run.extent))
         stack = 2 * lanes * size + (2 * cpg * size if channel_fastest else 0)
-        simd = _simd_groups(plan, True, channel_fastest, common["group_stride"],
+        simd = _simd_groups(plan, channel_fastest, common["group_stride"],
                             bool(stats[:-1] or group[:-1]))
         if simd:
             common.update(simd_groups=simd, simd_vectors=plan.group_numel // SIMD_LANES)
@@ -355,7 +354,8 @@ def kernel_comment(plan: Plan) -> tuple[str, ...]:
         "two sweeps, the second around the mean the first found)",
         "apply: y = a*(x - mean) + b, a = scale*rstd, b = offset - a*mean_lo, with mean + mean_lo",
         "= pilot + shift exactly (two-sum); compact: y = a*((x - pilot) - shift) + offset",
-        f"fast kernels fuse d*d + s2 and the apply's multiply-add ({k.fma}) where the target has it",
+        f"fast kernels fuse d*d + s2 and the apply's multiply-add ({k.fma}) where the target "
+        "has it",
         f"squares that overflow (|x| beyond ~{overflow}) are summed again scaled by "
         f"{k.rescue_unit_text} (exact);",
         f"limit: |x| up to half the largest value (compact: the largest value / "

@@ -304,7 +304,8 @@ def test_squares_that_overflow_are_rescued(name, magnitude, build, rng):
     y = _run(plan, module, x, batch)
     ref = group_norm_reference(x, layer, batch)
     compact = build == "Os" or plan_kernel(plan).kind == "strided"
-    if compact and 2 * float(np.max(np.abs(x))) * plan.group_numel > float(np.finfo(np.float32).max):
+    largest = float(np.finfo(np.float32).max)
+    if compact and 2 * float(np.max(np.abs(x))) * plan.group_numel > largest:
         # The compact nest's documented limit: its first sweep sums x - x[0] unscaled, so
         # where |x - x[0]| * N may overflow the group comes out NaN -- never a wrong value.
         nan = np.isnan(y)
