@@ -475,3 +475,25 @@ def test_tiny_groups_avx512_redo_only_the_groups_that_need_it(rng):
     assert res.passed, res.max_rel
     assert np.array_equal(y[70 * 32: 71 * 32], round_to_dtype(layer.offset[6 * 32: 7 * 32],
                                                               "single"))
+
+
+@pytest.mark.parametrize("dtype, fn", [("single", "fmaf"), ("double", "fma")])
+def test_fused_multiply_add_only_where_the_target_has_it(dtype, fn, tmp_path):
+    """The sweeps fuse a*b + c into one instruction where the target has FMA; elsewhere they
+    multiply and add rather than call libm's software fma."""
+    plan = lower(_layer("nchw", dtype))
+    header, source = render_c(plan, "t.yaml")
+    assert f"_MAC(a, b, c) {fn}(a, b, c)" in source.text
+    for s in (header, source):
+        (tmp_path / s.name).write_text(s.text)
+    asm = {}
+    # (clang defines __FMA__ but leaves glibc's FP_FAST_FMAF unset.)
+    for label, cc, flags in (("fma", "cc", ["-mavx2", "-mfma"]), ("baseline", "cc", []),
+                             ("clang-fma", "clang", ["-mavx2", "-mfma"])):
+        proc = subprocess.run([cc, "-std=c99", "-O3", *flags, *STRICT_WARNINGS, "-S", "-o", "-",
+                               source.name], cwd=tmp_path, check=True, capture_output=True,
+                              text=True)
+        asm[label] = proc.stdout
+    for label in ("fma", "clang-fma"):
+        assert "vfmadd" in asm[label] and f"call\t{fn}" not in asm[label], label
+    assert "vfmadd" not in asm["baseline"] and f"call\t{fn}" not in asm["baseline"]
