@@ -8,12 +8,13 @@ For each reference shape of DESIGN.md section 8 and each layout, in one run on t
 (float32): the generated C built with -O3 -march=native through cffi (preallocated output;
 input and output on page boundaries, see `page_aligned`; 1 thread, and 2 threads through
 OpenMP), torch.nn.functional.group_norm (1 and 2 threads, NCHW and channels_last), ONNX
-Runtime (GroupNormalization opset 21, else the decomposed graph) and NumPy. Every figure is the median time per call over many calls after warm-up (the machines
-are noisy: read ratios). The one-thread C, PyTorch and the hot floor are timed in turns, round
-by round, and their ratios are medians of each round's ratio, so that a neighbour's burst of
-work slows both sides of a ratio alike. The floor is the input read once plus the output written
-once: hot, a copy of the same bytes (in cache) timed with the rest; cold (caches flushed before
-every call), over the copy bandwidth of buffers far beyond the last-level cache.
+Runtime (GroupNormalization opset 21, else the decomposed graph) and NumPy. Every figure is
+the median time per call over many calls after warm-up (the machines are noisy: read ratios).
+The one-thread C, PyTorch and the hot floor are timed in turns, round by round, and their
+ratios are medians of each round's ratio, so that a neighbour's burst of work slows both sides
+of a ratio alike. The floor is the input read once plus the output written once: hot, a copy
+of the same bytes (in cache) timed with the rest; cold (caches flushed before every call),
+over the copy bandwidth of buffers far beyond the last-level cache.
 """
 
 from __future__ import annotations
