@@ -90,25 +90,32 @@ def median_us(fn, min_time: float, warmup: int = 3) -> float:
     return timings_us(fn, min_time, warmup)[0]
 
 
-def timings_us(fn, min_time: float, warmup: int = 3) -> tuple[float, float]:
-    """Return the median and the best time of one call of fn in microseconds.
-
-    Calls are timed in batches long enough (about 1 ms) that the clock's resolution does not
-    matter; the median is over batches for about min_time seconds.
-    """
+def calls_per_batch(fn, warmup: int = 3) -> int:
+    """Warm fn up and return how many calls make a batch of about 1 ms (the clock's resolution
+    then does not matter)."""
     for _ in range(warmup):
         fn()
     t0 = time.perf_counter()
     fn()
-    one = max(time.perf_counter() - t0, 1e-7)
-    per_batch = max(1, int(1e-3 / one))
+    return max(1, int(1e-3 / max(time.perf_counter() - t0, 1e-7)))
+
+
+def batch_us(fn, calls: int) -> float:
+    """Return the time of one call of fn in microseconds, over a batch of calls."""
+    t0 = time.perf_counter_ns()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter_ns() - t0) / calls / 1e3
+
+
+def timings_us(fn, min_time: float, warmup: int = 3) -> tuple[float, float]:
+    """Return the median and the best time of one call of fn in microseconds, over batches of
+    about 1 ms for about min_time seconds (at least 5)."""
+    calls = calls_per_batch(fn, warmup)
     samples = []
     end = time.perf_counter() + min_time
     while len(samples) < 5 or time.perf_counter() < end:
-        t0 = time.perf_counter_ns()
-        for _ in range(per_batch):
-            fn()
-        samples.append((time.perf_counter_ns() - t0) / per_batch / 1e3)
+        samples.append(batch_us(fn, calls))
     return statistics.median(samples), min(samples)
 
 
@@ -116,7 +123,7 @@ def page_aligned(values: np.ndarray) -> np.ndarray:
     """Return a copy of a float32 array that starts on a 4 KiB boundary.
 
     Where the output starts relative to the input, modulo 4 KiB, moves the generated C by up
-    to a third (NCT F: 51 us when both start on a page, 69 us with the output 64 bytes
+    to a half (NCT F: 51 us when both start on a page, 69 us with the output 64 bytes
     further: the apply sweep's stores alias the next loads in the low 12 address bits), and
     malloc places NumPy's buffers anywhere; on page boundaries every run measures the same case.
     """
@@ -134,29 +141,19 @@ def interleaved_us(fns: dict, min_time: float, warmup: int = 3) -> dict[str, lis
     a busy neighbour slows them alike: ratios taken round by round (`ratio`) hold on a noisy
     machine where medians taken a minute apart do not. Two untimed calls before each batch
     bring the callable's own buffers back into the caches that the others evicted (hot-cache
-    figures, as when it runs alone). Only single-threaded callables go in
-    together: an OpenMP pool keeps its idle workers spinning for a while after each call, and
-    on a machine whose two cores are one core's hyperthreads they would slow the next batch.
+    figures, as when it runs alone). Only single-threaded callables go in together: an OpenMP
+    pool keeps its idle workers spinning for a while after each call, and on a 2-core machine
+    they would compete with the next batch.
     Rounds go on for about min_time seconds per callable, and at least 5.
     """
-    per_batch = {}
-    for name, fn in fns.items():
-        for _ in range(warmup):
-            fn()
-        t0 = time.perf_counter()
-        fn()
-        per_batch[name] = max(1, int(1e-3 / max(time.perf_counter() - t0, 1e-7)))
+    calls = {name: calls_per_batch(fn, warmup) for name, fn in fns.items()}
     samples: dict[str, list[float]] = {name: [] for name in fns}
     end = time.perf_counter() + min_time * len(fns)
     while len(samples[next(iter(fns))]) < 5 or time.perf_counter() < end:
         for name, fn in fns.items():
-            n = per_batch[name]
             for _ in range(2):          # bring its own buffers back into the caches
                 fn()
-            t0 = time.perf_counter_ns()
-            for _ in range(n):
-                fn()
-            samples[name].append((time.perf_counter_ns() - t0) / n / 1e3)
+            samples[name].append(batch_us(fn, calls[name]))
     return samples
 
 
