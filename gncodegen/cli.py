@@ -13,7 +13,7 @@ import click
 from . import __version__
 from .errors import GncodegenError
 from .pipeline import Result, run, write_output
-from .targets import target_choices
+from .targets import CUDA_RUNNERS, VerifyOptions, target_choices
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -56,6 +56,11 @@ target_option = click.option(
 allow_code_option = click.option(
     "--allow-code", is_flag=True, help="Allow module:function initializers to run Python code.")
 keep_option = click.option("--keep", is_flag=True, help="Print where the build folder is.")
+cuda_runner_option = click.option(
+    "--cuda-runner", default="auto", show_default=True,
+    type=click.Choice(CUDA_RUNNERS, case_sensitive=False),
+    help="Where the CUDA target's verification runs: a GPU when one is found (auto), a GPU or "
+         "an error (gpu), or the host emulation even where a GPU exists (emulation).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -72,12 +77,13 @@ def main() -> None:
 @click.option("--no-verify", is_flag=True, help="Write the sources without compiling them.")
 @allow_code_option
 @keep_option
+@cuda_runner_option
 def build(spec: str, out_dir: str | None, target: str, no_verify: bool, allow_code: bool,
-          keep: bool) -> None:
+          keep: bool, cuda_runner: str) -> None:
     """Render, compile and verify SPEC, then write the sources and manifest.json."""
     try:
         result = run(spec, target=target.lower(), verify=not no_verify, allow_code=allow_code,
-                     keep=keep)
+                     options=VerifyOptions(keep, cuda_runner.lower()))
         click.echo(_report(result, verified=not no_verify))
         if not result.passed:
             click.echo("error: verification failed; nothing was written", err=True)
@@ -95,10 +101,12 @@ def build(spec: str, out_dir: str | None, target: str, no_verify: bool, allow_co
 @target_option
 @allow_code_option
 @keep_option
-def verify(spec: str, target: str, allow_code: bool, keep: bool) -> None:
+@cuda_runner_option
+def verify(spec: str, target: str, allow_code: bool, keep: bool, cuda_runner: str) -> None:
     """Build SPEC in a scratch folder and verify it against the reference; write nothing."""
     try:
-        result = run(spec, target=target.lower(), verify=True, allow_code=allow_code, keep=keep)
+        result = run(spec, target=target.lower(), verify=True, allow_code=allow_code,
+                     options=VerifyOptions(keep, cuda_runner.lower()))
     except GncodegenError as exc:
         _fail(exc)
     click.echo(_report(result, verified=True))

@@ -702,8 +702,8 @@ def _layer_pair(plan: Plan, sources: list[Source]) -> tuple[Source, Source]:
 
 def verifier(name: str):
     """Return the verify hook of targets.Target for the firmware target `name`."""
-    def verify(spec: Spec, plans: tuple[Plan, ...], sources: list[Source], keep: bool):
-        return verify_target(name, spec, plans, sources, keep)
+    def verify(spec: Spec, plans: tuple[Plan, ...], sources: list[Source], options):
+        return verify_target(name, spec, plans, sources, options.keep)
     return verify
 
 

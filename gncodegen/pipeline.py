@@ -17,7 +17,7 @@ from .errors import GncodegenError, SpecError
 from .plan import Plan, lower_spec
 from .render import Source
 from .spec import Spec, load_spec
-from .targets import Outcome, Target, resolve_targets
+from .targets import Outcome, Target, VerifyOptions, resolve_targets
 
 MANIFEST = "manifest.json"
 
@@ -70,7 +70,7 @@ def manifest_text(spec: Spec, targets: tuple[Target, ...], sources: list[Source]
 
 
 def run(spec_path: str | Path, target: str = "c", verify: bool = True,
-        allow_code: bool = False, keep: bool = False) -> Result:
+        allow_code: bool = False, options: VerifyOptions = VerifyOptions()) -> Result:
     """Return the Result of loading, rendering and (unless told not to) verifying a spec."""
     spec = load_spec(spec_path, allow_code=allow_code)
     targets = resolve_targets(target)
@@ -79,7 +79,7 @@ def run(spec_path: str | Path, target: str = "c", verify: bool = True,
     outcomes: dict[str, Outcome] = {}
     if verify:
         for t in targets:
-            outcomes[t.name] = t.verify(spec, plans, sources, keep)
+            outcomes[t.name] = t.verify(spec, plans, sources, options)
     return Result(spec, plans, targets, tuple(sources), outcomes,
                   manifest_text(spec, targets, sources, outcomes))
 

@@ -26,6 +26,19 @@ class Outcome:
     notes: tuple[str, ...] = ()
 
 
+# How the CUDA target runs its verification: on a GPU when one is found (auto), only on a GPU
+# (gpu: an error without one), or under the host emulation even where a GPU exists.
+CUDA_RUNNERS = ("auto", "gpu", "emulation")
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """What the caller asked of verification, passed to every target's verify hook."""
+
+    keep: bool = False              # print where the build folder is
+    cuda_runner: str = "auto"       # one of CUDA_RUNNERS
+
+
 @dataclass(frozen=True)
 class Target:
     """One target: which dtypes it takes, how it renders, how it verifies."""
@@ -34,7 +47,7 @@ class Target:
     description: str
     dtypes: tuple[str, ...]
     render: Callable[[Spec, tuple[Plan, ...]], list[Source]]
-    verify: Callable[[Spec, tuple[Plan, ...], list[Source], bool], Outcome]
+    verify: Callable[[Spec, tuple[Plan, ...], list[Source], VerifyOptions], Outcome]
 
     def check(self, spec: Spec) -> None:
         """Raise SpecError when a layer's dtype is one this target cannot produce."""
@@ -51,14 +64,15 @@ def render_c_sources(spec: Spec, plans: tuple[Plan, ...]) -> list[Source]:
     return [src for plan in plans for src in render_c(plan, name)]
 
 
-def verify_c(spec: Spec, plans: tuple[Plan, ...], sources: list[Source], keep: bool) -> Outcome:
+def verify_c(spec: Spec, plans: tuple[Plan, ...], sources: list[Source],
+             options: VerifyOptions) -> Outcome:
     """Build the C sources for this host with cffi and verify every layer."""
     from .build import build_c_module
     from .verify import c_runner, verify_layer
 
     c_sources = [s for s in sources if s.name.endswith((".c", ".h")) and
                  not s.name.endswith("_cuda.h")]
-    module = build_c_module(plans, c_sources, keep=keep)
+    module = build_c_module(plans, c_sources, keep=options.keep)
     return Outcome(tuple(verify_layer(p.layer, "c", "host", c_runner(p, module))
                          for p in plans))
 

@@ -462,6 +462,55 @@ def test_cli_verify_cuda_says_where_it_ran(tmp_path):
     assert where in proc.stdout and "pass" in proc.stdout
 
 
+def test_cli_cuda_runner_gpu_needs_a_gpu(tmp_path):
+    """--cuda-runner gpu verifies on the GPU, or fails in one line and writes nothing."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["python3", "-m", "gncodegen.cli", "build",
+                           str(ROOT / "examples" / "features_channelwise.yaml"), "--target", "all",
+                           "--cuda-runner", "gpu", "-o", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, check=False)
+    if GPU:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"gpu ({GPU})" in proc.stdout
+        return
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: --cuda-runner: gpu needs ")
+    assert not out.exists()
+
+
+def test_cuda_runner_choice(monkeypatch):
+    """auto follows the machine; emulation stays on the host where a GPU exists; gpu insists."""
+    from gncodegen import cuda_target
+    from gncodegen.errors import TargetUnavailable
+
+    monkeypatch.setattr(cuda_target, "gpu_name", lambda: "NVIDIA Test GPU")
+    assert cuda_target.chosen_gpu("auto") == "NVIDIA Test GPU"
+    assert cuda_target.chosen_gpu("gpu") == "NVIDIA Test GPU"
+    assert cuda_target.chosen_gpu("emulation") is None
+    monkeypatch.setattr(cuda_target, "gpu_name", lambda: None)
+    assert cuda_target.chosen_gpu("auto") is None
+    assert cuda_target.chosen_gpu("emulation") is None
+    with pytest.raises(TargetUnavailable, match=r"^--cuda-runner: gpu needs "):
+        cuda_target.chosen_gpu("gpu")
+
+
+def test_cli_cuda_runner_emulation_on_a_gpu_machine(monkeypatch):
+    """Asked for the emulation where a GPU exists, verification runs on the host and says so."""
+    from click.testing import CliRunner
+
+    from gncodegen import cuda_target
+    from gncodegen.cli import main
+
+    monkeypatch.setattr(cuda_target, "gpu_name", lambda: "NVIDIA Test GPU")
+    result = CliRunner().invoke(main, ["verify", str(ROOT / "examples" / "features_channelwise.yaml"),
+                                       "--target", "cuda", "--cuda-runner", "emulation"])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if " cuda " in line]
+    assert rows and all("host emulation" in r and "pass" in r for r in rows)
+    assert "as asked (--cuda-runner emulation), not on the GPU here (NVIDIA Test GPU)" in result.output
+
+
 def test_cli_build_target_all_writes_c_cuda_cmake_and_the_ptxas_report(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(["python3", "-m", "gncodegen.cli", "build",
