@@ -18,7 +18,9 @@
  *     happens-before edge they create and reports an access that no barrier orders.
  *
  * Device attributes come from the environment: GN_EMU_CC_MAJOR (default 9) and GN_EMU_SMS
- * (default 4). Device memory is host memory.
+ * (default 4). Device memory is host memory; GN_EMU_NO_POOL=1 makes cudaMallocAsync fail as
+ * on a device without memory pools. Streams run their work at once, in order. GN_EMU_TRACE=1
+ * prints every launch's geometry to stderr (tests compare it with the plan's choice).
  */
 #ifndef GN_CUDA_EMULATION_H
 #define GN_CUDA_EMULATION_H
@@ -57,6 +59,7 @@ enum cudaError_t {
     cudaErrorMemoryAllocation = 2,
     cudaErrorInvalidConfiguration = 9,
     cudaErrorLaunchFailure = 719,
+    cudaErrorNotSupported = 801,
 };
 
 inline const char *cudaGetErrorString(cudaError_t err)
@@ -66,6 +69,7 @@ inline const char *cudaGetErrorString(cudaError_t err)
     case cudaErrorInvalidValue: return "invalid argument";
     case cudaErrorMemoryAllocation: return "out of memory";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorNotSupported: return "operation not supported";
     default: return "unspecified launch failure";
     }
 }
@@ -479,6 +483,10 @@ cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t *config, void (*kernel)(
         || config->blockDim.z != 1) {
         return cudaErrorInvalidConfiguration; /* the generated kernels are one-dimensional */
     }
+    if (gn_emu::env_int("GN_EMU_TRACE", 0) != 0) {
+        fprintf(stderr, "gn_emu: launch %u blocks of %u threads, cluster %u\n", config->gridDim.x,
+                config->blockDim.x, cluster);
+    }
     std::tuple<Params...> params(std::forward<Args>(args)...);
     const std::function<void()> body = [&] { std::apply(kernel, params); };
     return gn_emu::run_grid(config->gridDim.x, config->blockDim.x, cluster, body);
@@ -519,6 +527,16 @@ inline cudaError_t cudaFree(void *ptr)
     free(ptr);
     return cudaSuccess;
 }
+
+inline cudaError_t cudaMallocAsync(void **ptr, size_t bytes, cudaStream_t)
+{
+    if (gn_emu::env_int("GN_EMU_NO_POOL", 0) != 0) {
+        return cudaErrorNotSupported;
+    }
+    return cudaMalloc(ptr, bytes);
+}
+
+inline cudaError_t cudaFreeAsync(void *ptr, cudaStream_t) { return cudaFree(ptr); }
 
 inline cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind)
 {
