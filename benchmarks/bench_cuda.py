@@ -202,7 +202,8 @@ def main() -> None:
             floor = nbytes / bandwidth * 1e6
             v = chosen_variant(cp, row.n, props.major, props.multi_processor_count)
             kernel = (f"{v.strategy}" + (f" x{v.cluster}" if v.cluster > 1 else "")
-                      + (f", {v.team_groups} groups/team" if v.team_groups > 1 else ""))
+                      + (f", {v.team_groups} groups/team" if v.team_groups > 1 else "")
+                      + (f", {v.chunks} chunks/group" if v.chunks > 1 else ""))
             results.append(dict(shape=row.shape, layout=row.layout, dtype=row.dtype,
                                 mbytes=nbytes / 1e6, floor_us=floor, copy_us=t_copy,
                                 ours_us=t_ours, torch_us=t_torch, of_floor=floor / t_ours,

@@ -16,6 +16,13 @@ Strategies
            are used.
   looped   a group too large for one cluster's registers: the team sweeps global memory twice
            (statistics, then apply; the second sweep mostly hits L2).
+  split    stands in for a looped kernel whose teams would leave SMs idle (fewer than two
+           blocks per SM; always so on sm_80 for large groups of small batches): every group is
+           cut into chunks of `threads * vec * items` elements, each its own block. A first
+           kernel writes each chunk's sums (and the group's pilot) to a workspace from
+           cudaMallocAsync; a second one, launched behind it on the stream, has every block add
+           its group's chunk sums in the same fixed order and apply to its chunk, whose second
+           read mostly hits L2. Where the workspace cannot be had, the looped kernel runs.
   rows     channels-last with groups narrower than a memory sector: one team (block or cluster,
            on chip or looped as above) owns several neighbouring groups, so every load is a
            full row of contiguous channels; each thread always sees the same channels and
@@ -117,11 +124,22 @@ class Variant:
     needs_sm90: bool
     why: str
     team_groups: int = 1   # consecutive groups one team owns (rows strategy: several)
+    chunks: int = 1        # split strategy: blocks (chunks) per group
+
+    @property
+    def blocks_per_group(self) -> int:
+        """Blocks that one (observation, group) occupies."""
+        return self.cluster * self.chunks
+
+    @property
+    def chunk_numel(self) -> int:
+        """Split strategy: elements of one chunk (one block)."""
+        return self.threads * self.vec * self.items
 
     @property
     def template_args(self) -> str:
         """The kernel's template arguments, without the trailing BAKED flag."""
-        if self.strategy == "warp":
+        if self.strategy in ("warp", "split"):
             return f"{self.lanes}, {self.vec}, {self.items}"
         return f"{self.threads}, {self.cluster}, {self.vec}, {self.items}"
 
@@ -130,6 +148,8 @@ class Variant:
         """Which kernel template the variant instantiates."""
         if self.strategy == "warp":
             return "warp_kernel"
+        if self.strategy == "split":
+            return "split_sums_kernel"     # then split_apply_kernel
         return "rows_kernel" if self.team_groups > 1 else "group_kernel"
 
     @property
@@ -170,6 +190,7 @@ class CudaPlan:
     narrow: Variant | None            # sm_90, enough blocks: smallest cluster that fits
     wide: Variant | None              # sm_90, few groups: split each group further
     portable: Variant | None          # any arch: one block per group
+    split: Variant | None             # any arch: chunks of a group in independent blocks
     scalar_variant: Variant           # unaligned pointers
     min_blocks_per_sm: int
     ab_in_smem: bool                  # stage folded a/b per channel in shared memory
@@ -393,6 +414,19 @@ def _wide(base: Variant, numel: int, vec: int, cluster_max: int, e_max: int,
                           f"few teams: {k} blocks per team fill more SMs", team_groups)
 
 
+def _split_variant(numel: int, vec: int, e_max: int, opts: CudaOptions) -> Variant:
+    """Return the split variant: chunks of one smallest block's on-chip share of elements."""
+    threads = opts.block_threads[0]
+    items = max(1, e_max // vec)
+    chunk = threads * vec * items
+    chunks = _ceil(numel, chunk)
+    assert chunks > 1, (numel, chunk)
+    return Variant("split", "split", threads, threads, 1, vec, items, 1, False,
+                   f"when a looped kernel's teams leave SMs idle: {chunks} chunks of {chunk} "
+                   "elements per group in independent blocks, sums through a workspace",
+                   chunks=chunks)
+
+
 def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
     """Return the CudaPlan for one layer."""
     opts = options or CudaOptions()
@@ -407,7 +441,7 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
     has_sm90 = any(a >= 90 for a in archs)
     cluster_max = opts.max_cluster if has_sm90 else 1
 
-    warp = narrow = wide = portable = None
+    warp = narrow = wide = portable = split = None
     rows = rows_geometry(plan, sc.bytes)
     if rows is not None and rows.vec <= e_max:
         # One team owns rows.groups groups; block sizes keep whole rows per thread column.
@@ -471,6 +505,9 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
         # Few groups: split each over a full cluster so that more SMs stream it.
         if has_sm90:
             wide = _wide(narrow or portable, numel, vec, cluster_max, e_max, opts, 1)
+        # A looped team sweeps its group alone; with few teams the split kernels stand in.
+        if any(v is not None and v.strategy == "looped" for v in (narrow, wide, portable)):
+            split = _split_variant(numel, vec, e_max, opts)
         sv = 1
         pt = portable
         if pt.strategy == "looped":
@@ -480,7 +517,7 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
             fit_s = _fit(numel, sv, e_max, 1, bt)
             scalar = _block_variant("scalar", numel, sv, 1, fit_s[0], e_max, False,
                                     "x or y not aligned for vector loads")
-    variants = tuple(v for v in (warp, narrow, wide, portable, scalar) if v is not None)
+    variants = tuple(v for v in (warp, narrow, wide, portable, split, scalar) if v is not None)
     for v in variants:
         assert v.threads % WARP == 0 and v.threads <= 1024, v
         assert v.cluster <= opts.max_cluster
@@ -488,7 +525,7 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
 
     lay = plan.layout
     group_stride = plan.channels_per_group * lay.channel_stride
-    max_teams_per_group = max(v.cluster for v in variants)
+    max_teams_per_group = max(v.blocks_per_group for v in variants)
     if plan.has_batch:
         max_batch = min(GRID_LIMIT // (plan.num_groups * max_teams_per_group),
                         SIZE_MAX // plan.observation_numel)
@@ -518,6 +555,11 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
                      f"summed again with d scaled by {rescue.unit_text}")
     for v in variants:
         where = "sm_90+" if v.needs_sm90 else "any arch"
+        if v.strategy == "split":
+            lines.append(f"kernel {v.name} ({where}): two kernels of {v.threads}-thread blocks, "
+                         f"{v.chunks} blocks per group, {v.elements_per_thread} elements per "
+                         f"thread: {v.why}")
+            continue
         lines.append(f"kernel {v.name} ({where}): {v.strategy}, {v.threads} threads"
                      + (f" x {v.cluster}-block cluster" if v.cluster > 1 else "")
                      + (f", {v.teams_per_block} groups per block" if v.teams_per_block > 1 else "")
@@ -530,7 +572,7 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
         channel_div=div, channel_mod=mod, group_stride=group_stride,
         group_stride_per_batch=lay.channel_per_batch, batch_stride=lay.batch_stride,
         max_batch=max_batch, variants=variants, warp=warp, narrow=narrow, wide=wide,
-        portable=portable, scalar_variant=scalar, min_blocks_per_sm=MIN_WAVES,
+        portable=portable, split=split, scalar_variant=scalar, min_blocks_per_sm=MIN_WAVES,
         ab_in_smem=ab_in_smem, rows=rows, rescue=rescue,
         uses_cluster=any(v.cluster > 1 for v in variants),
         epsilon_literal=c_literal(layer.epsilon, acc),
@@ -548,17 +590,25 @@ def check_cuda_dtype(plan: Plan) -> None:
 
 
 def chosen_variant(cp: CudaPlan, batch: int, cc_major: int, sms: int,
-                   aligned: bool = True) -> Variant:
-    """Return the variant the generated host code launches (mirrors its run() function)."""
+                   aligned: bool = True, pool: bool = True) -> Variant:
+    """Return the variant the generated host code launches (mirrors its run() function).
+
+    pool: whether cudaMallocAsync gives the split kernels their workspace.
+    """
     if not aligned:
         return cp.scalar_variant
     if cp.warp is not None:
         return cp.warp
+    few = sms * cp.min_blocks_per_sm       # fewer blocks than this leave SMs idle
+    v = cp.portable
     if cc_major >= 9:
         base = cp.narrow or cp.portable
         teams = batch * cp.plan.num_groups // base.team_groups
-        if cp.wide is not None and teams * base.cluster < sms * cp.min_blocks_per_sm:
-            return cp.wide
-        if cp.narrow is not None:
-            return cp.narrow
-    return cp.portable
+        if cp.wide is not None and teams * base.cluster < few:
+            v = cp.wide
+        elif cp.narrow is not None:
+            v = cp.narrow
+    teams = batch * cp.plan.num_groups // v.team_groups
+    if cp.split is not None and pool and v.strategy == "looped" and teams * v.cluster < few:
+        return cp.split
+    return v

@@ -47,14 +47,16 @@ def layer_of(fmt: str, layout: str, size: list[int], groups, dtype: str = "singl
 # (format, layout, input_size, groups, strategies SMALL gives it in single precision)
 SHAPES = {
     "warp_sscb": ("SSCB", "column-major", [6, 5, 4], 2, {"warp"}),
-    "cluster_sscb": ("SSCB", "column-major", [10, 10, 8], 2, {"cluster", "looped"}),
-    "nhwc": ("BSSC", "row-major", [8, 8, 16], 2, {"cluster", "looped"}),
+    "cluster_sscb": ("SSCB", "column-major", [10, 10, 8], 2, {"cluster", "looped", "split"}),
+    "nhwc": ("BSSC", "row-major", [8, 8, 16], 2, {"cluster", "looped", "split"}),
     "nhwc_warp": ("BSSC", "row-major", [5, 3, 16], 2, {"warp"}),
     "cbt": ("CBT", "column-major", [6, 70], 3, {"cluster", "block"}),
     "nchw_odd": ("BCSS", "row-major", [3, 7, 9], 1, {"cluster", "block"}),
-    "looped": ("SSCB", "column-major", [40, 40, 4], 2, {"looped"}),
+    "looped": ("SSCB", "column-major", [40, 40, 4], 2, {"looped", "split"}),
+    # more chunks per group (67) than threads per block (64): the records loop wraps
+    "split_many": ("SSCB", "column-major", [92, 92, 4], 2, {"looped", "split"}),
     "channelwise": ("CB", "column-major", [16], 16, {"warp"}),
-    "no_batch": ("SSC", "column-major", [9, 7, 24], 3, {"cluster", "looped"}),
+    "no_batch": ("SSC", "column-major", [9, 7, 24], 3, {"cluster", "looped", "split"}),
     "no_batch_warp": ("SSC", "column-major", [5, 3, 6], 3, {"warp"}),
     # channels-last groups narrower than a sector: teams of several groups (rows kernel)
     "rows_nhwc": ("BSSC", "row-major", [6, 6, 16], 8, {"cluster", "looped", "block"}),
@@ -87,7 +89,13 @@ def test_plan_fills_an_h100_on_reference_shapes():
     assert b.portable.strategy == "block" and b.portable.threads == 512
     assert b.portable.items * b.vec <= 16
     assert chosen_variant(b, 8, 9, 132) is b.portable
-    assert chosen_variant(c, 1, 9, 132) is c.wide and chosen_variant(c, 1, 8, 132) is c.portable
+    assert chosen_variant(c, 1, 9, 132) is c.wide
+    # Before sm_90 (no clusters) one looped block per group would use 32 of 108 SMs: the split
+    # kernels give every 4096-element chunk its own block (320 blocks), unless no workspace.
+    assert chosen_variant(c, 1, 8, 108) is c.split and c.split.chunks == 10
+    assert c.split.chunk_numel == 4096 and c.split.threads == 256
+    assert chosen_variant(c, 1, 8, 108, pool=False) is c.portable
+    assert chosen_variant(c, 8, 8, 108) is c.portable       # 256 teams fill the GPU already
     # E (256, 1024) feature input: 32-element groups go to 8 lanes of a warp, float4 each.
     e = lower_cuda(lower(layer_of("CB", "column-major", [1024], 32)))
     assert e.warp is not None and e.warp.lanes == 8 and e.warp.items == 1 and e.vec == 4
@@ -198,6 +206,23 @@ def test_every_dtype_compiles_with_nvcc_without_spills(dtype):
             assert k.spill_stores == k.spill_loads == k.stack_bytes == 0, k
 
 
+@needs_nvcc
+@pytest.mark.parametrize("dtype", ["single", "half", "bfloat16"])
+def test_reference_shapes_compile_with_nvcc_without_spills(dtype):
+    # Shapes B and C of DESIGN.md section 8 with the real geometry. B's 6272-element groups stay
+    # in one block; C's 40960-element groups do not fit one block, so its plan has the split kernels.
+    for size in ([64, 56, 56], [320, 64, 64]):
+        plan = lower(layer_of("BCSS", "row-major", size, 32, dtype))
+        cp, sources = _sources(plan)
+        kernels = compile_check(plan, cp, sources)
+        names = {k.kernel.split("<")[0] for k in kernels}
+        assert (cp.split is not None) == (cp.portable.strategy == "looped")
+        assert ({"split_sums_kernel", "split_apply_kernel"} <= names) == (cp.split is not None)
+        assert cp.split is not None or size[0] == 64
+        for k in kernels:
+            assert k.spill_stores == k.spill_loads == k.stack_bytes == 0, k
+
+
 # --------------------------------------------------------------------------- emulation
 
 
@@ -219,6 +244,13 @@ def test_emulation_single_every_layout_and_strategy(key):
     old = verify_layer(plan.layer, "cuda", "host emulation sm_80",
                        cuda_runner(plan, exe, {"GN_EMU_CC_MAJOR": "8"}), make_cases(plan.layer)[:2])
     assert old.passed, old
+    if cp.split is not None:
+        # No workspace (a device without memory pools): the looped kernels stand in.
+        for cc in ("8", "9"):
+            env = {"GN_EMU_CC_MAJOR": cc, "GN_EMU_NO_POOL": "1"}
+            fallback = verify_layer(plan.layer, "cuda", f"host emulation sm_{cc}0, no pool",
+                                    cuda_runner(plan, exe, env), make_cases(plan.layer)[:3])
+            assert fallback.passed, fallback
 
 
 @pytest.mark.parametrize("dtype", ["double", "half", "bfloat16"])
@@ -227,6 +259,43 @@ def test_emulation_every_dtype(key, dtype):
     plan, cp, exe = _emulate(key, dtype)
     report = verify_layer(plan.layer, "cuda", "host emulation", cuda_runner(plan, exe))
     assert report.passed, report
+
+
+def _launches(stderr: str) -> list[tuple[int, int, int]]:
+    return [tuple(map(int, m)) for m in re.findall(
+        r"gn_emu: launch (\d+) blocks of (\d+) threads, cluster (\d+)", stderr)]
+
+
+def _expected_launches(cp, v, batch: int) -> list[tuple[int, int, int]]:
+    teams = batch * cp.plan.num_groups
+    if v.strategy == "warp":
+        return [(-(-teams // v.teams_per_block), v.threads, 1)]
+    if v.strategy == "split":
+        return [(teams * v.chunks, v.threads, 1)] * 2
+    return [(teams // v.team_groups * v.cluster, v.threads, v.cluster)]
+
+
+@pytest.mark.parametrize("key", ["warp_sscb", "cluster_sscb", "looped", "rows_nhwc", "no_batch"])
+def test_host_code_launches_what_chosen_variant_says(key):
+    """The generated run() and cuda_plan.chosen_variant (the benchmark's and the plan's account
+    of it) pick the same kernels for every device class, SM count and batch."""
+    plan, cp, exe = _emulate(key, "single")
+    rng = np.random.default_rng(4)
+    seen = set()
+    for batch in ((1, 3) if plan.has_batch else (1,)):
+        x = round_to_dtype(rng.normal(size=plan.observation_numel * batch), "single")
+        for cc in (8, 9):
+            for sms in (1, 4, 64):
+                for pool in (True, False):
+                    v = chosen_variant(cp, batch, cc, sms, pool=pool)
+                    env = {"GN_EMU_CC_MAJOR": str(cc), "GN_EMU_SMS": str(sms), "GN_EMU_TRACE": "1",
+                           **({} if pool else {"GN_EMU_NO_POOL": "1"})}
+                    res = run_call(exe, plan, "baked", batch, x, env=env)
+                    assert res.returncode == 0, res.stderr
+                    assert _launches(res.stderr) == _expected_launches(cp, v, batch), (batch, cc, sms)
+                    seen.add(v.strategy)
+    if cp.split is not None:
+        assert "split" in seen and "looped" in seen, seen
 
 
 def test_emulation_half_squares_do_not_overflow():
@@ -325,7 +394,8 @@ def test_emulation_squares_overflow_every_strategy(key):
     # block, cluster, looped, rows; sm_90 and the portable ones) sums the group again scaled.
     plan, cp, exe = _emulate(key, "single")
     assert not _overflow_checks(plan, exe)
-    assert not _overflow_checks(plan, exe, {"GN_EMU_CC_MAJOR": "8"})
+    if key != "split_many":      # (slow, and sm_80 launches the same split kernels)
+        assert not _overflow_checks(plan, exe, {"GN_EMU_CC_MAJOR": "8"})
 
 
 @pytest.mark.parametrize("dtype", ["double", "bfloat16"])
@@ -413,25 +483,39 @@ def test_tsan_finds_no_race_in_the_overflow_rescue(cc_major):
         plan = lower(layer_of(fmt, layout, size, groups, name=f"tsan_rescue_{key}"))
         cp, sources = _sources(plan, SMALL)
         assert cp.rescue is not None
-        res = _tsan_run(plan, cp, sources, 1e30, {"GN_EMU_CC_MAJOR": cc_major})
-        assert res.returncode == 0 and "ThreadSanitizer" not in res.stderr, res.stderr[-3000:]
-        ref = group_norm_reference(_tsan_input(plan, 1e30), plan.layer, 1, plan.scale_values,
-                                   plan.offset_values)
-        assert compare(res.y, ref, TOLERANCE["single"], key).passed
+        # The looped shape runs the split kernels, and the looped one where there is no pool.
+        for pool in ((True, False) if cp.split else (True,)):
+            env = {"GN_EMU_CC_MAJOR": cc_major, **({} if pool else {"GN_EMU_NO_POOL": "1"})}
+            res = _tsan_run(plan, cp, sources, 1e30, env)
+            assert res.returncode == 0 and "ThreadSanitizer" not in res.stderr, res.stderr[-3000:]
+            ref = group_norm_reference(_tsan_input(plan, 1e30), plan.layer, 1, plan.scale_values,
+                                       plan.offset_values)
+            assert compare(res.y, ref, TOLERANCE["single"], key).passed
 
 
-def test_tsan_catches_a_planted_missing_barrier_in_the_rescue():
+# (kernel whose rescue barrier is removed, environment that makes the host code launch it)
+RESCUE_BARRIERS = {
+    "group_kernel": {"GN_EMU_CC_MAJOR": "8", "GN_EMU_NO_POOL": "1"},   # looped, one block a group
+    "split_sums_kernel": {"GN_EMU_CC_MAJOR": "8"},                     # a chunk's own rescue
+    "split_apply_kernel": {"GN_EMU_CC_MAJOR": "8"},                    # the group's scaled sums
+}
+
+
+@pytest.mark.parametrize("kernel", list(RESCUE_BARRIERS))
+def test_tsan_catches_a_planted_missing_barrier_in_the_rescue(kernel):
     # Without the barrier before the rescue's second block sums, a warp's second sums overwrite
-    # shared memory another warp may still be reading (one block per group: sm_80 kernels).
+    # shared memory another warp may still be reading.
     fmt, layout, size, groups, _ = SHAPES["looped"]
     plan = lower(layer_of(fmt, layout, size, groups, name="tsan_planted_rescue"))
     cp, sources = _sources(plan, SMALL)
     cu = next(s for s in sources if s.name.endswith(".cu"))
     barrier = "        __syncthreads(); /* every warp has read the first warp sums */\n"
-    assert cu.text.count(barrier) == 1
-    planted = type(cu)(cu.name, cu.text.replace(barrier, ""))
+    assert cu.text.count(barrier) == 3                 # group, split sums, split apply
+    start = cu.text.index(f"\n{kernel}(const elem_t")
+    at = cu.text.index(barrier, start)
+    planted = type(cu)(cu.name, cu.text[:at] + cu.text[at + len(barrier):])
     sources = [planted if s is cu else s for s in sources]
-    res = _tsan_run(plan, cp, sources, 1e30, {"GN_EMU_CC_MAJOR": "8"})
+    res = _tsan_run(plan, cp, sources, 1e30, RESCUE_BARRIERS[kernel])
     assert res.returncode == 66, res.stderr[-3000:]
     assert "WARNING: ThreadSanitizer: data race" in res.stderr
 

@@ -114,6 +114,13 @@ __device__ __forceinline__ int channel_of(int i)
 }
 
 /* scale and offset of channel c: the baked constants or the caller's device arrays. */
+/* Offset of the first element of observation n's group that starts at channel c0. */
+__device__ __forceinline__ size_t group_base(size_t n, int c0, size_t batch)
+{
+    (void)batch;
+    return n * 11520u + (size_t)c0 * 576u;
+}
+
 template <bool BAKED>
 __device__ __forceinline__ acc_t scale_of(const elem_t *scale, int c)
 {
@@ -232,7 +239,7 @@ group_kernel(const elem_t *x, elem_t *y, size_t batch, const elem_t *scale, cons
     const int rank = (int)(blockIdx.x % CLUSTER);
     const size_t n = team / kGroups;
     const int c0 = (int)(team % kGroups) * kChannelsPerGroup;
-    const size_t base = n * 11520u + (size_t)c0 * 576u;
+    const size_t base = group_base(n, c0, batch);
     const elem_t *xg = x + base;
     elem_t *yg = y + base;
     const int first = (rank * THREADS + (int)threadIdx.x) * VEC;

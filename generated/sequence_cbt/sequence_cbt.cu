@@ -110,6 +110,13 @@ __device__ __forceinline__ int channel_of(int i)
 }
 
 /* scale and offset of channel c: the baked constants or the caller's device arrays. */
+/* Offset of the first element of observation n's group that starts at channel c0. */
+__device__ __forceinline__ size_t group_base(size_t n, int c0, size_t batch)
+{
+    (void)batch;
+    return n * 12u + (size_t)c0;
+}
+
 template <bool BAKED>
 __device__ __forceinline__ acc_t scale_of(const elem_t *scale, int c)
 {
@@ -205,7 +212,7 @@ warp_kernel(const elem_t *x, elem_t *y, size_t batch, const elem_t *scale, const
     const bool active = team < batch * kGroups;
     const size_t n = active ? team / kGroups : 0;
     const int c0 = active ? (int)(team % kGroups) * kChannelsPerGroup : 0;
-    const size_t base = n * 12u + (size_t)c0;
+    const size_t base = group_base(n, c0, batch);
     const elem_t *xg = x + base;
     elem_t *yg = y + base;
 
