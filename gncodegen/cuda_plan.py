@@ -55,6 +55,10 @@ VECTOR_BYTES = 16          # one 128-bit load or store per thread per step
 ONCHIP_BYTES = 64          # input bytes a thread keeps in registers (16 floats)
 ONCHIP_ELEMENTS = 32       # ... and at most this many elements (32 halves)
 BLOCK_THREADS = (256, 512, 1024)
+# A thread of a 1024-thread block has 64 registers. Keeping 8 doubles (16 registers) plus the
+# double sums, pilot and addresses spills there (ptxas, sm_80 and sm_90), so double-precision
+# teams that hold their group on chip use blocks of at most this many threads.
+DOUBLE_ONCHIP_THREADS = 512
 WARP_TEAM_BLOCK = 256      # threads per block for the warp strategy
 GRID_LIMIT = 2**31 - 1
 SIZE_MAX = 2**64 - 1
@@ -401,7 +405,7 @@ def _fit(numel: int, vec: int, e_max: int, max_cluster: int,
 
 
 def _wide(base: Variant, numel: int, vec: int, cluster_max: int, e_max: int,
-          opts: CudaOptions, team_groups: int) -> Variant | None:
+          opts: CudaOptions, team_groups: int, onchip_threads: tuple[int, ...]) -> Variant | None:
     """Return the variant for few teams: each split over a full cluster, or None."""
     if numel < opts.wide_min_numel:
         return None
@@ -410,6 +414,9 @@ def _wide(base: Variant, numel: int, vec: int, cluster_max: int, e_max: int,
     if k <= base.cluster:
         return None
     looped = _ceil(numel, k * t * vec) * vec > e_max
+    if not looped and t not in onchip_threads:
+        t = onchip_threads[-1]          # on chip, so a block size that does not spill
+        looped = _ceil(numel, k * t * vec) * vec > e_max
     return _block_variant("wide", numel, vec, k, t, e_max, looped,
                           f"few teams: {k} blocks per team fill more SMs", team_groups)
 
@@ -442,6 +449,9 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
     cluster_max = opts.max_cluster if has_sm90 else 1
 
     warp = narrow = wide = portable = split = None
+    # block sizes for teams that keep their group in registers
+    onchip_bt = tuple(t for t in opts.block_threads
+                      if sc.acc != "double" or t <= DOUBLE_ONCHIP_THREADS) or opts.block_threads[:1]
     rows = rows_geometry(plan, sc.bytes)
     if rows is not None and rows.vec <= e_max:
         # One team owns rows.groups groups; block sizes keep whole rows per thread column.
@@ -449,7 +459,7 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
         tg = rows.groups
         vec_r = rows.vec
         bt = opts.block_threads
-        fit90 = _fit(team_numel, vec_r, e_max, cluster_max, bt) if has_sm90 else None
+        fit90 = _fit(team_numel, vec_r, e_max, cluster_max, onchip_bt) if has_sm90 else None
         if fit90 is not None and fit90[1] > 1:
             t, k = fit90
             narrow = _block_variant("narrow", team_numel, vec_r, k, t, e_max, False,
@@ -458,7 +468,7 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
             narrow = _block_variant("narrow", team_numel, vec_r, cluster_max, bt[-1], e_max,
                                     True, f"{tg} groups exceed {cluster_max} blocks: two sweeps",
                                     tg)
-        fit1 = _fit(team_numel, vec_r, e_max, 1, bt)
+        fit1 = _fit(team_numel, vec_r, e_max, 1, onchip_bt)
         if fit1 is not None:
             portable = _block_variant("portable", team_numel, vec_r, 1, fit1[0], e_max, False,
                                       f"one block of {fit1[0]} threads holds {tg} groups", tg)
@@ -467,9 +477,10 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
                                       f"{tg} groups exceed one block's registers: two sweeps",
                                       tg)
         if has_sm90:
-            wide = _wide(narrow or portable, team_numel, vec_r, cluster_max, e_max, opts, tg)
+            wide = _wide(narrow or portable, team_numel, vec_r, cluster_max, e_max, opts, tg,
+                         onchip_bt)
         # Unaligned pointers: one group per block, scalar loads.
-        fit_s = _fit(numel, 1, e_max, 1, bt)
+        fit_s = _fit(numel, 1, e_max, 1, onchip_bt)
         scalar = _block_variant("scalar", numel, 1, 1, fit_s[0] if fit_s else bt[-1], e_max,
                                 fit_s is None, "x or y not aligned for vector loads")
     elif numel <= WARP * e_max:
@@ -482,7 +493,7 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
     else:
         rows = None
         bt = opts.block_threads
-        fit90 = _fit(numel, vec, e_max, cluster_max, bt) if has_sm90 else None
+        fit90 = _fit(numel, vec, e_max, cluster_max, onchip_bt) if has_sm90 else None
         if fit90 is not None and fit90[1] > 1:
             t, k = fit90
             narrow = _block_variant("narrow", numel, vec, k, t, e_max, False,
@@ -492,7 +503,7 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
             narrow = _block_variant("narrow", numel, vec, cluster_max, t, e_max, True,
                                     f"a group of {numel} exceeds {cluster_max} blocks of "
                                     f"{t} threads x {e_max} elements: two sweeps")
-        fit1 = _fit(numel, vec, e_max, 1, bt)
+        fit1 = _fit(numel, vec, e_max, 1, onchip_bt)
         if fit1 is not None:
             t, _ = fit1
             portable = _block_variant("portable", numel, vec, 1, t, e_max, False,
@@ -504,7 +515,7 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
                                       "two sweeps")
         # Few groups: split each over a full cluster so that more SMs stream it.
         if has_sm90:
-            wide = _wide(narrow or portable, numel, vec, cluster_max, e_max, opts, 1)
+            wide = _wide(narrow or portable, numel, vec, cluster_max, e_max, opts, 1, onchip_bt)
         # A looped team sweeps its group alone; with few teams the split kernels stand in.
         if any(v is not None and v.strategy == "looped" for v in (narrow, wide, portable)):
             split = _split_variant(numel, vec, e_max, opts)
@@ -514,7 +525,7 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
             scalar = _block_variant("scalar", numel, sv, 1, pt.threads, e_max, True,
                                     "x or y not aligned for vector loads")
         else:
-            fit_s = _fit(numel, sv, e_max, 1, bt)
+            fit_s = _fit(numel, sv, e_max, 1, onchip_bt)
             scalar = _block_variant("scalar", numel, sv, 1, fit_s[0], e_max, False,
                                     "x or y not aligned for vector loads")
     variants = tuple(v for v in (warp, narrow, wide, portable, split, scalar) if v is not None)

@@ -207,10 +207,11 @@ def test_every_dtype_compiles_with_nvcc_without_spills(dtype):
 
 
 @needs_nvcc
-@pytest.mark.parametrize("dtype", ["single", "half", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["single", "half", "bfloat16", "double"])
 def test_reference_shapes_compile_with_nvcc_without_spills(dtype):
     # Shapes B and C of DESIGN.md section 8 with the real geometry. B's 6272-element groups stay
-    # in one block; C's 40960-element groups do not fit one block, so its plan has the split kernels.
+    # in one block (double: at most 512 threads, which hold them in a cluster or sweep twice);
+    # C's 40960-element groups do not fit one block, so its plan has the split kernels.
     for size in ([64, 56, 56], [320, 64, 64]):
         plan = lower(layer_of("BCSS", "row-major", size, 32, dtype))
         cp, sources = _sources(plan)
