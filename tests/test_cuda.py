@@ -206,22 +206,36 @@ def test_every_dtype_compiles_with_nvcc_without_spills(dtype):
             assert k.spill_stores == k.spill_loads == k.stack_bytes == 0, k
 
 
+def _reference_layers():
+    """(id, format, input_size, groups) of DESIGN.md section 8's shapes, NCHW and channels-last."""
+    import sys
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from shapes import SHAPES as REFERENCE
+    out = []
+    for name, (_, c, spatial, g) in REFERENCE.items():
+        reduced = "T" if name == "F" else "S" * len(spatial)
+        out.append((f"{name}-NCHW", "BC" + reduced, [c, *spatial], g))
+        if spatial:
+            out.append((f"{name}-NHWC", "B" + reduced + "C", [*spatial, c], g))
+    return out
+
+
 @needs_nvcc
-@pytest.mark.parametrize("dtype", ["single", "half", "bfloat16", "double"])
-def test_reference_shapes_compile_with_nvcc_without_spills(dtype):
-    # Shapes B and C of DESIGN.md section 8 with the real geometry. B's 6272-element groups stay
-    # in one block (double: at most 512 threads, which hold them in a cluster or sweep twice);
-    # C's 40960-element groups do not fit one block, so its plan has the split kernels.
-    for size in ([64, 56, 56], [320, 64, 64]):
-        plan = lower(layer_of("BCSS", "row-major", size, 32, dtype))
+@pytest.mark.parametrize("ident, fmt, size, groups", _reference_layers(),
+                         ids=[r[0] for r in _reference_layers()])
+def test_reference_shapes_compile_with_nvcc_without_spills(ident, fmt, size, groups):
+    # Every shape of DESIGN.md section 8 in every dtype with the real geometry. B's groups in
+    # double once planned 1024-thread blocks that spilled; C's 40960-element groups do not fit
+    # one block, so its plan has the split kernels.
+    for dtype in ("single", "half", "bfloat16", "double"):
+        plan = lower(layer_of(fmt, "row-major", size, groups, dtype))
         cp, sources = _sources(plan)
         kernels = compile_check(plan, cp, sources)
         names = {k.kernel.split("<")[0] for k in kernels}
-        assert (cp.split is not None) == (cp.portable.strategy == "looped")
         assert ({"split_sums_kernel", "split_apply_kernel"} <= names) == (cp.split is not None)
-        assert cp.split is not None or size[0] == 64
+        assert cp.split is not None or not ident.startswith("C-")
         for k in kernels:
-            assert k.spill_stores == k.spill_loads == k.stack_bytes == 0, k
+            assert k.spill_stores == k.spill_loads == k.stack_bytes == 0, (dtype, k)
 
 
 # --------------------------------------------------------------------------- emulation
