@@ -443,6 +443,24 @@ def test_refused_calls_return_invalid_value(key):
     assert codes["zero_batch"] == ("0" if plan.has_batch else bad)
 
 
+@pytest.mark.slow
+def test_split_kernels_with_the_real_geometry_on_shape_c():
+    # The motivating case: C (1 x 320 x 64 x 64, 32 groups) on a 108-SM device without clusters
+    # runs 320 blocks of 256 threads twice instead of 32 looped blocks; with clusters, 8-block
+    # clusters hold each group on chip.
+    plan = lower(layer_of("BCSS", "row-major", [320, 64, 64], 32))
+    cp, sources = _sources(plan)
+    exe = build_harness(plan, cp, sources, "emulation")
+    x = round_to_dtype(np.random.default_rng(1).normal(2, 3, plan.observation_numel), "single")
+    ref = group_norm_reference(x, plan.layer, 1, plan.scale_values, plan.offset_values)
+    for cc, sms, launches in (("8", "108", [(320, 256, 1)] * 2), ("9", "132", [(256, 512, 8)])):
+        env = {"GN_EMU_CC_MAJOR": cc, "GN_EMU_SMS": sms, "GN_EMU_TRACE": "1"}
+        res = run_call(exe, plan, "baked", 1, x, env=env)
+        assert res.returncode == 0, res.stderr
+        assert _launches(res.stderr) == launches
+        assert compare(res.y, ref, TOLERANCE["single"], f"sm_{cc}0").passed
+
+
 def test_emulation_is_deterministic():
     plan, cp, exe = _emulate("cluster_sscb", "single")
     x = round_to_dtype(np.random.default_rng(2).normal(3, 2, plan.observation_numel * 2), "single")
