@@ -443,6 +443,27 @@ def test_refused_calls_return_invalid_value(key):
     assert codes["zero_batch"] == ("0" if plan.has_batch else bad)
 
 
+def test_split_workspace_comes_from_the_layers_pool_or_the_capture():
+    """The records come from the layer's own pool (which keeps its memory), from the default
+    pool inside a graph capture, and where pools are missing the looped kernel runs."""
+    plan, cp, exe = _emulate("looped", "single")
+    x = round_to_dtype(np.random.default_rng(8).normal(1, 2, plan.observation_numel * 2), "single")
+    ref = group_norm_reference(x, plan.layer, 2, plan.scale_values, plan.offset_values)
+    nbytes = 2 * plan.num_groups * cp.split.chunks * 4 * 4
+    split = _expected_launches(cp, cp.split, 2)
+    looped = _expected_launches(cp, chosen_variant(cp, 2, 8, 4, pool=False), 2)
+    for extra, source, launches in (({}, "a created pool", split),
+                                    ({"GN_EMU_CAPTURING": "1"}, "the default pool", split),
+                                    ({"GN_EMU_NO_POOL": "1"}, None, looped)):
+        env = {"GN_EMU_CC_MAJOR": "8", "GN_EMU_TRACE": "1", **extra}
+        res = run_call(exe, plan, "baked", 2, x, env=env)
+        assert res.returncode == 0, res.stderr
+        allocations = re.findall(r"gn_emu: (\d+) bytes from (.+)", res.stderr)
+        assert allocations == ([(str(nbytes), source)] if source else []), res.stderr
+        assert _launches(res.stderr) == launches
+        assert compare(res.y, ref, TOLERANCE["single"], str(extra)).passed
+
+
 @pytest.mark.slow
 def test_split_kernels_with_the_real_geometry_on_shape_c():
     # The motivating case: C (1 x 320 x 64 x 64, 32 groups) on a 108-SM device without clusters

@@ -18,9 +18,11 @@
  *     happens-before edge they create and reports an access that no barrier orders.
  *
  * Device attributes come from the environment: GN_EMU_CC_MAJOR (default 9) and GN_EMU_SMS
- * (default 4). Device memory is host memory; GN_EMU_NO_POOL=1 makes cudaMallocAsync fail as
- * on a device without memory pools. Streams run their work at once, in order. GN_EMU_TRACE=1
- * prints every launch's geometry to stderr (tests compare it with the plan's choice).
+ * (default 4). Device memory is host memory; GN_EMU_NO_POOL=1 makes the device one without
+ * memory pools (no pool to create, cudaMallocAsync fails). Streams run their work at once, in
+ * order; GN_EMU_CAPTURING=1 makes every stream report an active graph capture.
+ * GN_EMU_TRACE=1 prints every launch's geometry and every stream-ordered allocation's pool to
+ * stderr, so tests can hold the host code to the plan's account of it.
  */
 #ifndef GN_CUDA_EMULATION_H
 #define GN_CUDA_EMULATION_H
@@ -122,6 +124,31 @@ struct cudaLaunchConfig_t {
 enum cudaDeviceAttr {
     cudaDevAttrMultiProcessorCount = 16,
     cudaDevAttrComputeCapabilityMajor = 75,
+    cudaDevAttrMemoryPoolsSupported = 115,
+};
+
+/* Memory pools: a pool is a name; device memory is host memory either way. */
+struct CUmemPoolHandle_st {
+    int device;
+};
+typedef CUmemPoolHandle_st *cudaMemPool_t;
+enum cudaMemAllocationType { cudaMemAllocationTypeInvalid = 0, cudaMemAllocationTypePinned = 1 };
+enum cudaMemAllocationHandleType { cudaMemHandleTypeNone = 0 };
+enum cudaMemLocationType { cudaMemLocationTypeInvalid = 0, cudaMemLocationTypeDevice = 1 };
+struct cudaMemLocation {
+    cudaMemLocationType type;
+    int id;
+};
+struct cudaMemPoolProps {
+    cudaMemAllocationType allocType;
+    cudaMemAllocationHandleType handleTypes;
+    cudaMemLocation location;
+};
+enum cudaMemPoolAttr { cudaMemPoolAttrReleaseThreshold = 4 };
+enum cudaStreamCaptureStatus {
+    cudaStreamCaptureStatusNone = 0,
+    cudaStreamCaptureStatusActive = 1,
+    cudaStreamCaptureStatusInvalidated = 2,
 };
 
 enum cudaMemcpyKind {
@@ -505,6 +532,7 @@ inline cudaError_t cudaDeviceGetAttribute(int *value, cudaDeviceAttr attr, int)
     switch (attr) {
     case cudaDevAttrComputeCapabilityMajor: *value = gn_emu::env_int("GN_EMU_CC_MAJOR", 9); break;
     case cudaDevAttrMultiProcessorCount: *value = gn_emu::env_int("GN_EMU_SMS", 4); break;
+    case cudaDevAttrMemoryPoolsSupported: *value = gn_emu::env_int("GN_EMU_NO_POOL", 0) == 0; break;
     default: return cudaErrorInvalidValue;
     }
     return cudaSuccess;
@@ -533,7 +561,47 @@ inline cudaError_t cudaMallocAsync(void **ptr, size_t bytes, cudaStream_t)
     if (gn_emu::env_int("GN_EMU_NO_POOL", 0) != 0) {
         return cudaErrorNotSupported;
     }
+    if (gn_emu::env_int("GN_EMU_TRACE", 0) != 0) {
+        fprintf(stderr, "gn_emu: %zu bytes from the default pool\n", bytes);
+    }
     return cudaMalloc(ptr, bytes);
+}
+
+inline cudaError_t cudaMemPoolCreate(cudaMemPool_t *pool, const cudaMemPoolProps *props)
+{
+    if (gn_emu::env_int("GN_EMU_NO_POOL", 0) != 0) {
+        return cudaErrorNotSupported;
+    }
+    if (props->allocType != cudaMemAllocationTypePinned
+        || props->location.type != cudaMemLocationTypeDevice || props->location.id != 0) {
+        return cudaErrorInvalidValue;
+    }
+    *pool = new CUmemPoolHandle_st{props->location.id}; /* lives as long as the process */
+    return cudaSuccess;
+}
+
+inline cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t pool, cudaMemPoolAttr, void *value)
+{
+    return pool != nullptr && value != nullptr ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+inline cudaError_t cudaMallocFromPoolAsync(void **ptr, size_t bytes, cudaMemPool_t pool,
+                                           cudaStream_t)
+{
+    if (pool == nullptr) {
+        return cudaErrorInvalidValue;
+    }
+    if (gn_emu::env_int("GN_EMU_TRACE", 0) != 0) {
+        fprintf(stderr, "gn_emu: %zu bytes from a created pool\n", bytes);
+    }
+    return cudaMalloc(ptr, bytes);
+}
+
+inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus *status)
+{
+    *status = gn_emu::env_int("GN_EMU_CAPTURING", 0) != 0 ? cudaStreamCaptureStatusActive
+                                                           : cudaStreamCaptureStatusNone;
+    return cudaSuccess;
 }
 
 inline cudaError_t cudaFreeAsync(void *ptr, cudaStream_t) { return cudaFree(ptr); }
