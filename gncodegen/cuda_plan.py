@@ -23,6 +23,7 @@ Strategies
            cudaMallocAsync; a second one, launched behind it on the stream, has every block add
            its group's chunk sums in the same fixed order and apply to its chunk, whose second
            read mostly hits L2. Where the workspace cannot be had, the looped kernel runs.
+           Looped rows teams get it too, one group per chunk with the group's own vectors.
   rows     channels-last with groups narrower than a memory sector: one team (block or cluster,
            on chip or looped as above) owns several neighbouring groups, so every load is a
            full row of contiguous channels; each thread always sees the same channels and
@@ -421,13 +422,18 @@ def _wide(base: Variant, numel: int, vec: int, cluster_max: int, e_max: int,
                           f"few teams: {k} blocks per team fill more SMs", team_groups)
 
 
-def _split_variant(numel: int, vec: int, e_max: int, opts: CudaOptions) -> Variant:
-    """Return the split variant: chunks of one smallest block's on-chip share of elements."""
+def _split_variant(numel: int, vec: int, e_max: int, opts: CudaOptions) -> Variant | None:
+    """Return the split variant: chunks of one smallest block's on-chip share of elements.
+
+    None when a group is a single chunk (a rows team of such groups is looped only because it
+    holds several of them).
+    """
     threads = opts.block_threads[0]
     items = max(1, e_max // vec)
     chunk = threads * vec * items
     chunks = _ceil(numel, chunk)
-    assert chunks > 1, (numel, chunk)
+    if chunks == 1:
+        return None
     return Variant("split", "split", threads, threads, 1, vec, items, 1, False,
                    f"when a looped kernel's teams leave SMs idle: {chunks} chunks of {chunk} "
                    "elements per group in independent blocks, sums through a workspace",
@@ -479,6 +485,10 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
         if has_sm90:
             wide = _wide(narrow or portable, team_numel, vec_r, cluster_max, e_max, opts, tg,
                          onchip_bt)
+        # Looped rows teams with few teams: the split kernels take one group per chunk row
+        # range, with the group's own (narrower) vectors.
+        if any(v is not None and v.strategy == "looped" for v in (narrow, wide, portable)):
+            split = _split_variant(numel, vec, e_max, opts)
         # Unaligned pointers: one group per block, scalar loads.
         fit_s = _fit(numel, 1, e_max, 1, onchip_bt)
         scalar = _block_variant("scalar", numel, 1, 1, fit_s[0] if fit_s else bt[-1], e_max,

@@ -61,7 +61,7 @@ SHAPES = {
     # channels-last groups narrower than a sector: teams of several groups (rows kernel)
     "rows_nhwc": ("BSSC", "row-major", [6, 6, 16], 8, {"cluster", "looped", "block"}),
     "rows_cbt": ("CBT", "column-major", [8, 30], 4, {"block"}),
-    "rows_looped": ("BSSC", "row-major", [20, 20, 16], 8, {"looped"}),
+    "rows_looped": ("BSSC", "row-major", [20, 20, 16], 8, {"looped", "split"}),
 }
 DTYPE_SHAPES = ("warp_sscb", "cluster_sscb", "nhwc", "cbt", "looped", "rows_nhwc")
 
@@ -290,7 +290,8 @@ def _expected_launches(cp, v, batch: int) -> list[tuple[int, int, int]]:
     return [(teams // v.team_groups * v.cluster, v.threads, v.cluster)]
 
 
-@pytest.mark.parametrize("key", ["warp_sscb", "cluster_sscb", "looped", "rows_nhwc", "no_batch"])
+@pytest.mark.parametrize("key", ["warp_sscb", "cluster_sscb", "looped", "rows_nhwc", "rows_looped",
+                                 "no_batch"])
 def test_host_code_launches_what_chosen_variant_says(key):
     """The generated run() and cuda_plan.chosen_variant (the benchmark's and the plan's account
     of it) pick the same kernels for every device class, SM count and batch."""
