@@ -418,8 +418,16 @@ class Harness:
 
 
 def hex_literal(value: float, dtype: str) -> str:
-    """Return a C99 hexadecimal literal that is exactly value (already rounded to dtype)."""
-    text = float(value).hex()
+    """Return a C99 hexadecimal literal that is exactly value (already rounded to dtype).
+
+    NaN and infinities have no literal: they are <math.h>'s NAN and INFINITY (float constant
+    expressions, converted explicitly for double).
+    """
+    value = float(value)
+    if not np.isfinite(value):
+        name = "NAN" if np.isnan(value) else ("-INFINITY" if value < 0 else "INFINITY")
+        return f"(double){name}" if dtype == "double" else name
+    text = value.hex()
     mant, exp = text.split("p")
     if "." in mant:
         mant = mant.rstrip("0").rstrip(".")
