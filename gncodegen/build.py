@@ -19,6 +19,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,52 @@ def cache_root() -> Path:
     """Return the build cache folder ($GNCODEGEN_CACHE or ~/.cache/gncodegen)."""
     env = os.environ.get("GNCODEGEN_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "gncodegen"
+
+
+# A work folder untouched this long belongs to a run that was killed: no build takes an hour.
+STALE_WORK_SECONDS = 3600
+
+
+def sweep_stale_work(parent: Path, now: float | None = None) -> None:
+    """Remove work folders (`.<entry>.<random>`) that killed builds left in a cache folder."""
+    now = time.time() if now is None else now
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        if not (entry.name.startswith(".") and entry.name.count(".") >= 2):
+            continue
+        try:
+            stale = entry.is_dir(follow_symlinks=False) and \
+                now - entry.stat(follow_symlinks=False).st_mtime > STALE_WORK_SECONDS
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_entry(folder: Path, done: str):
+    """Build a cache entry in a work folder beside `folder`, then rename it into place.
+
+    Yields the work folder. On success it becomes `folder` atomically, so a half-built entry is
+    never visible; losing that race to another process is fine once the winner's `done` file
+    exists. The work folder is removed whatever happens, and stale ones of killed runs first.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_work(folder.parent)
+    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        yield work
+        try:
+            os.rename(work, folder)
+        except OSError:
+            if not (folder / done).is_file():
+                raise
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,9 +166,7 @@ def build_c_module(plans: tuple[Plan, ...], sources: list[Source],
 
 def _compile_module(module_name: str, cdef: str, plans, sources, flags, cc, folder: Path,
                     filename: str) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with staged_entry(folder, filename) as work:
         for s in sources:
             (work / s.name).write_text(s.text)
         objects = []
@@ -141,11 +186,3 @@ def _compile_module(module_name: str, cdef: str, plans, sources, flags, cc, fold
         openmp = [f for f in flags if f == "-fopenmp"]
         run_compiler("link", [cc, "-shared", *openmp, f"{module_name}.o", *objects, "-lm",
                               "-o", filename], cwd=work)
-        try:
-            os.rename(work, folder)      # atomic: a half-built folder is never visible
-        except OSError:
-            if not (folder / filename).is_file():  # lost a race only if the winner finished
-                raise
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)

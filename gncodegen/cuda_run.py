@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .build import cache_root, compiler_version, run_compiler
+from .build import cache_root, compiler_version, run_compiler, staged_entry
 from .cuda_plan import CudaPlan
 from .errors import BuildError, TargetUnavailable
 from .plan import Plan
@@ -107,21 +107,11 @@ def build_harness(plan: Plan, cp: CudaPlan, sources: list[Source], mode: str = "
     folder = cache_root() / f"cuda-{key}"
     exe = folder / "harness"
     if not exe.is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".cuda-{key}.", dir=folder.parent))
-        try:
+        with staged_entry(folder, exe.name) as work:
             for s in files:
                 (work / s.name).write_text(s.text)
             for cmd in commands:
                 run_compiler(f"{plan.prefix} ({mode})", cmd, cwd=work)
-            try:
-                os.rename(work, folder)
-            except OSError:
-                if not exe.is_file():
-                    raise
-        finally:
-            if work.exists():
-                shutil.rmtree(work, ignore_errors=True)
     if keep:
         print(f"build folder: {folder}")
     return exe
@@ -271,19 +261,9 @@ def compile_check(plan: Plan, cp: CudaPlan, sources: list[Source]) -> list[Kerne
     folder = cache_root() / f"ptxas-{key}"
     report = folder / "ptxas.txt"
     if not report.is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".ptxas-{key}.", dir=folder.parent))
-        try:
+        with staged_entry(folder, report.name) as work:
             for s in own.values():
                 (work / s.name).write_text(s.text)
             text = run_compiler(f"{plan.prefix}.cu (nvcc)", cmd, cwd=work)
             (work / "ptxas.txt").write_text(text)
-            try:
-                os.rename(work, folder)
-            except OSError:
-                if not report.is_file():
-                    raise
-        finally:
-            if work.exists():
-                shutil.rmtree(work, ignore_errors=True)
     return parse_ptxas(report.read_text())

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .build import STRICT_WARNINGS, cache_root, compiler_version, run_compiler
+from .build import STRICT_WARNINGS, cache_root, compiler_version, run_compiler, staged_entry
 from .errors import GncodegenError, TargetUnavailable, VerificationError
 from .plan import Plan
 from .render import Source, render_template, template_dir
@@ -538,9 +538,7 @@ def build_image(target: FirmwareTarget, plan: Plan, layer_sources: list[Source],
     folder = cache_root() / "firmware" / key
     program = folder / ("image.elf" if target.bare_metal else "program")
     if not program.is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder.parent))
-        try:
+        with staged_entry(folder, program.name) as work:
             _write(work, everything)
             objects = []
             for src in everything:
@@ -553,14 +551,6 @@ def build_image(target: FirmwareTarget, plan: Plan, layer_sources: list[Source],
                 objects.append(obj)
             run_compiler(f"link ({target.name})",
                          [*link, *objects, "-lm", "-o", program.name], cwd=work)
-            try:
-                os.rename(work, folder)
-            except OSError:
-                if not program.is_file():
-                    raise
-        finally:
-            if work.exists():
-                shutil.rmtree(work, ignore_errors=True)
     if keep:
         print(f"build folder ({target.name}, {plan.prefix}): {folder}", file=sys.stderr)
     return Image(program, target)

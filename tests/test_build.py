@@ -71,3 +71,30 @@ def test_missing_compiler_is_named(cache):
     plan = lower(make_layer(format="CB", input_size=[8], num_groups=2))
     with pytest.raises(Exception, match="compiler 'no-such-cc' not found"):
         build_c_module((plan,), list(render_c(plan, "t.yaml")), cc="no-such-cc")
+
+
+def test_work_folders_of_killed_builds_are_swept(tmp_path, monkeypatch):
+    """A build removes the hidden work folders a killed run left beside the cache entries
+    once they are an hour old, and leaves a running build's (fresh) one alone."""
+    import os
+    import time
+
+    from gncodegen.build import STALE_WORK_SECONDS, staged_entry
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stale = cache / ".abc123.k9x2"
+    fresh = cache / ".def456.q1w2"
+    entry = cache / "keepme"
+    for d in (stale, fresh, entry):
+        d.mkdir()
+        (d / "f.o").write_text("x")
+    old = time.time() - STALE_WORK_SECONDS - 60
+    os.utime(stale, (old, old))
+    os.utime(entry, (old, old))
+    with staged_entry(cache / "newentry", "done") as work:
+        (work / "done").write_text("ok")
+    assert not stale.exists()
+    assert fresh.is_dir() and entry.is_dir()            # a live build's, and a real entry
+    assert (cache / "newentry" / "done").read_text() == "ok"
+    assert sorted(p.name for p in cache.iterdir()) == [".def456.q1w2", "keepme", "newentry"]
