@@ -19,8 +19,8 @@ Strategies
   split    stands in for a looped kernel whose teams would leave SMs idle (fewer than two
            blocks per SM; always so on sm_80 for large groups of small batches): every group is
            cut into chunks of `threads * vec * items` elements, each its own block. A first
-           kernel writes each chunk's sums (and the group's pilot) to a workspace from
-           cudaMallocAsync; a second one, launched behind it on the stream, has every block add
+           kernel writes each chunk's sums (and the group's pilot) to stream-ordered memory
+           from a pool the layer keeps; a second one, launched behind it on the stream, has every block add
            its group's chunk sums in the same fixed order and apply to its chunk, whose second
            read mostly hits L2. Where the workspace cannot be had, the looped kernel runs.
            Looped rows teams get it too, one group per chunk with the group's own vectors.
@@ -485,8 +485,8 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
         if has_sm90:
             wide = _wide(narrow or portable, team_numel, vec_r, cluster_max, e_max, opts, tg,
                          onchip_bt)
-        # Looped rows teams with few teams: the split kernels take one group per chunk row
-        # range, with the group's own (narrower) vectors.
+        # Looped rows teams: the split kernels take each group on its own, cut into chunks,
+        # with the group's own (narrower) vectors.
         if any(v is not None and v.strategy == "looped" for v in (narrow, wide, portable)):
             split = _split_variant(numel, vec, e_max, opts)
         # Unaligned pointers: one group per block, scalar loads.
