@@ -175,7 +175,6 @@ def copy_bandwidth(flush: torch.Tensor) -> float:
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     us = median_us(lambda: dst.copy_(src), 15, flush)
-    del src, dst
     return 2 * (1 << 30) / (us * 1e-6)
 
 
