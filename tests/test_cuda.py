@@ -742,6 +742,22 @@ def test_gpu_reference_shapes_large_groups():
         assert report.passed, report
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU is None, reason="no NVIDIA GPU here")
+def test_gpu_split_kernels_on_reference_shapes():
+    # Planned for sm_80 only (no clusters): C in both layouts and B channels-last are looped
+    # kernels with few teams, so the host code runs the split kernels (PTX for compute_80 runs
+    # on any later device).
+    for fmt, size in (("BCSS", [320, 64, 64]), ("BSSC", [64, 64, 320]), ("BSSC", [56, 56, 64])):
+        plan = lower(layer_of(fmt, "row-major", size, 32, name=f"split_{fmt.lower()}_{size[0]}",
+                              extra="cuda_arch: [80]\n"))
+        cp, sources = _sources(plan)
+        assert cp.split is not None and not cp.uses_cluster
+        exe = build_harness(plan, cp, sources, "gpu")
+        report = verify_layer(plan.layer, "cuda", "gpu", cuda_runner(plan, exe))
+        assert report.passed, report
+
+
 def test_ptxas_kernel_names_carry_no_per_compile_hash():
     """nvcc names its anonymous namespace with a hash that changes between compiles; the
     manifest must not record it, or generated/ would change on every build."""
