@@ -17,6 +17,15 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 
 
+def small_cuda_geometry():
+    """CUDA geometry small enough that small shapes reach every strategy under emulation:
+    64-thread blocks, 16 bytes per thread on chip, clusters of up to 4 blocks, split even when
+    small (warp, block, cluster, looped, rows and split kernels)."""
+    from gncodegen.cuda_plan import CudaOptions
+    return CudaOptions(block_threads=(64,), warp_team_block=64, onchip_bytes=16, max_cluster=4,
+                       wide_min_numel=0)
+
+
 def make_layer(base_dir: Path | None = None, allow_code: bool = False, **keys) -> Layer:
     """Return the one Layer of a spec given as keyword arguments."""
     keys.setdefault("name", "t")

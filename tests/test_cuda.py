@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gncodegen.cuda_plan import CudaOptions, chosen_variant, lower_cuda, rescue_plan
+from gncodegen.cuda_plan import chosen_variant, lower_cuda, rescue_plan
 from gncodegen.cuda_render import render_cmake, render_cuda
 from gncodegen.cuda_run import (build_harness, compile_check, cuda_runner, gpu_name,
                                 parse_ptxas, run_call)
@@ -21,15 +21,14 @@ from gncodegen.reference import group_norm_reference
 from gncodegen.spec import load_spec, parse_spec
 from gncodegen.verify import TOLERANCE, Case, _per_group, compare, make_cases, verify_layer
 
+from conftest import small_cuda_geometry
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 HAVE_NVCC = shutil.which("nvcc") is not None
 GPU = gpu_name()
 
-# Small geometry so that small shapes reach every strategy under emulation: 64-thread blocks,
-# 16 bytes per thread on chip, clusters of up to 4 blocks, split even when small.
-SMALL = CudaOptions(block_threads=(64,), warp_team_block=64, onchip_bytes=16, max_cluster=4,
-                    wide_min_numel=0)
+SMALL = small_cuda_geometry()
 
 needs_nvcc = pytest.mark.skipif(not HAVE_NVCC, reason="nvcc not on PATH")
 gpu = [pytest.mark.gpu, pytest.mark.skipif(GPU is None, reason="no NVIDIA GPU here")]

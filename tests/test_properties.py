@@ -30,6 +30,8 @@ from gncodegen.render import render_c
 from gncodegen.spec import parse_spec
 from gncodegen.verify import Case, c_runner, make_cases, verification_batch, verify_layer
 
+from conftest import small_cuda_geometry
+
 LAYERS_PER_MODULE = 20
 EXAMPLES = 25
 MIN_SPECS = 500
@@ -182,15 +184,19 @@ def test_strategy_covers_the_space():
     assert has(lambda d: math.prod(d["input_size"]) > 2000)
 
 
-def test_random_specs_match_reference_cuda():
+@pytest.mark.parametrize("geometry", ["real", "small"])
+def test_random_specs_match_reference_cuda(geometry):
     """Random specs through the generated CUDA (host emulation here, the GPU where there is
-    one), every dtype including half and bfloat16: the same verification cases pass."""
+    one), every dtype including half and bfloat16: the same verification cases pass. With the
+    real geometry small random shapes mostly take the warp and block kernels; the small one
+    sends them through clusters, looped, rows and split kernels too."""
     from gncodegen.cuda_plan import lower_cuda
     from gncodegen.cuda_render import render_cuda
     from gncodegen.cuda_run import build_harness, cuda_runner, gpu_name
 
     mode = "gpu" if gpu_name() else "emulation"
     checked: list[int] = []
+    strategies: set[str] = set()
 
     @settings(max_examples=CUDA_EXAMPLES, derandomize=True, database=None, deadline=None,
               print_blob=False, phases=[Phase.explicit, Phase.generate],
@@ -202,7 +208,8 @@ def test_random_specs_match_reference_cuda():
         spec = parse_spec(yaml.safe_dump(doc, sort_keys=False), base_dir=Path("."),
                           stem="properties")
         plan = lower_spec(spec)[0]
-        cp = lower_cuda(plan)
+        cp = lower_cuda(plan, small_cuda_geometry() if geometry == "small" else None)
+        strategies.update(v.strategy for v in cp.variants)
         sources = list(render_cuda(plan, "properties.yaml", cuda_plan=cp))
         exe = build_harness(plan, cp, sources, mode)
         report = verify_layer(plan.layer, "cuda", mode, cuda_runner(plan, exe),
@@ -217,3 +224,5 @@ def test_random_specs_match_reference_cuda():
 
     check()
     assert len(checked) == CUDA_EXAMPLES
+    if geometry == "small":
+        assert {"warp", "cluster", "looped", "split"} <= strategies, strategies
