@@ -580,6 +580,12 @@ inline cudaError_t cudaMemPoolCreate(cudaMemPool_t *pool, const cudaMemPoolProps
     return cudaSuccess;
 }
 
+inline cudaError_t cudaMemPoolDestroy(cudaMemPool_t pool)
+{
+    delete pool;
+    return cudaSuccess;
+}
+
 inline cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t pool, cudaMemPoolAttr, void *value)
 {
     return pool != nullptr && value != nullptr ? cudaSuccess : cudaErrorInvalidValue;
