@@ -64,7 +64,9 @@ WARP_TEAM_BLOCK = 256      # threads per block for the warp strategy
 GRID_LIMIT = 2**31 - 1
 SIZE_MAX = 2**64 - 1
 AB_SMEM_BYTES = 16 * 1024  # folded a/b per channel staged in shared memory up to this size
-MIN_WAVES = 2              # the wide variant is used below this many blocks per SM
+MIN_WAVES = 2              # the wide (or split) variant is used below this many blocks per SM
+SPLIT_RECORD = 4           # accumulators per split chunk record: s1, s2, scaled, pilot
+POOL_DEVICES = 64          # devices that can get the layer's split workspace pool
 # Largest finite values: of each storage dtype, and of each accumulation type.
 FLT_MAX = float(np.finfo(np.float32).max)
 DBL_MAX = float(np.finfo(np.float64).max)
@@ -218,6 +220,28 @@ class CudaPlan:
         """Flat in-group indices of the pilot candidates: first, middle and last element."""
         n = self.plan.group_numel
         return (0, n // 2, n - 1)
+
+    @property
+    def split_record(self) -> int:
+        """Accumulators in one split chunk record."""
+        return SPLIT_RECORD
+
+    @property
+    def pool_devices(self) -> int:
+        """Devices the split workspace pools are kept for."""
+        return POOL_DEVICES
+
+    @property
+    def split_bytes_per_group(self) -> int:
+        """Workspace bytes the split kernels take per (observation, group); 0 without them."""
+        if self.split is None:
+            return 0
+        return self.split.chunks * SPLIT_RECORD * (8 if self.scalar.acc == "double" else 4)
+
+    def gives_way_to_split(self, v: Variant) -> bool:
+        """True when variant v, launched with too few blocks to fill the SMs, is replaced by the
+        split kernels: it sweeps its groups twice and this layer has them."""
+        return self.split is not None and v.strategy == "looped"
 
 
 @dataclass(frozen=True)
@@ -630,6 +654,6 @@ def chosen_variant(cp: CudaPlan, batch: int, cc_major: int, sms: int,
         elif cp.narrow is not None:
             v = cp.narrow
     teams = batch * cp.plan.num_groups // v.team_groups
-    if cp.split is not None and pool and v.strategy == "looped" and teams * v.cluster < few:
+    if pool and cp.gives_way_to_split(v) and teams * v.cluster < few:
         return cp.split
     return v

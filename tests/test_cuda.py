@@ -449,7 +449,8 @@ def test_split_workspace_comes_from_the_layers_pool_or_the_capture():
     plan, cp, exe = _emulate("looped", "single")
     x = round_to_dtype(np.random.default_rng(8).normal(1, 2, plan.observation_numel * 2), "single")
     ref = group_norm_reference(x, plan.layer, 2, plan.scale_values, plan.offset_values)
-    nbytes = 2 * plan.num_groups * cp.split.chunks * 4 * 4
+    assert cp.split_bytes_per_group == cp.split.chunks * 4 * 4       # {s1, s2, scaled, pilot}
+    nbytes = 2 * plan.num_groups * cp.split_bytes_per_group
     split = _expected_launches(cp, cp.split, 2)
     looped = _expected_launches(cp, chosen_variant(cp, 2, 8, 4, pool=False), 2)
     for extra, source, launches in (({}, "a created pool", split),

@@ -280,8 +280,8 @@ cudaError_t run(const elem_t *x, elem_t *y, size_t batch, const elem_t *scale,
     const size_t teams = batch * kGroups; /* (observation, group) pairs */
     if (((uintptr_t)x | (uintptr_t)y) % 4 != 0) {
         return launch_kernel(warp_kernel<1, 1, 1, BAKED>,
-            (unsigned)((teams + 256 - 1) / 256), 256, 1,
-            stream, x, y, batch, scale, offset);
+                (unsigned)((teams + 256 - 1) / 256), 256, 1,
+                stream, x, y, batch, scale, offset);
     }
     return launch_kernel(warp_kernel<1, 1, 1, BAKED>,
             (unsigned)((teams + 256 - 1) / 256), 256, 1,

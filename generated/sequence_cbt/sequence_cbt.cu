@@ -307,8 +307,8 @@ cudaError_t run(const elem_t *x, elem_t *y, size_t batch, const elem_t *scale,
     const size_t teams = batch * kGroups; /* (observation, group) pairs */
     if (((uintptr_t)x | (uintptr_t)y) % 16 != 0) {
         return launch_kernel(warp_kernel<32, 1, 7, BAKED>,
-            (unsigned)((teams + 8 - 1) / 8), 256, 1,
-            stream, x, y, batch, scale, offset);
+                (unsigned)((teams + 8 - 1) / 8), 256, 1,
+                stream, x, y, batch, scale, offset);
     }
     return launch_kernel(warp_kernel<32, 4, 2, BAKED>,
             (unsigned)((teams + 8 - 1) / 8), 256, 1,
