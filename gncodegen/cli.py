@@ -12,7 +12,8 @@ import click
 
 from . import __version__
 from .errors import GncodegenError
-from .pipeline import Result, run, write_output
+from .output import check_output, write_output
+from .pipeline import Result, run
 from .targets import CUDA_RUNNERS, VerifyOptions, target_choices
 
 
@@ -81,15 +82,16 @@ def main() -> None:
 def build(spec: str, out_dir: str | None, target: str, no_verify: bool, allow_code: bool,
           keep: bool, cuda_runner: str) -> None:
     """Render, compile and verify SPEC, then write the sources and manifest.json."""
+    out = Path(out_dir) if out_dir else Path("generated") / Path(spec).stem
     try:
+        check_output(out)                # before any work: refuse a folder that is not ours
         result = run(spec, target=target.lower(), verify=not no_verify, allow_code=allow_code,
                      options=VerifyOptions(keep, cuda_runner.lower()))
         click.echo(_report(result, verified=not no_verify))
         if not result.passed:
             click.echo("error: verification failed; nothing was written", err=True)
             sys.exit(1)
-        out = Path(out_dir) if out_dir else Path("generated") / Path(spec).stem
-        write_output(out, result.sources, result.manifest)
+        write_output(out, {s.name: s.text for s in result.sources}, result.manifest)
     except GncodegenError as exc:
         _fail(exc)
     names = ", ".join(s.name for s in result.sources)

@@ -26,7 +26,7 @@ import pytest
 WRAPPER = r"""
 import os, pathlib, signal, sys
 import gncodegen.build as build
-import gncodegen.pipeline as pipeline
+import gncodegen.output as output
 
 point, nth = os.environ["GN_KILL_AT"].rsplit(":", 1)
 seen = {}
@@ -48,12 +48,16 @@ def wrap(owner, name, tag, after=False):
     setattr(owner, name, hooked)
 
 if os.environ.get("GN_NO_EXCHANGE"):   # as on a filesystem without RENAME_EXCHANGE
-    pipeline._exchange = lambda a, b: False
+    output._rename2 = lambda a, b, flags: False
 wrap(build, "run_compiler", "compile")
 wrap(build, "run_compiler", "compiled", after=True)
-wrap(pipeline, "_exchange", "exchange")
-wrap(pipeline, "_exchange", "exchanged", after=True)
-wrap(pipeline.os, "fsync", "fsync")
+wrap(output, "_exchange", "exchange")
+wrap(output, "_exchange", "exchanged", after=True)
+wrap(output, "_rename_new", "rename-new")
+wrap(output, "_rename_new", "rename-newd", after=True)
+wrap(output, "_write_file", "stage-write")
+wrap(output, "_write_file", "stage-written", after=True)
+wrap(output.os, "fsync", "fsync")
 stage_prefix = "." + os.environ["GN_OUT_NAME"] + "."
 orig_rename = os.rename
 def rename(src, dst, *args, **kwargs):
@@ -65,17 +69,7 @@ def rename(src, dst, *args, **kwargs):
     orig_rename(src, dst, *args, **kwargs)
     hit(tag + "d")
 os.rename = rename
-wrap(pipeline.shutil, "rmtree", "rmtree")
-orig_write = pathlib.Path.write_text
-def write_text(self, *args, **kwargs):
-    staged = self.parent.name.startswith(stage_prefix)
-    if staged:
-        hit("stage-write")
-    n = orig_write(self, *args, **kwargs)
-    if staged:
-        hit("stage-written")
-    return n
-pathlib.Path.write_text = write_text
+wrap(output, "_remove_owned", "rmtree")
 
 from gncodegen.cli import main
 sys.argv = ["gncodegen", *sys.argv[1:]]
@@ -243,7 +237,7 @@ def test_kill_into_new_folder(tmp_path: Path, template: Path):
     """Killed while writing a folder that did not exist: it is absent or complete, never partial."""
     scene = Scene(tmp_path, template=template)
     fresh = tmp_path / "work" / "fresh"
-    for point in ("stage-written:3", "rename-out:1"):
+    for point in ("stage-written:3", "rename-new:1"):
         proc = scene.killed_build(point, fresh)
         assert proc.returncode == -signal.SIGKILL, proc.stderr
         assert not fresh.exists()
