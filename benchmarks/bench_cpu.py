@@ -32,9 +32,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # shapes.py
 
-from gncodegen.build import STRICT_WARNINGS, build_c_module  # noqa: E402
+from gncodegen.build import STRICT_WARNINGS
+from gncodegen.targets.c.runner import build_c_module  # noqa: E402
 from gncodegen.plan import lower  # noqa: E402
-from gncodegen.render import render_c  # noqa: E402
+from gncodegen.targets.c import render_c  # noqa: E402
 from gncodegen.spec import parse_spec  # noqa: E402
 
 FAST_FLAGS = ("-std=c99", "-O3", "-march=native", "-fPIC", *STRICT_WARNINGS)

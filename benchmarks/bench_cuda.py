@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # shapes.py
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from gncodegen.cuda_plan import MAX_CLUSTER, CudaOptions, chosen_variant, lower_cuda  # noqa: E402
-from gncodegen.cuda_render import render_cuda  # noqa: E402
-from gncodegen.cuda_run import NVCC_FLAGS  # noqa: E402
+from gncodegen.targets.cuda.lower import MAX_CLUSTER, CudaOptions, chosen_variant, lower_cuda  # noqa: E402
+from gncodegen.targets.cuda.render import render_cuda  # noqa: E402
+from gncodegen.targets.cuda.runner import NVCC_FLAGS  # noqa: E402
 from gncodegen.plan import lower  # noqa: E402
 from gncodegen.spec import parse_spec  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The command line: chains the pipeline's steps and prints their reports (DESIGN.md 5a).
+"""The command line: chains the pipeline's steps and prints their reports.
 
 Exit status: 0 success, 1 verification failed, 2 bad spec or usage.
 """
@@ -13,8 +13,9 @@ import click
 from . import __version__
 from .errors import GncodegenError
 from .output import check_output, write_output
-from .pipeline import Result, run
-from .targets import CUDA_RUNNERS, VerifyOptions, target_choices
+from .pipeline import Result, run, run_spec
+from .spec import load_spec
+from .targets import RunOptions, cli_options, resolve_targets, target_choices
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -57,11 +58,20 @@ target_option = click.option(
 allow_code_option = click.option(
     "--allow-code", is_flag=True, help="Allow module:function initializers to run Python code.")
 keep_option = click.option("--keep", is_flag=True, help="Print where the build folder is.")
-cuda_runner_option = click.option(
-    "--cuda-runner", default="auto", show_default=True,
-    type=click.Choice(CUDA_RUNNERS, case_sensitive=False),
-    help="Where the CUDA target's verification runs: a GPU when one is found (auto), a GPU or "
-         "an error (gpu), or the host emulation even where a GPU exists (emulation).")
+
+
+def target_options(func):
+    """Add every target's own options (e.g. --cuda-runner) to a command."""
+    for opt in reversed(cli_options()):
+        func = click.option(opt.flag, opt.name, default=opt.default, show_default=True,
+                            type=click.Choice(opt.choices, case_sensitive=False),
+                            help=opt.help)(func)
+    return func
+
+
+def run_options(keep: bool, values: dict[str, str]) -> RunOptions:
+    """Return the RunOptions of a command's shared and target options."""
+    return RunOptions(keep, tuple(sorted((k, v.lower()) for k, v in values.items())))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -78,15 +88,15 @@ def main() -> None:
 @click.option("--no-verify", is_flag=True, help="Write the sources without compiling them.")
 @allow_code_option
 @keep_option
-@cuda_runner_option
+@target_options
 def build(spec: str, out_dir: str | None, target: str, no_verify: bool, allow_code: bool,
-          keep: bool, cuda_runner: str) -> None:
+          keep: bool, **values: str) -> None:
     """Render, compile and verify SPEC, then write the sources and manifest.json."""
     out = Path(out_dir) if out_dir else Path("generated") / Path(spec).stem
     try:
         check_output(out)                # before any work: refuse a folder that is not ours
         result = run(spec, target=target.lower(), verify=not no_verify, allow_code=allow_code,
-                     options=VerifyOptions(keep, cuda_runner.lower()))
+                     options=run_options(keep, values))
         click.echo(_report(result, verified=not no_verify))
         if not result.passed:
             click.echo("error: verification failed; nothing was written", err=True)
@@ -103,12 +113,12 @@ def build(spec: str, out_dir: str | None, target: str, no_verify: bool, allow_co
 @target_option
 @allow_code_option
 @keep_option
-@cuda_runner_option
-def verify(spec: str, target: str, allow_code: bool, keep: bool, cuda_runner: str) -> None:
+@target_options
+def verify(spec: str, target: str, allow_code: bool, keep: bool, **values: str) -> None:
     """Build SPEC in a scratch folder and verify it against the reference; write nothing."""
     try:
         result = run(spec, target=target.lower(), verify=True, allow_code=allow_code,
-                     options=VerifyOptions(keep, cuda_runner.lower()))
+                     options=run_options(keep, values))
     except GncodegenError as exc:
         _fail(exc)
     click.echo(_report(result, verified=True))
@@ -118,14 +128,19 @@ def verify(spec: str, target: str, allow_code: bool, keep: bool, cuda_runner: st
 
 @main.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--target", "-t", default="all", show_default=True,
+              type=click.Choice(target_choices(), case_sensitive=False),
+              help="Whose choices to print.")
 @allow_code_option
-def show(spec: str, allow_code: bool) -> None:
-    """Print the resolved layers of SPEC and their plans."""
+def show(spec: str, target: str, allow_code: bool) -> None:
+    """Print the resolved layers of SPEC, their plans and each target's choices."""
     try:
-        result = run(spec, target="c", verify=False, allow_code=allow_code)
+        loaded = load_spec(spec, allow_code=allow_code)
+        targets = resolve_targets(target.lower())
+        result = run_spec(loaded, targets, verify=False)
     except GncodegenError as exc:
         _fail(exc)
-    for plan in result.plans:
+    for i, plan in enumerate(result.plans):
         layer = plan.layer
         click.echo(f"layer {layer.name}")
         rows = [
@@ -147,6 +162,10 @@ def show(spec: str, allow_code: bool) -> None:
         click.echo("  plan")
         for line in plan.summary:
             click.echo(f"    {line}")
+        for t in result.targets:
+            click.echo(f"  target {t.name}")
+            for line in t.describe(result.records[t.name][i])[len(plan.summary):]:
+                click.echo(f"    {line}")
 
 
 def _preview(values: tuple[float, ...], n: int = 4) -> str:

@@ -1,4 +1,8 @@
-"""The steps `gncodegen build` chains: load, lower, render, verify, then write atomically."""
+"""The steps `gncodegen build` chains: load, lower, lower per target, render, verify.
+
+Writing the result is gncodegen.output's job. Each target lowers every layer once; rendering,
+verification, the manifest and `gncodegen show` read those records.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ from .errors import GncodegenError
 from .plan import Plan, lower_spec
 from .render import Source
 from .spec import Spec, load_spec
-from .targets import Outcome, Target, VerifyOptions, resolve_targets
+from .targets import Outcome, RunOptions, Target, TargetRecord, resolve_targets
+
 
 @dataclass(frozen=True)
 class Result:
@@ -21,6 +26,7 @@ class Result:
     spec: Spec
     plans: tuple[Plan, ...]
     targets: tuple[Target, ...]
+    records: dict[str, tuple[TargetRecord, ...]]    # each target's record of every layer
     sources: tuple[Source, ...]
     outcomes: dict[str, Outcome]
     manifest: str
@@ -31,12 +37,22 @@ class Result:
         return all(r.passed for o in self.outcomes.values() for r in o.reports)
 
 
-def render_all(spec: Spec, plans: tuple[Plan, ...], targets: tuple[Target, ...]) -> list[Source]:
+def lower_targets(spec: Spec, plans: tuple[Plan, ...], targets: tuple[Target, ...]
+                  ) -> dict[str, tuple[TargetRecord, ...]]:
+    """Return each target's records of the layers, after checking the spec suits it."""
+    out = {}
+    for target in targets:
+        target.check(spec)
+        out[target.name] = tuple(target.lower(plan) for plan in plans)
+    return out
+
+
+def render_all(spec: Spec, targets: tuple[Target, ...],
+               records: dict[str, tuple[TargetRecord, ...]]) -> list[Source]:
     """Return the sources of every target, each file once, in a stable order."""
     files: dict[str, Source] = {}
     for target in targets:
-        target.check(spec)
-        for src in target.render(spec, plans):
+        for src in target.render(spec, records[target.name]):
             if src.name in files and files[src.name].text != src.text:
                 raise GncodegenError(f"two targets render different {src.name}")
             files[src.name] = src
@@ -62,15 +78,22 @@ def manifest_text(spec: Spec, targets: tuple[Target, ...], sources: list[Source]
 
 
 def run(spec_path: str | Path, target: str = "c", verify: bool = True,
-        allow_code: bool = False, options: VerifyOptions = VerifyOptions()) -> Result:
+        allow_code: bool = False, options: RunOptions = RunOptions()) -> Result:
     """Return the Result of loading, rendering and (unless told not to) verifying a spec."""
     spec = load_spec(spec_path, allow_code=allow_code)
     targets = resolve_targets(target)
+    return run_spec(spec, targets, verify, options)
+
+
+def run_spec(spec: Spec, targets: tuple[Target, ...], verify: bool = True,
+             options: RunOptions = RunOptions()) -> Result:
+    """Return the Result of lowering, rendering and (unless told not to) verifying a Spec."""
     plans = lower_spec(spec)
-    sources = render_all(spec, plans, targets)
+    records = lower_targets(spec, plans, targets)
+    sources = render_all(spec, targets, records)
     outcomes: dict[str, Outcome] = {}
     if verify:
         for t in targets:
-            outcomes[t.name] = t.verify(spec, plans, sources, options)
-    return Result(spec, plans, targets, tuple(sources), outcomes,
+            outcomes[t.name] = t.verify(spec, records[t.name], sources, options)
+    return Result(spec, plans, targets, records, tuple(sources), outcomes,
                   manifest_text(spec, targets, sources, outcomes))

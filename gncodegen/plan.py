@@ -1,7 +1,8 @@
-"""Lowering: pure functions from a validated Layer to everything a template prints.
+"""Lowering: pure functions from a validated Layer to the facts every target builds on.
 
-No I/O and no code text beyond literals and identifiers: sizes, strides, loop nests, group
-ranges and folded constants are computed and asserted here; the templates only print them.
+No I/O and no code text: sizes, strides, loop nests, group ranges and the parameters rounded
+to the dtype are computed and asserted here. Each target lowers this Plan further into its own
+record (gncodegen.targets), where the kernel strategy and the literals it prints are decided.
 """
 
 from __future__ import annotations
@@ -9,71 +10,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
 from . import __version__
+from .dtypes import DType, dtype
 from .spec import Layer, Spec
 
 REDUCED_LABELS = "STU"
-
-
-# --------------------------------------------------------------------------- targets as data
-
-
-@dataclass(frozen=True)
-class ScalarType:
-    """How one dtype is spelled and computed in C-family code."""
-
-    dtype: str          # spec dtype
-    ctype: str          # storage type in generated code
-    acc_ctype: str      # accumulation type
-    suffix: str         # literal suffix for acc_ctype literals
-    sqrt: str           # square-root function on acc_ctype
-    numpy: str          # numpy dtype name of the storage type
-    bytes: int
-
-
-SCALAR_TYPES = {
-    "single": ScalarType("single", "float", "float", "f", "sqrtf", "float32", 4),
-    "double": ScalarType("double", "double", "double", "", "sqrt", "float64", 8),
-    "half": ScalarType("half", "__half", "float", "f", "sqrtf", "float16", 2),
-    "bfloat16": ScalarType("bfloat16", "__nv_bfloat16", "float", "f", "sqrtf", "bfloat16", 2),
-}
-
-
-def c_literal(value: float, dtype: str) -> str:
-    """Return a C literal that reads back as exactly value rounded to dtype's acc type."""
-    if dtype == "double":
-        v = float(value)
-        text = repr(v)
-        suffix = ""
-    else:
-        v = np.float32(value)
-        text = str(v)  # numpy prints the shortest string that round-trips in float32
-        suffix = "f"
-    if not math.isfinite(float(v)):
-        raise ValueError(f"literal {value!r} is not finite in {dtype}")
-    if "e" not in text and "." not in text:
-        text += ".0"
-    elif "e" in text and "." not in text.split("e")[0]:
-        mant, exp = text.split("e")
-        text = f"{mant}.0e{exp}"
-    assert (float(text) if dtype == "double" else np.float32(float(text))) == v, (text, value)
-    return text + suffix
-
-
-def round_to_dtype(values, dtype: str) -> np.ndarray:
-    """Return values as float64 after rounding them to dtype's storage precision."""
-    arr = np.asarray(values, dtype=np.float64)
-    if dtype == "single":
-        return arr.astype(np.float32).astype(np.float64)
-    if dtype == "half":
-        return arr.astype(np.float16).astype(np.float64)
-    if dtype == "bfloat16":
-        bits = arr.astype(np.float32).view(np.uint32).astype(np.uint64)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        return rounded.astype(np.uint32).view(np.float32).astype(np.float64)
-    return arr
 
 
 # --------------------------------------------------------------------------- memory layout
@@ -208,12 +149,12 @@ def analyze_layout(layer: Layer) -> Layout:
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything the C templates print for one layer."""
+    """The target-independent facts of one layer that every target lowers further."""
 
     layer: Layer
     prefix: str                 # lower-case symbol prefix (the layer name)
     macro: str                  # upper-case macro prefix
-    scalar: ScalarType
+    dtype: DType
     layout: Layout
     num_channels: int
     num_groups: int
@@ -221,39 +162,15 @@ class Plan:
     group_numel: int            # elements in one (observation, group)
     observation_numel: int
     has_batch: bool
-    epsilon_literal: str
-    inv_group_numel_literal: str
-    scale_literals: tuple[str, ...]
-    offset_literals: tuple[str, ...]
     scale_values: tuple[float, ...]   # rounded to the dtype: what the code computes with
     offset_values: tuple[float, ...]
-    threads: int
-    summary: tuple[str, ...]    # lines of the plan comment in the header
+    summary: tuple[str, ...]    # lines of the plan comment in generated headers
     generator: str
 
     @property
     def channel_loop(self) -> Loop:
         """The loop over the channels of a group."""
         return next(lp for lp in self.layout.group_loops if lp.is_channel)
-
-    @property
-    def ckernel(self):
-        """Return the C kernel's strategy for this plan (a gncodegen.cplan.CKernel)."""
-        from .cplan import plan_kernel  # cplan builds on this module
-        return plan_kernel(self)
-
-    @property
-    def ckernel_comment(self) -> tuple[str, ...]:
-        """Return the lines of the C header's comment on how its kernel computes."""
-        from .cplan import kernel_comment
-        return kernel_comment(self)
-
-    @property
-    def batch_rule(self) -> str:
-        """When a batch count is refused, in words for the header."""
-        if self.has_batch:
-            return f"batch * {self.observation_numel} overflows size_t"
-        return "the format has no B dimension, so batch must be 1"
 
 
 def _dims_text(layout: Layout) -> str:
@@ -262,14 +179,12 @@ def _dims_text(layout: Layout) -> str:
 
 def lower(layer: Layer) -> Plan:
     """Return the Plan for one layer."""
-    scalar = SCALAR_TYPES[layer.dtype]
-    acc = "double" if layer.dtype == "double" else "single"
+    dt = dtype(layer.dtype)
     layout = analyze_layout(layer)
     cpg = layer.channels_per_group
     group_numel = cpg * (layer.observation_numel // layer.num_channels)
-    scale = round_to_dtype(layer.scale, layer.dtype)
-    offset = round_to_dtype(layer.offset, layer.dtype)
-    lit_dtype = "double" if layer.dtype == "double" else "single"
+    scale = dt.round(layer.scale)
+    offset = dt.round(layer.offset)
 
     shape = "x".join(str(s) for s in layer.input_size)
     if layout.group_contiguous:
@@ -292,18 +207,13 @@ def lower(layer: Layer) -> Plan:
         f"scale: {layer.scale_source}; offset: {layer.offset_source}",
     )  # each target's kernel comment says how it computes (numerics differ per target)
     return Plan(
-        layer=layer, prefix=layer.name, macro=layer.name.upper(), scalar=scalar, layout=layout,
+        layer=layer, prefix=layer.name, macro=layer.name.upper(), dtype=dt, layout=layout,
         num_channels=layer.num_channels, num_groups=layer.num_groups, channels_per_group=cpg,
         group_numel=group_numel, observation_numel=layer.observation_numel,
         has_batch=layer.has_batch,
-        epsilon_literal=c_literal(layer.epsilon, acc),
-        inv_group_numel_literal=c_literal(1.0 / group_numel, acc),
-        scale_literals=tuple(c_literal(v, lit_dtype) for v in scale),
-        offset_literals=tuple(c_literal(v, lit_dtype) for v in offset),
         scale_values=tuple(float(v) for v in scale),
         offset_values=tuple(float(v) for v in offset),
-        threads=layer.threads, summary=summary,
-        generator=f"gncodegen {__version__}",
+        summary=summary, generator=f"gncodegen {__version__}",
     )
 
 

@@ -1,4 +1,4 @@
-"""Rendering: Jinja2 templates print what the plan computed (DESIGN.md section 1)."""
+"""Rendering: Jinja2 templates print what the plan and the target records computed."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from pathlib import Path
 
 import jinja2
 
-from .plan import Loop, Plan
+from .plan import Loop
+
 
 def template_dir() -> Path:
     """Return the folder holding the templates (the installed copy or the source tree's)."""
     package = Path(__file__).resolve().parent
     for candidate in (package / "templates", package.parent / "templates"):
-        if (candidate / "_macros.j2").is_file():
+        if (candidate / "common" / "macros.j2").is_file():
             return candidate
     raise FileNotFoundError(f"gncodegen's templates are missing beside {package}")
 
@@ -63,10 +64,3 @@ def render_template(name: str, **context) -> str:
     text = environment().get_template(name).render(**context)
     lines = [line.rstrip() for line in text.splitlines()]
     return "\n".join(lines).strip("\n") + "\n"
-
-
-def render_c(plan: Plan, spec_name: str) -> tuple[Source, Source]:
-    """Return the C header and source for one layer."""
-    ctx = dict(plan=plan, spec_name=spec_name)
-    return (Source(f"{plan.prefix}.h", render_template("c/header.h.j2", **ctx)),
-            Source(f"{plan.prefix}.c", render_template("c/source.c.j2", **ctx)))

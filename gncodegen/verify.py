@@ -1,5 +1,6 @@
-"""Verification: run built code on seeded inputs and on the edge cases of DESIGN.md section 6,
-and compare with the float64 reference under a per-dtype tolerance."""
+"""Verification: run built code on seeded inputs and on the numerics edge cases (random data,
+constant groups, a large mean, the caller's parameters, batch 1 and more, in place), and compare
+with the float64 reference under the dtype's tolerance."""
 
 from __future__ import annotations
 
@@ -8,12 +9,10 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .plan import Plan, round_to_dtype
+from .dtypes import dtype
 from .reference import canonical, from_canonical, group_norm_reference, to_flat, to_logical
 from .spec import Layer
 
-# Max |y - reference| allowed, relative to the output's scale (max |reference|).
-TOLERANCE = {"single": 1e-5, "double": 1e-12, "half": 1e-2, "bfloat16": 5e-2}
 # Largest batch the verification uses: bounded so a case stays a few MiB.
 MAX_VERIFY_ELEMENTS = 1 << 21
 
@@ -93,26 +92,26 @@ def _per_group(layer: Layer, batch: int, fill: Callable[[np.random.Generator, in
 
 
 def make_cases(layer: Layer, seed: int = 0, max_batch: int = 4) -> list[Case]:
-    """Return the DESIGN.md section 6 cases for a layer, seeded, rounded to its dtype."""
+    """Return the verification cases for a layer, seeded, rounded to its dtype."""
     rng = np.random.default_rng(seed)
-    dt = layer.dtype
+    dt = dtype(layer.dtype)
     numel = layer.observation_numel
 
     def normal(batch, loc=0.0, sd=1.0):
-        return round_to_dtype(rng.normal(loc, sd, batch * numel), dt)
+        return dt.round(rng.normal(loc, sd, batch * numel))
 
     b1 = 1
     bmax = verification_batch(layer, max_batch)
-    big_mean = {"single": 1e4, "double": 1e4, "half": 1e3, "bfloat16": 1e2}[dt]
+    big_mean = dt.big_mean
     cases = [
         Case("random, batch 1", normal(b1), b1),
         Case("random, in place", normal(bmax), bmax, in_place=True),
-        Case("constant groups", round_to_dtype(
-            _per_group(layer, bmax, lambda r, k: np.full(k, r.normal(0, 3)), rng), dt), bmax),
+        Case("constant groups", dt.round(
+            _per_group(layer, bmax, lambda r, k: np.full(k, r.normal(0, 3)), rng)), bmax),
         Case(f"mean {big_mean:g}, std 1", normal(bmax, big_mean, 1.0), bmax),
         Case("caller's scale and offset", normal(bmax), bmax,
-             scale=round_to_dtype(rng.normal(1.0, 0.5, layer.num_channels), dt),
-             offset=round_to_dtype(rng.normal(0.0, 0.5, layer.num_channels), dt)),
+             scale=dt.round(rng.normal(1.0, 0.5, layer.num_channels)),
+             offset=dt.round(rng.normal(0.0, 0.5, layer.num_channels))),
     ]
     if bmax > 1:
         cases.insert(1, Case(f"random, batch {bmax}", normal(bmax), bmax))
@@ -142,42 +141,16 @@ Runner = Callable[[Case], np.ndarray]
 def verify_layer(layer: Layer, target: str, runner_name: str, run: Runner,
                  cases: Iterable[Case] | None = None) -> Report:
     """Return the Report of running every case through run() against the reference."""
-    tol = TOLERANCE[layer.dtype]
+    dt = dtype(layer.dtype)
+    tol = dt.tolerance
     results = []
     for case in (make_cases(layer) if cases is None else cases):
-        scale = round_to_dtype(layer.scale, layer.dtype) if case.scale is None else case.scale
-        offset = round_to_dtype(layer.offset, layer.dtype) if case.offset is None else case.offset
+        scale = dt.round(layer.scale) if case.scale is None else case.scale
+        offset = dt.round(layer.offset) if case.offset is None else case.offset
         ref = group_norm_reference(case.x, layer, case.batch, scale, offset)
         results.append(compare(run(case), ref, tol, case.name))
     return Report(layer.name, target, runner_name, tol, tuple(results))
 
 
-def c_runner(plan: Plan, module) -> Runner:
-    """Return a Runner that calls a layer's C entry points in a built cffi module."""
-    ffi, lib = module.ffi, module.lib
-    np_dtype = np.dtype(plan.scalar.numpy)
-    ctype = plan.scalar.ctype
-    predict = getattr(lib, f"{plan.prefix}_predict")
-    predict_with = getattr(lib, f"{plan.prefix}_predict_with_params")
-
-    def run(case: Case) -> np.ndarray:
-        x = np.array(case.x, dtype=np_dtype)  # a copy: in-place cases must not touch case.x
-        y = x if case.in_place else np.full_like(x, np.nan)
-        px = ffi.from_buffer(f"{ctype}[]", x)
-        py = px if case.in_place else ffi.from_buffer(f"{ctype}[]", y)
-        if case.scale is None:
-            rc = predict(px, py, case.batch)
-        else:
-            s = np.ascontiguousarray(case.scale, dtype=np_dtype)
-            o = np.ascontiguousarray(case.offset, dtype=np_dtype)
-            rc = predict_with(px, py, case.batch, ffi.from_buffer(f"{ctype}[]", s),
-                              ffi.from_buffer(f"{ctype}[]", o))
-        if rc != 0:
-            raise RuntimeError(f"{plan.prefix}_predict returned {rc}")
-        return y.astype(np.float64)
-
-    return run
-
-
-__all__ = ["Case", "CaseResult", "Report", "TOLERANCE", "make_cases", "compare", "verify_layer",
-           "c_runner", "verification_batch", "canonical", "to_logical"]
+__all__ = ["Case", "CaseResult", "Report", "make_cases", "compare", "verify_layer",
+           "verification_batch", "canonical", "to_logical"]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import yaml
 
-from gncodegen.build import build_c_module
+from gncodegen.targets.c.runner import build_c_module
 from gncodegen.plan import lower
-from gncodegen.render import render_c
+from gncodegen.targets.c import render_c
 from gncodegen.spec import Layer, parse_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,7 +21,7 @@ def small_cuda_geometry():
     """CUDA geometry small enough that small shapes reach every strategy under emulation:
     64-thread blocks, 16 bytes per thread on chip, clusters of up to 4 blocks, split even when
     small (warp, block, cluster, looped, rows and split kernels)."""
-    from gncodegen.cuda_plan import CudaOptions
+    from gncodegen.targets.cuda.lower import CudaOptions
     return CudaOptions(block_threads=(64,), warp_team_block=64, onchip_bytes=16, max_cluster=4,
                        wide_min_numel=0)
 

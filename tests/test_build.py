@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from gncodegen import build as build_mod
-from gncodegen.build import build_c_module
+from gncodegen.targets.c import runner as build_mod
+from gncodegen.targets.c.runner import build_c_module
 from gncodegen.cli import main
 from gncodegen.errors import BuildError
 from gncodegen.plan import lower
-from gncodegen.render import Source, render_c
+from gncodegen.render import Source
+from gncodegen.targets.c import render_c
 
 from conftest import EXAMPLES, make_layer
 

@@ -17,12 +17,15 @@ import subprocess
 import numpy as np
 import pytest
 
-from gncodegen.build import HOST_FLAGS, STRICT_WARNINGS, build_c_module, with_openmp
-from gncodegen.cplan import plan_kernel
-from gncodegen.plan import lower, round_to_dtype
+from gncodegen.build import STRICT_WARNINGS
+from gncodegen.targets.c.runner import HOST_FLAGS, build_c_module, with_openmp
+from gncodegen.targets.c.kernel import plan_kernel
+from gncodegen.plan import lower
+from gncodegen.dtypes import DTYPES, round_to_dtype
 from gncodegen.reference import group_norm_reference
-from gncodegen.render import render_c
-from gncodegen.verify import TOLERANCE, Case, c_runner, compare, make_cases, verify_layer
+from gncodegen.targets.c import render_c
+from gncodegen.verify import Case, compare, make_cases, verify_layer
+from gncodegen.targets.c.runner import c_runner
 
 from conftest import cpu_has_avx512f, make_layer, torch_group_norm
 
@@ -183,7 +186,7 @@ def test_threads_match_one_thread_bit_for_bit(name, rng):
     y2 = _run(p2, m2, x, batch)
     y2_in_place = _run(p2, m2, x, batch, in_place=True)
     ref = group_norm_reference(x, one, batch)
-    assert compare(y2, ref, TOLERANCE["single"], "t2").passed
+    assert compare(y2, ref, DTYPES["single"].tolerance, "t2").passed
     # Each job is computed the same way whatever thread runs it.
     assert np.array_equal(y1, y2) and np.array_equal(y1, y2_in_place)
     # One observation alone still gives both threads work.
@@ -272,7 +275,7 @@ def test_nan_and_inf_poison_only_their_group(name, bad, build, rng):
     y = _run(plan, module, x, batch)
     ref = group_norm_reference(x, layer, batch)
     assert np.array_equal(np.isnan(y), np.isnan(ref)) and np.isnan(ref).any()
-    assert compare(y, ref, TOLERANCE["single"], "bad").passed
+    assert compare(y, ref, DTYPES["single"].tolerance, "bad").passed
 
 
 @pytest.mark.parametrize("build", ["native", "Os"])
@@ -310,9 +313,9 @@ def test_squares_that_overflow_are_rescued(name, magnitude, build, rng):
         # where |x - x[0]| * N may overflow the group comes out NaN -- never a wrong value.
         nan = np.isnan(y)
         assert nan.any()
-        assert compare(np.where(nan, ref, y), ref, TOLERANCE["single"], "big").passed
+        assert compare(np.where(nan, ref, y), ref, DTYPES["single"].tolerance, "big").passed
         return
-    res = compare(y, ref, TOLERANCE["single"], "big")
+    res = compare(y, ref, DTYPES["single"].tolerance, "big")
     assert res.passed, (res.max_rel, res.nan_mismatch)
     # The squares do overflow float: summed naively, the variance would be inf (y = 0 or NaN).
     g = plan.group_numel
@@ -326,7 +329,7 @@ def test_double_squares_that_overflow_are_rescued(rng):
     y = _run(plan, module, x, 2)
     # The float64 reference squares x too, so it is given the data scaled by a power of two.
     ref = group_norm_reference(x * 2.0 ** -830, layer, 2)
-    assert compare(y, ref, TOLERANCE["double"], "big").passed
+    assert compare(y, ref, DTYPES["double"].tolerance, "big").passed
 
 
 def test_blocked_sums_beat_the_single_accumulator_baseline(rng):
@@ -358,7 +361,7 @@ def _strict_sets():
 def test_every_kind_compiles_strict_everywhere(name, layer, opt):
     """Issue 5's flags on gcc, clang, g++ and the Arm cross compilers, fast and compact shapes
     alike (-O0 and -O3 compile the fast shape, -Os the compact one)."""
-    from gncodegen import firmware as fw
+    from gncodegen.targets import firmware as fw
     sources = list(render_c(lower(layer), "test.yaml"))
     for config in fw.STRICT_CONFIGS:
         fw.check_strict(sources, config, opt)
@@ -400,7 +403,7 @@ def test_tiny_groups_take_the_simd_kernel_only_where_it_fits():
 
 def test_simd_tree_puts_each_groups_sum_in_its_lane(rng):
     """Emulate the tree's blends and two-source permutes with NumPy: lane k = sum of group k."""
-    from gncodegen.cplan import simd_tree
+    from gncodegen.targets.c.kernel import simd_tree
     tree, order = simd_tree(16)
     groups = rng.integers(-1000, 1000, (16, 16)).astype(np.int64)   # exact sums
     v = [None] * 16
@@ -450,7 +453,7 @@ def test_tiny_groups_avx512_match_reference(n, groups, rng):
         ref = group_norm_reference(x, layer, batch, scale, offset)
         run = c_runner(plan, module)
         y = run(Case("x", x, batch, scale=scale, offset=offset))
-        res = compare(y, ref, TOLERANCE["single"], "avx512")
+        res = compare(y, ref, DTYPES["single"].tolerance, "avx512")
         assert res.passed, (batch, res.max_rel)
         y_in = run(Case("x", x, batch, scale=scale, offset=offset, in_place=True))
         assert np.array_equal(y, y_in)
@@ -471,7 +474,7 @@ def test_tiny_groups_avx512_redo_only_the_groups_that_need_it(rng):
     ref = group_norm_reference(x, layer, 2)
     assert np.array_equal(np.isnan(y), np.isnan(ref))
     assert np.isnan(y[3 * 32: 4 * 32]).all() and np.isnan(y[17 * 32: 18 * 32]).all()
-    res = compare(y, ref, TOLERANCE["single"], "redo")
+    res = compare(y, ref, DTYPES["single"].tolerance, "redo")
     assert res.passed, res.max_rel
     assert np.array_equal(y[70 * 32: 71 * 32], round_to_dtype(layer.offset[6 * 32: 7 * 32],
                                                               "single"))

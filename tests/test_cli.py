@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -11,7 +12,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from gncodegen import __version__
+from gncodegen import __version__, dtypes
 from gncodegen.cli import main
 
 from conftest import EXAMPLES
@@ -79,7 +80,8 @@ def test_failed_verification_writes_nothing(example, tmp_path, monkeypatch):
     assert CliRunner().invoke(main, ["build", str(example), "-o", str(out)]).exit_code == 0
     before = _snapshot(out)
     example.write_text(example.read_text().replace("NumGroups: 4", "NumGroups: 2"))
-    monkeypatch.setitem(__import__("gncodegen.verify").verify.TOLERANCE, "single", 0.0)
+    single = dtypes.DTYPES["single"]
+    monkeypatch.setitem(dtypes.DTYPES, "single", dataclasses.replace(single, tolerance=0.0))
     result = CliRunner().invoke(main, ["build", str(example), "-o", str(out)])
     assert result.exit_code == 1
     assert "FAIL" in result.output and "nothing was written" in result.output

@@ -18,8 +18,9 @@ import pytest
 
 from conftest import build_layers, make_layer
 from gncodegen.build import STRICT_WARNINGS
-from gncodegen.plan import lower, round_to_dtype
-from gncodegen.render import render_c
+from gncodegen.plan import lower
+from gncodegen.dtypes import round_to_dtype
+from gncodegen.targets.c import render_c
 
 THREADS = 8
 ROUNDS = 25
@@ -52,10 +53,10 @@ def test_python_threads_bit_identical(in_place: bool):
     work = []
     for plan in plans:
         layer = plan.layer
-        np_t = np.dtype(plan.scalar.numpy)
+        np_t = np.dtype(plan.dtype.numpy)
         batch = 3 if layer.has_batch else 1
         fn = getattr(lib, f"{plan.prefix}_predict")
-        ct = f"{plan.scalar.ctype}[]"
+        ct = f"{plan.dtype.spelling.ctype}[]"
         inputs = [round_to_dtype(rng.normal(t, 1.0 + t, batch * layer.observation_numel),
                                  layer.dtype).astype(np_t) for t in range(THREADS)]
         serial = []
@@ -176,7 +177,7 @@ def test_pthreads_under_thread_sanitizer(tmp_path: Path):
     bodies, calls, serial = [], [], []
     for plan in plans:
         batch = 2 if plan.has_batch else 1
-        args = dict(p=plan.prefix, P=plan.prefix.upper(), M=plan.macro, T=plan.scalar.ctype,
+        args = dict(p=plan.prefix, P=plan.prefix.upper(), M=plan.macro, T=plan.dtype.spelling.ctype,
                     B=batch)
         bodies.append(BODY % args)
         calls.append(f"        job->failed |= {args['P']}_check(job->t, r & 1);")

@@ -12,14 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gncodegen.cuda_plan import chosen_variant, lower_cuda, rescue_plan
-from gncodegen.cuda_render import render_cmake, render_cuda
-from gncodegen.cuda_run import (build_harness, compile_check, cuda_runner, gpu_name,
+from gncodegen.targets.cuda.lower import chosen_variant, lower_cuda, rescue_plan
+from gncodegen.targets.cuda.render import render_cmake, render_cuda
+from gncodegen.targets.cuda.runner import (build_harness, compile_check, cuda_runner, gpu_name,
                                 parse_ptxas, run_call)
-from gncodegen.plan import lower, lower_spec, round_to_dtype
+from gncodegen.plan import lower, lower_spec
+from gncodegen.dtypes import DTYPES, round_to_dtype
 from gncodegen.reference import group_norm_reference
 from gncodegen.spec import load_spec, parse_spec
-from gncodegen.verify import TOLERANCE, Case, _per_group, compare, make_cases, verify_layer
+from gncodegen.verify import Case, _per_group, compare, make_cases, verify_layer
 
 from conftest import small_cuda_geometry
 
@@ -391,7 +392,7 @@ def _overflow_checks(plan, exe, env=None):
         x = round_to_dtype(x, dtype)
         for in_place in (False, True):
             y = cuda_runner(plan, exe, env)(Case(name, x, batch, in_place=in_place))
-            res = compare(y, _overflow_reference(plan, x, batch, ids), TOLERANCE[dtype], name)
+            res = compare(y, _overflow_reference(plan, x, batch, ids), DTYPES[dtype].tolerance, name)
             if not res.passed:
                 failures.append(res)
             outputs[name] = y
@@ -427,7 +428,7 @@ def test_emulation_unaligned_pointers_take_the_scalar_kernel():
     res = run_call(exe, plan, "misaligned", 3, x)
     assert res.returncode == 0, res.stderr
     ref = group_norm_reference(x, plan.layer, 3, plan.scale_values, plan.offset_values)
-    assert compare(res.y, ref, TOLERANCE["single"], "misaligned").passed
+    assert compare(res.y, ref, DTYPES["single"].tolerance, "misaligned").passed
 
 
 @pytest.mark.parametrize("key", ["cluster_sscb", "no_batch"])
@@ -462,7 +463,7 @@ def test_split_workspace_comes_from_the_layers_pool_or_the_capture():
         allocations = re.findall(r"gn_emu: (\d+) bytes from (.+)", res.stderr)
         assert allocations == ([(str(nbytes), source)] if source else []), res.stderr
         assert _launches(res.stderr) == launches
-        assert compare(res.y, ref, TOLERANCE["single"], str(extra)).passed
+        assert compare(res.y, ref, DTYPES["single"].tolerance, str(extra)).passed
 
 
 @pytest.mark.slow
@@ -480,7 +481,7 @@ def test_split_kernels_with_the_real_geometry_on_shape_c():
         res = run_call(exe, plan, "baked", 1, x, env=env)
         assert res.returncode == 0, res.stderr
         assert _launches(res.stderr) == launches
-        assert compare(res.y, ref, TOLERANCE["single"], f"sm_{cc}0").passed
+        assert compare(res.y, ref, DTYPES["single"].tolerance, f"sm_{cc}0").passed
 
 
 def test_emulation_is_deterministic():
@@ -545,7 +546,7 @@ def test_tsan_finds_no_race_in_the_overflow_rescue(cc_major):
             assert res.returncode == 0 and "ThreadSanitizer" not in res.stderr, res.stderr[-3000:]
             ref = group_norm_reference(_tsan_input(plan, 1e30), plan.layer, 1, plan.scale_values,
                                        plan.offset_values)
-            assert compare(res.y, ref, TOLERANCE["single"], key).passed
+            assert compare(res.y, ref, DTYPES["single"].tolerance, key).passed
 
 
 # (kernel whose rescue barrier is removed, environment that makes the host code launch it)
@@ -620,7 +621,7 @@ def test_cli_cuda_runner_gpu_needs_a_gpu(tmp_path):
 
 def test_cuda_runner_choice(monkeypatch):
     """auto follows the machine; emulation stays on the host where a GPU exists; gpu insists."""
-    from gncodegen import cuda_target
+    from gncodegen.targets import cuda as cuda_target
     from gncodegen.errors import TargetUnavailable
 
     monkeypatch.setattr(cuda_target, "gpu_name", lambda: "NVIDIA Test GPU")
@@ -638,7 +639,7 @@ def test_cli_cuda_runner_emulation_on_a_gpu_machine(monkeypatch):
     """Asked for the emulation where a GPU exists, verification runs on the host and says so."""
     from click.testing import CliRunner
 
-    from gncodegen import cuda_target
+    from gncodegen.targets import cuda as cuda_target
     from gncodegen.cli import main
 
     monkeypatch.setattr(cuda_target, "gpu_name", lambda: "NVIDIA Test GPU")
@@ -726,7 +727,7 @@ def test_gpu_every_layout_and_dtype(key, dtype):
         assert a is not None and np.array_equal(a, b)          # same input, same bits
         m = run_call(exe, plan, "misaligned", batch, x).y
         ref = group_norm_reference(x, plan.layer, batch, plan.scale_values, plan.offset_values)
-        assert compare(m, ref, TOLERANCE[dtype], "misaligned").passed
+        assert compare(m, ref, DTYPES[dtype].tolerance, "misaligned").passed
 
 
 @pytest.mark.gpu
@@ -761,7 +762,7 @@ def test_gpu_split_kernels_on_reference_shapes():
 def test_ptxas_kernel_names_carry_no_per_compile_hash():
     """nvcc names its anonymous namespace with a hash that changes between compiles; the
     manifest must not record it, or generated/ would change on every build."""
-    from gncodegen.cuda_run import _readable
+    from gncodegen.targets.cuda.runner import _readable
 
     a = "_ZN49_GLOBAL__N__944585d8_16_nhwc_rowmajor_cu_9c73a93711rows_kernelILi256ELi1ELi4ELi4ELb0EEEvPKfPfmS2_S2_"
     b = a.replace("944585d8", "32129880")

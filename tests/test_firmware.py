@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from gncodegen import firmware as fw
+from gncodegen.targets import firmware as fw
 from gncodegen.cli import main
 from gncodegen.errors import GncodegenError, TargetUnavailable, VerificationError
 from gncodegen.plan import lower, lower_spec
-from gncodegen.render import Source, render_c
+from gncodegen.render import Source
+from gncodegen.targets.c import render_c
 from gncodegen.spec import load_spec
 from gncodegen.verify import Case
 
@@ -43,7 +44,7 @@ LAYERS = {
     "sscb_double": dict(name="fw_f64", num_groups=2, format="SSCB", input_size=[3, 3, 4],
                         dtype="double", epsilon=1e-6),
 }
-TARGETS = tuple(fw.FIRMWARE_TARGETS)
+TARGETS = tuple(fw.BOARDS)
 
 
 def _layer(key):
@@ -61,7 +62,7 @@ def _run(target: str, key: str) -> fw.LayerRun:
     """Return the (memoized) verification of one test layer on one target."""
     if (target, key) not in _runs:
         plan = lower(_layer(key))
-        _runs[target, key] = fw.verify_layer_on(fw.FIRMWARE_TARGETS[target], plan,
+        _runs[target, key] = fw.verify_layer_on(fw.BOARDS[target], plan,
                                                 _sources(plan))
     return _runs[target, key]
 
@@ -76,7 +77,7 @@ def test_toolchain_is_installed(tool):
 
 
 def test_missing_tool_names_its_package(monkeypatch):
-    monkeypatch.setattr(fw.shutil, "which", lambda tool: None)
+    monkeypatch.setattr(fw.boards.shutil, "which", lambda tool: None)
     with pytest.raises(TargetUnavailable, match=r"'qemu-system-arm' not found on PATH: install "
                                                 r"the Debian package\(s\) qemu-system-arm"):
         fw.require_tool("qemu-system-arm")
@@ -111,7 +112,7 @@ def test_layer_matches_reference_on_target(target, key):
     report = run.report
     failed = [(c.case, c.max_rel, c.nan_mismatch) for c in report.cases if not c.passed]
     assert report.passed, f"{target}/{key}: {failed}"
-    assert report.runner == fw.FIRMWARE_TARGETS[target].runner_name
+    assert report.runner == fw.BOARDS[target].runner_name
     names = [c.case for c in report.cases]
     # DESIGN.md section 6: random, constant groups, mean 1e4 std 1, in place, batch 1 and > 1.
     assert "random, batch 1" in names and "random, in place" in names
@@ -125,7 +126,7 @@ def test_layer_matches_reference_on_target(target, key):
 def test_matlab_example_runs_on_target(target):
     spec = load_spec(EXAMPLES / "matlab_gn.yaml")
     plan = lower_spec(spec)[0]
-    run = fw.verify_layer_on(fw.FIRMWARE_TARGETS[target], plan, _sources(plan))
+    run = fw.verify_layer_on(fw.BOARDS[target], plan, _sources(plan))
     assert run.report.passed, [(c.case, c.max_rel) for c in run.report.cases]
     assert "random, batch 2" in [c.case for c in run.report.cases]
 
@@ -138,7 +139,7 @@ def test_one_wrong_output_value_fails_the_comparison():
         y[5] += 1e-3 * np.abs(y).max()         # 100x the single-precision tolerance
         return {**outputs, "random, batch 1": y}
 
-    run = fw.verify_layer_on(fw.FIRMWARE_TARGETS["cortex-m4"], plan, _sources(plan),
+    run = fw.verify_layer_on(fw.BOARDS["cortex-m4"], plan, _sources(plan),
                              corrupt=corrupt)
     by_case = {c.case: c for c in run.report.cases}
     assert not run.report.passed
@@ -165,7 +166,7 @@ def test_an_unwritten_output_is_a_nan_and_fails():
     skipping = _wrapped(plan, source, f"{p}_predict",
                         f"int {p}_predict(const float *x, float *y, size_t batch)\n{{\n"
                         f"    return batch == 0u ? 0 : {p}_predict_real(x, y, batch - 1u);\n}}")
-    run = fw.verify_layer_on(fw.FIRMWARE_TARGETS["cortex-m4"], plan, [header, skipping])
+    run = fw.verify_layer_on(fw.BOARDS["cortex-m4"], plan, [header, skipping])
     by_case = {c.case: c for c in run.report.cases}
     assert by_case["random, batch 1"].nan_mismatch == plan.observation_numel
     assert not by_case["random, batch 2"].passed
@@ -185,7 +186,7 @@ def test_stack_depth_is_measured_on_the_core():
                     "    for (size_t i = 0; i < 256u; ++i) {\n"
                     "        scratch[i] = (float)i;\n    }\n"
                     f"    return {p}_predict_real(x, y, batch) + (scratch[255] > 1e6f);\n}}")
-    target = fw.FIRMWARE_TARGETS["cortex-m4"]
+    target = fw.BOARDS["cortex-m4"]
     shallow = fw.verify_layer_on(target, plan, [header, source])
     measured = fw.verify_layer_on(target, plan, [header, deep])
     assert 0 < shallow.measured_stack < 1024
@@ -198,22 +199,22 @@ def test_stack_depth_is_measured_on_the_core():
 
 def test_image_without_fpu_enabled_reports_the_fault(monkeypatch):
     # Without the CPACR write the first FP instruction faults; the handler says so and stops.
-    original = fw.support_sources
+    original = fw.qemu.support_sources
 
     def no_fpu(target):
         return [Source(s.name, s.text.replace("SCB_CPACR |= CPACR_CP10_CP11_FULL;", ""))
                 for s in original(target)]
 
-    monkeypatch.setattr(fw, "support_sources", no_fpu)
+    monkeypatch.setattr(fw.qemu, "support_sources", no_fpu)
     plan = lower(_layer("sscb"))
     with pytest.raises(VerificationError, match=r"cortex-m4: test image failed .*FAULT: "
                                                 r"(HardFault|UsageFault)"):
-        fw.verify_layer_on(fw.FIRMWARE_TARGETS["cortex-m4"], plan, _sources(plan))
+        fw.verify_layer_on(fw.BOARDS["cortex-m4"], plan, _sources(plan))
 
 
 def test_hanging_image_is_stopped_by_the_timeout(monkeypatch):
     plan = lower(_layer("ssc_no_batch"))
-    target = fw.FIRMWARE_TARGETS["cortex-m4"]
+    target = fw.BOARDS["cortex-m4"]
     harness = fw.render_harness(plan, fw.harness_for(plan, target,
                                                      fw.firmware_cases(plan.layer, target)))
     hang = Source(harness.name, harness.text.replace(
@@ -284,12 +285,12 @@ def test_cases_too_big_for_the_board_are_refused_by_name():
     layer = make_layer(name="huge", num_groups=2, format="SSC", input_size=[512, 512, 4])
     with pytest.raises(TargetUnavailable, match=r"cortex-m55: the test vectors of layer "
                                                 r"'huge' need .* mps3-an547"):
-        fw.firmware_cases(layer, fw.FIRMWARE_TARGETS["cortex-m55"])
+        fw.firmware_cases(layer, fw.BOARDS["cortex-m55"])
 
 
 def test_harness_and_linker_script_are_deterministic():
     plan = lower(_layer("sscb"))
-    target = fw.FIRMWARE_TARGETS["cortex-m55"]
+    target = fw.BOARDS["cortex-m55"]
     cases = fw.firmware_cases(plan.layer, target)
     first = fw.render_harness(plan, fw.harness_for(plan, target, cases))
     again = fw.render_harness(plan, fw.harness_for(plan, target,
@@ -337,7 +338,7 @@ def test_single_precision_kernels_meet_the_budget(name, plan):
     # Issue 5's goal for every single-precision layout, not just the MATLAB example: kernel
     # text <= 400 B and stack <= 96 B on Cortex-M4 at -Os, by the call graph and as measured
     # on the core (the image's calls, sqrtf's frame included if it were called).
-    run = fw.verify_layer_on(fw.FIRMWARE_TARGETS["cortex-m4"], plan, _sources(plan))
+    run = fw.verify_layer_on(fw.BOARDS["cortex-m4"], plan, _sources(plan))
     fp = run.footprint
     assert run.report.passed, name
     assert (fp.cpu, fp.opt) == ("cortex-m4", "-Os")
@@ -357,7 +358,7 @@ def test_example_objects_keep_the_firmware_rules(stem, plan):
     header, source = _sources(plan)
     fp = fw.measure_footprint(plan, source, header)
     assert fp.data == 0 and fp.bss == 0, fp
-    assert fp.params == 2 * plan.num_channels * plan.scalar.bytes
+    assert fp.params == 2 * plan.num_channels * plan.dtype.bytes
     assert fw.check_object_calls(fp, plan.layer.dtype) == [], fp.calls
     if plan.layer.dtype == "single":
         assert fp.calls == ()

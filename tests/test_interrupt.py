@@ -25,7 +25,7 @@ import pytest
 # Runs the CLI with SIGKILL at the GN_KILL_AT='<point>:<n>'th call of a pipeline step.
 WRAPPER = r"""
 import os, pathlib, signal, sys
-import gncodegen.build as build
+import gncodegen.targets.c.runner as build
 import gncodegen.output as output
 
 point, nth = os.environ["GN_KILL_AT"].rsplit(":", 1)

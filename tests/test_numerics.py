@@ -28,11 +28,13 @@ import numpy as np
 import pytest
 
 from conftest import build_layers, cpu_has_avx512f, make_layer
-from gncodegen.build import HOST_FLAGS
-from gncodegen.plan import lower, round_to_dtype
+from gncodegen.targets.c.runner import HOST_FLAGS
+from gncodegen.plan import lower
+from gncodegen.dtypes import DTYPES, round_to_dtype
 from gncodegen.reference import from_canonical, group_norm_reference, to_flat
-from gncodegen.render import render_c
-from gncodegen.verify import TOLERANCE, Case, c_runner
+from gncodegen.targets.c import render_c
+from gncodegen.verify import Case
+from gncodegen.targets.c.runner import c_runner
 
 # name -> (format, layout, input_size, groups, epsilon); batch is BATCH for every layer.
 LAYERS = {
@@ -222,7 +224,7 @@ def judge(layer, cls: InputClass, y: np.ndarray, x: np.ndarray, scale, offset, w
     ours = rel_error(y, ref)
     with np.errstate(all="ignore"):
         theirs = rel_error(torch_group_norm(x, layer, BATCH, scale, offset), ref)
-    floor = TOLERANCE[layer.dtype]
+    floor = DTYPES[layer.dtype].tolerance
     print(f"\n{what}: ours {ours:.3g}, torch {theirs:.3g}, tolerance {floor:g}")
     one_element_groups = layer.observation_numel == layer.num_groups
     if cls.exact_offset or (one_element_groups and not cls.poison):
@@ -293,9 +295,9 @@ _harnesses: dict = {}
 def cuda_runner_for(layer_name: str, dtype: str):
     """Return (layer, runner) of the generated CUDA for one numerics layer (host emulation
     here; on a machine with a GPU the same driver runs the real kernel)."""
-    from gncodegen.cuda_plan import lower_cuda
-    from gncodegen.cuda_render import render_cuda
-    from gncodegen.cuda_run import build_harness, cuda_runner, gpu_name
+    from gncodegen.targets.cuda.lower import lower_cuda
+    from gncodegen.targets.cuda.render import render_cuda
+    from gncodegen.targets.cuda.runner import build_harness, cuda_runner, gpu_name
 
     key = (layer_name, dtype)
     if key not in _harnesses:
@@ -359,7 +361,7 @@ FIRMWARE = [("cortex-m4", "single"), ("cortex-m7", "single"), ("cortex-m7", "dou
 @pytest.mark.parametrize("target_name,dtype", FIRMWARE, ids=[f"{t}-{d}" for t, d in FIRMWARE])
 def test_firmware_input_classes(target_name: str, dtype: str):
     """Every input class in one image on a firmware target (QEMU): the same checks as above."""
-    from gncodegen.firmware import FIRMWARE_TARGETS, verify_layer_on
+    from gncodegen.targets.firmware import BOARDS, verify_layer_on
 
     layer = layer_for("sscb_g4_126", dtype)
     plan = lower(layer)
@@ -375,7 +377,7 @@ def test_firmware_input_classes(target_name: str, dtype: str):
         outputs.update(parsed)
         return parsed
 
-    verify_layer_on(FIRMWARE_TARGETS[target_name], plan, list(render_c(plan, "numerics.yaml")),
+    verify_layer_on(BOARDS[target_name], plan, list(render_c(plan, "numerics.yaml")),
                     cases=cases, corrupt=capture)
     failures = []
     for cls, _ in chosen:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gncodegen.plan import round_to_dtype
+from gncodegen.dtypes import DTYPES, round_to_dtype
 from gncodegen.reference import group_norm_reference
-from gncodegen.verify import TOLERANCE, c_runner, Case, compare
+from gncodegen.verify import Case, compare
+from gncodegen.targets.c.runner import c_runner
 
 from conftest import build_layers, make_layer, torch_group_norm
 
@@ -98,7 +99,7 @@ def test_generated_c_matches_torch(built, fmt, rng):
     by_fmt, module = built
     layer, plan = by_fmt[fmt]
     run = c_runner(plan, module)
-    tol = TOLERANCE[layer.dtype]
+    tol = DTYPES[layer.dtype].tolerance
     batches = [1, 4] if layer.has_batch else [1]
     scale = round_to_dtype(layer.scale, layer.dtype)
     offset = round_to_dtype(layer.offset, layer.dtype)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gncodegen.plan import analyze_layout, c_literal, lower, memory_dims, round_to_dtype
+from gncodegen.plan import analyze_layout, lower, memory_dims
+from gncodegen.targets.c.record import lower_c
+from gncodegen.dtypes import c_literal, round_to_dtype
 
 from conftest import make_layer
 
@@ -64,10 +66,11 @@ def test_plan_counts_and_literals():
                        scale=[0.1] * 20)
     plan = lower(layer)
     assert (plan.group_numel, plan.channels_per_group, plan.observation_numel) == (2880, 5, 11520)
-    assert plan.epsilon_literal == "1e-05f" or float(plan.epsilon_literal[:-1]) == np.float32(1e-5)
-    assert plan.scale_literals[0] == "0.1f"
-    assert np.float32(plan.inv_group_numel_literal[:-1]) == np.float32(1 / 2880)
     assert plan.macro == "T" and plan.prefix == "t"
+    rec = lower_c(plan)                  # the C target's literals
+    assert rec.epsilon_literal == "1e-05f" or float(rec.epsilon_literal[:-1]) == np.float32(1e-5)
+    assert rec.scale_literals[0] == "0.1f"
+    assert np.float32(rec.inv_group_numel_literal[:-1]) == np.float32(1 / 2880)
 
 
 @pytest.mark.parametrize("value", [0.1, 1.0, 1e-5, 3.4028234663852886e38, 1e-45, -2.5, 1e20,

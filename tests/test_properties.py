@@ -24,11 +24,13 @@ import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from gncodegen.build import HOST_FLAGS, build_c_module
-from gncodegen.plan import lower_spec, round_to_dtype
-from gncodegen.render import render_c
+from gncodegen.targets.c.runner import HOST_FLAGS, build_c_module
+from gncodegen.plan import lower_spec
+from gncodegen.dtypes import round_to_dtype
+from gncodegen.targets.c import render_c
 from gncodegen.spec import parse_spec
-from gncodegen.verify import Case, c_runner, make_cases, verification_batch, verify_layer
+from gncodegen.verify import Case, make_cases, verification_batch, verify_layer
+from gncodegen.targets.c.runner import c_runner
 
 from conftest import small_cuda_geometry
 
@@ -190,9 +192,9 @@ def test_random_specs_match_reference_cuda(geometry):
     one), every dtype including half and bfloat16: the same verification cases pass. With the
     real geometry small random shapes mostly take the warp and block kernels; the small one
     sends them through clusters, looped, rows and split kernels too."""
-    from gncodegen.cuda_plan import lower_cuda
-    from gncodegen.cuda_render import render_cuda
-    from gncodegen.cuda_run import build_harness, cuda_runner, gpu_name
+    from gncodegen.targets.cuda.lower import lower_cuda
+    from gncodegen.targets.cuda.render import render_cuda
+    from gncodegen.targets.cuda.runner import build_harness, cuda_runner, gpu_name
 
     mode = "gpu" if gpu_name() else "emulation"
     checked: list[int] = []

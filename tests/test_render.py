@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from gncodegen.plan import lower
-from gncodegen.render import render_c
+from gncodegen.targets.c import render_c
 
 from conftest import make_layer
 

@@ -21,10 +21,11 @@ import pytest
 
 from conftest import make_layer
 from gncodegen.build import STRICT_WARNINGS
-from gncodegen.plan import lower, round_to_dtype
+from gncodegen.plan import lower
+from gncodegen.dtypes import DTYPES, round_to_dtype
 from gncodegen.reference import group_norm_reference
-from gncodegen.render import render_c
-from gncodegen.verify import TOLERANCE, compare
+from gncodegen.targets.c import render_c
+from gncodegen.verify import compare
 
 # (name, keys): shapes chosen to reach every loop shape of the kernel: a contiguous group,
 # channels last, strides beyond B (T after B), one-element groups, no B, a large group with
@@ -138,7 +139,7 @@ def write_driver(folder: Path, plans) -> list[str]:
     for plan in plans:
         check = (NO_BATCH_CHECK if not plan.has_batch else ZERO_BATCH_CHECK).format(
             p=plan.prefix, M=plan.macro)
-        runners.append(RUNNER % dict(p=plan.prefix, M=plan.macro, T=plan.scalar.ctype,
+        runners.append(RUNNER % dict(p=plan.prefix, M=plan.macro, T=plan.dtype.spelling.ctype,
                                      batch_check=check))
         dispatch.append(f'        if (strcmp(name, "{plan.prefix}") == 0) {{ found = 1; '
                         f'failed |= run_{plan.prefix}(name, mode, batch, x, y, s, o); }}')
@@ -151,7 +152,7 @@ def write_driver(folder: Path, plans) -> list[str]:
 def build(folder: Path, plans, flags: list[str]) -> Path:
     """Compile the driver and every layer with flags; return the executable."""
     sources = write_driver(folder, plans)
-    openmp = ["-fopenmp"] if any(p.threads > 1 for p in plans) else []
+    openmp = ["-fopenmp"] if any(p.layer.threads > 1 for p in plans) else []
     cmd = ["cc", "-std=c99", *STRICT_WARNINGS, *flags, *openmp, "-I.", *sources, "-lm", "-o",
            "driver"]
     proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, timeout=300)
@@ -165,7 +166,7 @@ def make_jobs(folder: Path, plans) -> list[tuple]:
     jobs, lines = [], []
     for plan in plans:
         layer = plan.layer
-        np_t = np.dtype(plan.scalar.numpy)
+        np_t = np.dtype(plan.dtype.numpy)
         modes = [("out", 1), ("out", 3), ("inplace", 3), ("params", 2), ("inplace_params", 1)]
         if not plan.has_batch:
             modes = [(m, 1) for m, _ in modes]
@@ -190,9 +191,9 @@ def make_jobs(folder: Path, plans) -> list[tuple]:
 def check_outputs(jobs) -> None:
     """Assert every job's output matches the reference within the dtype's tolerance."""
     for plan, mode, batch, x, scale, offset, ypath in jobs:
-        y = np.frombuffer(ypath.read_bytes(), dtype=plan.scalar.numpy).astype(np.float64)
+        y = np.frombuffer(ypath.read_bytes(), dtype=plan.dtype.numpy).astype(np.float64)
         ref = group_norm_reference(x, plan.layer, batch, scale, offset)
-        res = compare(y, ref, TOLERANCE[plan.layer.dtype], mode)
+        res = compare(y, ref, DTYPES[plan.layer.dtype].tolerance, mode)
         assert res.passed, f"{plan.prefix} {mode} batch {batch}: {res}"
 
 

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from gncodegen import firmware as fw
+from gncodegen.targets import firmware as fw
 from gncodegen.errors import BuildError
 from gncodegen.plan import lower, lower_spec
-from gncodegen.render import Source, render_c
+from gncodegen.render import Source
+from gncodegen.targets.c import render_c
 from gncodegen.spec import load_spec
-from gncodegen.targets import render_c_sources
+from gncodegen.targets import TARGETS
 
 from conftest import EXAMPLES, make_layer
 
@@ -44,7 +45,7 @@ def _source_sets():
     sets = []
     for path in sorted(EXAMPLES.glob("*.yaml")):
         spec = load_spec(path)
-        sets.append((path.stem, render_c_sources(spec, lower_spec(spec))))
+        sets.append((path.stem, TARGETS["c"].render(spec, tuple(TARGETS["c"].lower(p) for p in lower_spec(spec)))))
     for key, keys in EXTRA_LAYERS.items():
         sets.append((key, list(render_c(lower(make_layer(**keys)), "test.yaml"))))
     return sets

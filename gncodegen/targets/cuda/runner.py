@@ -1,7 +1,8 @@
 """Building and running the CUDA target: on a GPU with nvcc, or on the host under emulation.
 
 The generated `.cu` is compiled unchanged either way. Under emulation g++ compiles it against
-the stand-in CUDA headers in templates/cuda/emulation (one host thread per CUDA thread); with
+the stand-in CUDA headers in the emulation folder beside this module (one host thread per CUDA
+thread); with
 `tsan=True` the same build is instrumented by ThreadSanitizer. A small test driver
 (templates/cuda/harness.cu.j2) runs one call per process on files of raw elements.
 Builds are cached by content: sources, flags and the compiler's version.
@@ -10,7 +11,6 @@ Builds are cached by content: sources, flags and the compiler's version.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import re
 import shutil
@@ -21,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .build import cache_root, compiler_version, run_compiler, staged_entry
-from .cuda_plan import CudaPlan
-from .errors import BuildError, TargetUnavailable
-from .plan import Plan
-from .render import Source, render_template, template_dir
-from .verify import Case, Runner
+from ... import __version__
+from ...dtypes import DTYPES
+from ...build import cache_root, compiler_version, content_key, run_compiler, staged_entry
+from ...errors import BuildError, TargetUnavailable
+from ...plan import Plan
+from ...render import Source, render_template
+from ...verify import Case, Runner
+from .lower import CudaPlan
 
 # g++ ignores nvcc's `#pragma unroll`, and its maybe-uninitialized analysis cannot see that a
 # register array is read under the same bound check that filled it.
@@ -39,7 +40,7 @@ NVCC_FLAGS = ("-std=c++17", "-O3", "-Xcompiler", "-Wall,-Wextra", "-Werror", "al
 
 def emulation_include() -> Path:
     """Return the folder of the stand-in CUDA headers for the host emulation."""
-    return template_dir() / "cuda" / "emulation"
+    return Path(__file__).resolve().parent / "emulation"
 
 
 def gencode_flags(archs: tuple[int, ...]) -> list[str]:
@@ -63,14 +64,6 @@ def gpu_name() -> str | None:
         return None
     names = [line.strip() for line in out.stdout.splitlines() if line.strip()]
     return names[0] if out.returncode == 0 and names else None
-
-
-def _digest(parts: list[str]) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:24]
 
 
 def harness_source(plan: Plan, cp: CudaPlan) -> Source:
@@ -102,7 +95,7 @@ def build_harness(plan: Plan, cp: CudaPlan, sources: list[Source], mode: str = "
         commands = [[cc, *flags, "-I.", f"{plan.prefix}.cu", harness.name, "-o", "harness"]]
     else:
         raise ValueError(mode)
-    key = _digest([__version__, mode, compiler_version(cc), " ".join(commands[0]), emu_text,
+    key = content_key([__version__, mode, compiler_version(cc), " ".join(commands[0]), emu_text,
                    *(f"{s.name}\n{s.text}" for s in files)])
     folder = cache_root() / f"cuda-{key}"
     exe = folder / "harness"
@@ -122,19 +115,12 @@ def build_harness(plan: Plan, cp: CudaPlan, sources: list[Source], mode: str = "
 
 def to_bits(values: np.ndarray, dtype: str) -> bytes:
     """Return float64 values (already representable in dtype) as the dtype's raw bytes."""
-    v = np.asarray(values, dtype=np.float64)
-    if dtype == "bfloat16":
-        return (v.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes()
-    return v.astype({"single": np.float32, "double": np.float64, "half": np.float16}[dtype]).tobytes()
+    return np.asarray(values, dtype=np.float64).astype(DTYPES[dtype].numpy).tobytes()
 
 
 def from_bits(raw: bytes, dtype: str) -> np.ndarray:
     """Return a dtype's raw bytes as float64 values."""
-    if dtype == "bfloat16":
-        u = np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16
-        return u.view(np.float32).astype(np.float64)
-    np_type = {"single": np.float32, "double": np.float64, "half": np.float16}[dtype]
-    return np.frombuffer(raw, dtype=np_type).astype(np.float64)
+    return np.frombuffer(raw, dtype=DTYPES[dtype].numpy).astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -256,7 +242,7 @@ def compile_check(plan: Plan, cp: CudaPlan, sources: list[Source]) -> list[Kerne
     own = {s.name: s for s in sources if s.name in (f"{plan.prefix}.cu", f"{plan.prefix}_cuda.h")}
     cmd = ["nvcc", *NVCC_FLAGS, *gencode_flags(cp.archs), "-Xptxas", "-v", "-I.", "-c",
            f"{plan.prefix}.cu", "-o", f"{plan.prefix}.o"]
-    key = _digest([__version__, "ptxas", compiler_version("nvcc"), " ".join(cmd),
+    key = content_key([__version__, "ptxas", compiler_version("nvcc"), " ".join(cmd),
                    *(f"{n}\n{s.text}" for n, s in sorted(own.items()))])
     folder = cache_root() / f"ptxas-{key}"
     report = folder / "ptxas.txt"

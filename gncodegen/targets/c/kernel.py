@@ -1,7 +1,7 @@
 """The C kernel's strategy: which loop shape the generated C uses, with its widths and arrays.
 
 Every decision the fast C kernel depends on is made and asserted here, from the layout that
-plan.analyze_layout found; templates/c/source.c.j2 only prints it (DESIGN.md section 7).
+plan.analyze_layout found; the C templates only print it.
 
 Kernel kinds (CKernel.kind):
 
@@ -20,13 +20,13 @@ Whatever the kind, a build that optimizes for size (``__OPTIMIZE_SIZE__``, i.e. 
 build) compiles the compact nest instead: one loop nest over the group swept three times (sums
 around x[0], sums around that mean, then the normalize sweep), so the loop code exists once, and
 the rescue below is a change of `unit` between sweeps, not a second loop. It meets the Cortex-M
-budget of issue 5 (kernel text <= 400 bytes, stack <= 96 bytes for single precision; the
+budget (kernel text <= 400 bytes, stack <= 96 bytes for single precision; the
 firmware tests assert it for every example and test shape) that the fast shapes' stack arrays
 cannot. Its square root is the FPU's instruction where the core has one for the precision
 (`fpu_sqrt`): at -Os gcc calls sqrtf for errno's sake, and that call alone cost the kernel 16 B
 of stack and the caller-saved FPU registers.
 
-Numerics shared by every shape (issue 6): sums of d = x - pilot, the pilot being the mean of up
+Numerics shared by every shape: sums of d = x - pilot, the pilot being the mean of up
 to PILOT_SAMPLES elements of the group along its longest loop (the closer the pilot is to the
 mean, the less s2/N - shift^2 cancels: with the first element alone the variance lost up to
 1e-6 relative on normal data, five times PyTorch's error). When the sum of squares overflows
@@ -45,7 +45,7 @@ relative in single over 65536 elements). When (mean - pilot)^2 > RECENTER_LIMIT 
 they sum the group once more, with the same lanes, around pilot + shift (`recenter`): a compare
 per group on ordinary data, where the 16-sample pilot is within a fraction of a std.
 
-Tiny groups (``simd_groups``, issue 4's shape E: 32 channels per group, no spatial extent). One
+Tiny groups (``simd_groups``, feature input such as 32 channels per group, no spatial extent). One
 group at a time, the runs kernel spends its time on the latency of each group's own chain (a
 horizontal add, a square root, a division) rather than on its 128 bytes. A build with AVX-512
 (``__AVX512F__``, single precision) reduces SIMD_LANES groups together instead: each group's
@@ -64,7 +64,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .plan import Layout, Loop, Plan, c_literal, round_to_dtype
+from ...plan import Layout, Loop, Plan
 
 # Bytes of independent partial sums for each of the two sums: two AVX-512 registers, four
 # AVX2 or eight SSE/NEON registers. Enough chains to hide the add latency on any of them.
@@ -92,10 +92,6 @@ STATS_UNROLL = 8
 PARALLEL_MIN_ELEMENTS = 1 << 16
 # Upper bound on the fast shape's stack arrays, asserted for every plan.
 MAX_STACK_BYTES = 16384
-# Power-of-two exponents of the rescue scaling. Single: with |d| <= 2*FLT_MAX, (d*2^-80)^2
-# times 2^28 elements stays below FLT_MAX, and a variance that overflowed (>= FLT_MAX/N^2)
-# stays a normal number once scaled by 2^-160. Double: the same reasoning with 2^-560.
-RESCUE_EXPONENT = {"single": 80, "double": 560}
 # The fast kernels sum a group again around its mean when (mean - pilot)^2 exceeds this many
 # times the variance: s2/N - shift^2 then loses up to (1 + this) ulps of the variance.
 # Never on ordinary data (a 16-sample pilot is within about a quarter std of the mean).
@@ -110,10 +106,6 @@ RECENTER_LIMIT = 1.0
 SIMD_LANES = 16
 SIMD_MAX_GROUP = 128
 SIMD_BLOCKS = 4
-# The fused multiply-add of each precision and the <math.h> macro that says the target has it
-# in hardware (compilers define __FMA__ on x86 too; clang does not define the macro there).
-# Fused in the sweeps' a*b + c: one instruction less per element (NCT F: 57 -> 53 us).
-FUSED = {"single": ("fmaf", "FP_FAST_FMAF"), "double": ("fma", "FP_FAST_FMA")}
 OVERFLOW_LIMIT = {"single": "3.40282347e+38f", "double": "1.7976931348623157e+308"}
 # The compact nest's square root as one FPU instruction, by precision: the instruction and the
 # bit of the ACLE's __ARM_FP that says the FPU has it (4: single precision). The argument,
@@ -224,7 +216,7 @@ def _simd_groups(plan: Plan, channel_fastest: bool, group_stride: int, outer: bo
     elements, tiling the buffer in job order (a call's groups are one contiguous span).
     """
     n = plan.group_numel
-    fits = (plan.layer.dtype == "single" and channel_fastest and not outer
+    fits = (plan.dtype.name == "single" and channel_fastest and not outer
             and group_stride == n and n % SIMD_LANES == 0 and n <= SIMD_MAX_GROUP
             and not plan.layout.runtime_strides)
     return SIMD_LANES * SIMD_BLOCKS if fits else 0
@@ -238,7 +230,7 @@ def _block_groups(plan: Plan, threads: int) -> int:
     ROW_BLOCK_MAX_BYTES. With threads, at most G/threads, so that one observation alone still
     gives every thread a block, unless that leaves fewer than MIN_LANES channels per block.
     """
-    g, cpg, size = plan.num_groups, plan.channels_per_group, plan.scalar.bytes
+    g, cpg, size = plan.num_groups, plan.channels_per_group, plan.dtype.bytes
     fits = [k for k in range(1, g + 1) if g % k == 0 and k * cpg * size <= ROW_BLOCK_BYTES]
     if not fits:
         return 1 if cpg * size <= ROW_BLOCK_MAX_BYTES else 0
@@ -246,26 +238,29 @@ def _block_groups(plan: Plan, threads: int) -> int:
     return max(shared) if threads > 1 and shared else max(fits)
 
 
-def plan_kernel(plan: Plan) -> CKernel:
-    """Return the CKernel for a plan: the fast shape its layout allows, widths and arrays."""
+def plan_kernel(plan: Plan, threads: int | None = None) -> CKernel:
+    """Return the CKernel for a plan: the fast shape its layout allows, widths and arrays.
+
+    threads: OpenMP threads over the jobs (the spec's when not given).
+    """
+    threads = plan.layer.threads if threads is None else threads
     layout: Layout = plan.layout
-    dtype = plan.layer.dtype
-    size = plan.scalar.bytes
+    dt = plan.dtype
+    dtype = dt.name
+    size = dt.bytes
     max_lanes = max(LANE_BYTES // size, MIN_LANES)
-    threads = plan.threads
+    rescue = dt.rescue_exponent
     common = dict(
         threads=threads, parallel_min_elements=PARALLEL_MIN_ELEMENTS, stats_unroll=STATS_UNROLL,
-        rescue_unit_literal=c_literal(2.0 ** -RESCUE_EXPONENT[dtype], dtype),
-        rescue_unit_text=f"2^-{RESCUE_EXPONENT[dtype]}",
-        rescue_epsilon_literal=c_literal(
-            float(round_to_dtype(plan.layer.epsilon * 2.0 ** (-2 * RESCUE_EXPONENT[dtype]),
-                                 dtype)[()]), dtype),
+        rescue_unit_literal=dt.literal(2.0 ** -rescue),
+        rescue_unit_text=f"2^-{rescue}",
+        rescue_epsilon_literal=dt.literal(float(dt.round(plan.layer.epsilon * 2.0 ** (-2 * rescue)))),
         overflow_limit_literal=OVERFLOW_LIMIT[dtype],
         recenter=plan.group_numel > SHORT_GROUP,
         # shift^2 > limit * (s2/N - shift^2)  <=>  shift^2 * (1 + limit) / limit > s2/N
-        recenter_factor_literal=c_literal((1.0 + RECENTER_LIMIT) / RECENTER_LIMIT, dtype),
+        recenter_factor_literal=dt.literal((1.0 + RECENTER_LIMIT) / RECENTER_LIMIT),
         fpu_sqrt=FPU_SQRT.get(dtype, ("", 0))[0], fpu_sqrt_flag=FPU_SQRT.get(dtype, ("", 0))[1],
-        fma=FUSED[dtype][0], fast_fma_macro=FUSED[dtype][1],
+        fma=dt.spelling.fma, fast_fma_macro=dt.spelling.fast_fma_macro,
     )
     cpg = plan.channels_per_group
     stats, group = layout.stats_loops, layout.group_loops
@@ -276,7 +271,7 @@ def plan_kernel(plan: Plan) -> CKernel:
         samples = min(samples, SHORT_GROUP_SAMPLES)
     common.update(pilot_samples=samples,
                   pilot_stride=along.stride_expr if along else "1",
-                  pilot_scale_literal=c_literal(1.0 / samples, dtype),
+                  pilot_scale_literal=dt.literal(1.0 / samples),
                   group_stride=_group_stride(plan))
     tree, order = simd_tree(SIMD_LANES)
     common.update(simd_groups=0, simd_vectors=0, simd_tree=tree, simd_order=order)
@@ -331,15 +326,14 @@ def plan_kernel(plan: Plan) -> CKernel:
     return kernel
 
 
-def kernel_comment(plan: Plan) -> tuple[str, ...]:
+def kernel_comment(plan: Plan, k: CKernel) -> tuple[str, ...]:
     """Return the lines of the C header's "C kernel" comment: how this kernel computes."""
-    k = plan_kernel(plan)
     threads = (f"OpenMP over {k.threads} threads when built with -fopenmp (calls of at least "
                f"{k.parallel_min_elements} elements)" if k.threads > 1 else "one thread")
     sqrt = f"; {k.fpu_sqrt} for the square root on an Arm FPU" if k.fpu_sqrt else ""
     pilot = (f"the mean of {k.pilot_samples} elements of the group" if k.pilot_samples > 1
              else "the group's first element")
-    overflow = "1e19" if plan.layer.dtype == "single" else "1e154"
+    overflow = "1e19" if plan.dtype.name == "single" else "1e154"
     simd = ((f"an AVX-512 build (__AVX512F__) takes {k.simd_groups} groups per call, "
              f"{len(k.simd_order)} reduced together",
              "in register lanes, around each group's mean; the rest as below")

@@ -1,6 +1,6 @@
 """CUDA lowering: launch geometry, strategies and index arithmetic for one layer.
 
-Pure functions from a Plan to everything the CUDA templates print (DESIGN.md section 5). The
+Pure functions from a Plan to everything the CUDA templates print. The
 decisions live here and are asserted here: how many threads own one (observation, group)
 ("a team"), whether the team is part of a warp, a block or a thread-block cluster, how many
 elements each thread keeps in registers, the vector width of the loads, and which kernel the
@@ -29,7 +29,7 @@ Strategies
            full row of contiguous channels; each thread always sees the same channels and
            keeps one pair of sums per group its vector touches.
 
-Overflow rescue (issue 6). The sums are of d = x - pilot; when a group's |x| is large enough
+Overflow rescue. The sums are of d = x - pilot; when a group's |x| is large enough
 for the sum of d*d to overflow the accumulation type (|x| beyond ~1e19 / sqrt(N) in float),
 the team sums the group again with d = x*2^-e - pilot*2^-e, which is exact, and undoes the
 scaling in the statistics (`Rescue`). The rescue is a rare branch taken by whole teams (by
@@ -47,8 +47,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import TargetUnavailable
-from .plan import Plan, c_literal
+from ...dtypes import DTYPES, c_literal
+from ...errors import TargetUnavailable
+from ...plan import Plan
+from ..base import TargetRecord
 
 WARP = 32
 MAX_CLUSTER = 8            # the portable cluster size limit
@@ -67,12 +69,6 @@ AB_SMEM_BYTES = 16 * 1024  # folded a/b per channel staged in shared memory up t
 MIN_WAVES = 2              # the wide (or split) variant is used below this many blocks per SM
 SPLIT_RECORD = 4           # accumulators per split chunk record: s1, s2, scaled, pilot
 POOL_DEVICES = 64          # devices that can get the layer's split workspace pool
-# Largest finite values: of each storage dtype, and of each accumulation type.
-FLT_MAX = float(np.finfo(np.float32).max)
-DBL_MAX = float(np.finfo(np.float64).max)
-ELEM_LARGEST = {"single": FLT_MAX, "double": DBL_MAX, "half": 65504.0,
-                "bfloat16": 3.3895313892515355e38}
-ACC_LARGEST = {"float": FLT_MAX, "double": DBL_MAX}
 # Splitting a team over a cluster costs ~2-3 us of synchronisation on an H100 (measured with
 # benchmarks/bench_cuda.py --cluster-sweep): worth it only for teams this large.
 WIDE_MIN_NUMEL = 8192
@@ -80,7 +76,7 @@ WIDE_MIN_NUMEL = 8192
 
 @dataclass(frozen=True)
 class CudaScalar:
-    """How one dtype is spelled in CUDA: storage type, conversions, numpy view for tests."""
+    """How one dtype is spelled in CUDA: storage type and its conversions."""
 
     dtype: str
     elem: str          # storage type
@@ -89,18 +85,22 @@ class CudaScalar:
     from_acc: str      # function from acc to elem ('' for none)
     header: str        # extra CUDA header, '' for none
     bytes: int
-    numpy: str         # numpy dtype used to hold the bits on the host
     bits: str = ""     # function from a 16-bit elem to its unsigned short bits
 
 
+def _scalar(dtype: str, elem: str, to_acc: str = "", from_acc: str = "", header: str = "",
+            bits: str = "") -> CudaScalar:
+    dt = DTYPES[dtype]
+    return CudaScalar(dtype, elem, dt.spelling.ctype, to_acc, from_acc, header, dt.bytes, bits)
+
+
 CUDA_SCALARS = {
-    "single": CudaScalar("single", "float", "float", "", "", "", 4, "float32"),
-    "double": CudaScalar("double", "double", "double", "", "", "", 8, "float64"),
-    "half": CudaScalar("half", "__half", "float", "__half2float", "__float2half_rn",
-                       "cuda_fp16.h", 2, "float16", "__half_as_ushort"),
-    "bfloat16": CudaScalar("bfloat16", "__nv_bfloat16", "float", "__bfloat162float",
-                           "__float2bfloat16_rn", "cuda_bf16.h", 2, "uint16",
-                           "__bfloat16_as_ushort"),
+    "single": _scalar("single", "float"),
+    "double": _scalar("double", "double"),
+    "half": _scalar("half", "__half", "__half2float", "__float2half_rn", "cuda_fp16.h",
+                    "__half_as_ushort"),
+    "bfloat16": _scalar("bfloat16", "__nv_bfloat16", "__bfloat162float", "__float2bfloat16_rn",
+                        "cuda_bf16.h", "__bfloat16_as_ushort"),
 }
 
 
@@ -177,8 +177,8 @@ class OffsetTerm:
 
 
 @dataclass(frozen=True)
-class CudaPlan:
-    """Everything the CUDA templates print for one layer."""
+class CudaPlan(TargetRecord):
+    """Everything the CUDA templates print for one layer: the CUDA target's record."""
 
     plan: Plan
     scalar: CudaScalar
@@ -268,7 +268,7 @@ def rescue_plan(numel: int, dtype: str, acc: str, epsilon: float) -> Rescue | No
     """
     if numel == 1:
         return None                        # d = x - x = 0: nothing to overflow
-    m, a = ELEM_LARGEST[dtype], ACC_LARGEST[acc]
+    m, a = DTYPES[dtype].largest, DTYPES[DTYPES[dtype].acc].largest
     need = 3 + 2 * math.log2(m) + math.log2(numel) - math.log2(a)
     if need <= 0:
         return None                        # e.g. half: every sum of squares fits a float

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .cuda_plan import CudaOptions, CudaPlan, lower_cuda
-from .plan import Plan
-from .render import Source, render_template
+from ...plan import Plan
+from ...render import Source, render_template
+from .lower import CudaOptions, CudaPlan, lower_cuda
 
 
 def offset_terms(cp: CudaPlan) -> list[tuple[str, str]]:

@@ -1,0 +1,54 @@
+"""The C target: portable C99 for the host, verified through a cffi build of the exact sources."""
+
+from __future__ import annotations
+
+from ...plan import Plan
+from ...render import Source, render_template
+from ...spec import Spec
+from ..base import Outcome, RunOptions, Target
+from ...verify import verify_layer
+from .record import CRecord, as_record, lower_c
+from .runner import build_c_module, c_runner
+
+
+def spec_file_name(spec: Spec) -> str:
+    """Return the spec's file name as generated comments cite it."""
+    return spec.path.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def render_c(layer: CRecord | Plan, spec_name: str) -> tuple[Source, Source]:
+    """Return the C header and source for one layer."""
+    rec = as_record(layer)
+    ctx = dict(plan=rec.plan, rec=rec, spec_name=spec_name)
+    prefix = rec.plan.prefix
+    return (Source(f"{prefix}.h", render_template("c/header.h.j2", **ctx)),
+            Source(f"{prefix}.c", render_template("c/source.c.j2", **ctx)))
+
+
+def c_sources(sources: list[Source]) -> list[Source]:
+    """Return the C target's files among a build's sources."""
+    return [s for s in sources if s.name.endswith((".c", ".h")) and not s.name.endswith("_cuda.h")]
+
+
+class CTarget(Target):
+    """Portable C99, built for this host through cffi and verified there."""
+
+    name = "c"
+    description = "portable C99 (host build through cffi)"
+    dtypes = ("single", "double")
+
+    def lower(self, plan: Plan) -> CRecord:
+        return lower_c(plan)
+
+    def render(self, spec: Spec, records: tuple[CRecord, ...]) -> list[Source]:
+        name = spec_file_name(spec)
+        return [src for rec in records for src in render_c(rec, name)]
+
+    def verify(self, spec: Spec, records: tuple[CRecord, ...], sources: list[Source],
+               options: RunOptions) -> Outcome:
+        module = build_c_module(records, c_sources(sources), keep=options.keep)
+        return Outcome(tuple(verify_layer(r.plan.layer, "c", "host", c_runner(r, module))
+                             for r in records))
+
+
+TARGET = CTarget()

@@ -1,0 +1,52 @@
+"""The C target's record: everything the C templates print for one layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...dtypes import Spelling
+from ...plan import Plan
+from ..base import TargetRecord
+from .kernel import CKernel, kernel_comment, plan_kernel
+
+
+@dataclass(frozen=True)
+class CRecord(TargetRecord):
+    """One layer lowered for C: its types, literals and kernel strategy."""
+
+    plan: Plan
+    ctype: str                      # element type in memory (C computes in it too)
+    acc: Spelling                   # how the accumulation type is spelled
+    epsilon_literal: str
+    inv_group_numel_literal: str    # 1 / elements per group
+    scale_literals: tuple[str, ...]
+    offset_literals: tuple[str, ...]
+    kernel: CKernel
+    kernel_comment: tuple[str, ...]  # the header's "C kernel" comment
+    batch_rule: str                 # when a batch count is refused, in words
+    summary: tuple[str, ...]
+
+
+def lower_c(plan: Plan, threads: int | None = None) -> CRecord:
+    """Return the C record of a layer (threads: the spec's unless given)."""
+    dt = plan.dtype
+    kernel = plan_kernel(plan, plan.layer.threads if threads is None else threads)
+    comment = kernel_comment(plan, kernel)
+    if plan.has_batch:
+        batch_rule = f"batch * {plan.observation_numel} overflows size_t"
+    else:
+        batch_rule = "the format has no B dimension, so batch must be 1"
+    return CRecord(
+        plan=plan, ctype=dt.spelling.ctype, acc=dt.spelling,
+        epsilon_literal=dt.literal(plan.layer.epsilon),
+        inv_group_numel_literal=dt.literal(1.0 / plan.group_numel),
+        scale_literals=tuple(dt.literal(v) for v in plan.scale_values),
+        offset_literals=tuple(dt.literal(v) for v in plan.offset_values),
+        kernel=kernel, kernel_comment=comment, batch_rule=batch_rule,
+        summary=(*plan.summary, *comment),
+    )
+
+
+def as_record(item: Plan | CRecord) -> CRecord:
+    """Return a C record as it is, or the C record of a Plan (callers from Python may hold either)."""
+    return item if isinstance(item, CRecord) else lower_c(item)

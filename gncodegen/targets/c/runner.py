@@ -1,0 +1,132 @@
+"""Building the generated C into a Python module with cffi (API mode), and calling it.
+
+The generated sources are compiled by us with the strict flags (so a warning is an error and
+the failure carries the exact command and the compiler's output); only cffi's own wrapper is
+compiled with ordinary flags. The cache key is every source's text, the flags, the compiler's
+version and the Python ABI, so a cached module is reused only when nothing that shaped it changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import cffi
+import numpy as np
+
+from ... import __version__
+from ...build import (STRICT_WARNINGS, cache_root, compiler_version, content_key, run_compiler,
+                      staged_entry, write_sources)
+from ...render import Source
+from ...verify import Case, Runner
+from ...plan import Plan
+from .record import CRecord, as_record
+
+# Verification builds are portable x86-64/aarch64 code at -O2: the figures they give are the
+# same on every machine with the same compiler, so manifests stay byte-identical.
+HOST_FLAGS = ("-std=c99", "-O2", "-fPIC", *STRICT_WARNINGS)
+
+
+def cdef_for(rec: CRecord) -> str:
+    """Return the cffi declarations of one layer's C entry points."""
+    t, prefix = rec.ctype, rec.plan.prefix
+    return (f"int {prefix}_predict(const {t} *x, {t} *y, size_t batch);\n"
+            f"int {prefix}_predict_with_params(const {t} *x, {t} *y, size_t batch, "
+            f"const {t} *scale, const {t} *offset);\n")
+
+
+def with_openmp(layers: tuple[CRecord | Plan, ...], flags: tuple[str, ...]) -> tuple[str, ...]:
+    """Return flags plus -fopenmp when a layer asks for threads (the C guards it by _OPENMP)."""
+    if any(as_record(r).kernel.threads > 1 for r in layers) and "-fopenmp" not in flags:
+        return (*flags, "-fopenmp")
+    return flags
+
+
+@dataclass(frozen=True)
+class BuiltModule:
+    """A compiled cffi module: its folder in the cache and the loaded ffi/lib pair."""
+
+    path: Path
+    ffi: object
+    lib: object
+
+
+def build_c_module(layers: tuple[CRecord | Plan, ...], sources: list[Source],
+                   flags: tuple[str, ...] = HOST_FLAGS, cc: str = "cc",
+                   keep: bool = False) -> BuiltModule:
+    """Return the cffi module that exposes every layer's entry points, building it if needed."""
+    recs = tuple(as_record(item) for item in layers)
+    cc_version = compiler_version(cc)
+    flags = with_openmp(recs, flags)
+    cdef = "".join(cdef_for(r) for r in recs)
+    key = content_key([__version__, cc, cc_version, sys.version, cffi.__version__, " ".join(flags),
+                cdef, *(f"{s.name}\n{s.text}" for s in sources)])
+    module_name = f"_gncodegen_{key}"
+    folder = cache_root() / key
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    target = folder / f"{module_name}{suffix}"
+    if not target.is_file():
+        _compile_module(module_name, cdef, recs, sources, flags, cc, folder, target.name)
+    spec = importlib.util.spec_from_file_location(module_name, target)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if keep:
+        print(f"build folder: {folder}", file=sys.stderr)
+    return BuiltModule(folder, module.ffi, module.lib)
+
+
+def _compile_module(module_name: str, cdef: str, recs, sources, flags, cc, folder: Path,
+                    filename: str) -> None:
+    with staged_entry(folder, filename) as work:
+        write_sources(work, sources)
+        objects = []
+        for s in sources:
+            if s.name.endswith(".c"):
+                obj = s.name[:-2] + ".o"
+                run_compiler(s.name, [cc, *flags, "-c", s.name, "-o", obj], cwd=work)
+                objects.append(obj)
+        ffi = cffi.FFI()
+        ffi.cdef(cdef)
+        ffi.set_source(module_name, "".join(f'#include "{r.plan.prefix}.h"\n' for r in recs))
+        with contextlib.redirect_stdout(io.StringIO()):  # cffi announces what it writes
+            ffi.emit_c_code(str(work / f"{module_name}.c"))
+        py_include = sysconfig.get_paths()["include"]
+        run_compiler("cffi wrapper", [cc, "-O1", "-fPIC", f"-I{py_include}", "-I.", "-c",
+                                      f"{module_name}.c", "-o", f"{module_name}.o"], cwd=work)
+        openmp = [f for f in flags if f == "-fopenmp"]
+        run_compiler("link", [cc, "-shared", *openmp, f"{module_name}.o", *objects, "-lm",
+                              "-o", filename], cwd=work)
+
+
+def c_runner(layer: CRecord | Plan, module) -> Runner:
+    """Return a Runner that calls a layer's C entry points in a built cffi module."""
+    ffi, lib = module.ffi, module.lib
+    rec = as_record(layer)
+    plan = rec.plan
+    np_dtype = plan.dtype.numpy
+    ctype = rec.ctype
+    predict = getattr(lib, f"{plan.prefix}_predict")
+    predict_with = getattr(lib, f"{plan.prefix}_predict_with_params")
+
+    def run(case: Case) -> np.ndarray:
+        x = np.array(case.x, dtype=np_dtype)  # a copy: in-place cases must not touch case.x
+        y = x if case.in_place else np.full_like(x, np.nan)
+        px = ffi.from_buffer(f"{ctype}[]", x)
+        py = px if case.in_place else ffi.from_buffer(f"{ctype}[]", y)
+        if case.scale is None:
+            rc = predict(px, py, case.batch)
+        else:
+            s = np.ascontiguousarray(case.scale, dtype=np_dtype)
+            o = np.ascontiguousarray(case.offset, dtype=np_dtype)
+            rc = predict_with(px, py, case.batch, ffi.from_buffer(f"{ctype}[]", s),
+                              ffi.from_buffer(f"{ctype}[]", o))
+        if rc != 0:
+            raise RuntimeError(f"{plan.prefix}_predict returned {rc}")
+        return y.astype(np.float64)
+
+    return run

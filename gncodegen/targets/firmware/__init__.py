@@ -1,0 +1,122 @@
+"""Firmware targets: the generated C built for Cortex-M and AArch64 Linux and proven under QEMU.
+
+Each target is a board (boards.py): the cross compiler, the CPU flags, the QEMU machine and its
+memory map. Verifying a layer on one builds a test image from the generated `<name>.c/.h`, a
+harness whose seeded inputs are the verification cases (harness.py), start-up code and a linker
+script rendered for the board (qemu.py); QEMU runs it with semihosting, the harness prints every
+output's bit pattern, and the outputs are compared with the float64 reference.
+
+Besides running, this target checks what firmware engineers ask of the code: it compiles without
+a warning under the strict flags on every compiler (strict.py), makes no double-precision or
+heap calls, holds no mutable state and does not recurse; and it measures the footprint
+(sections and worst stack depth) on a Cortex-M at -Os (footprint.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ...errors import TargetUnavailable, VerificationError
+from ...plan import Plan
+from ...render import Source
+from ...spec import Spec
+from ...verify import Case, Report, verify_layer
+from ..base import Outcome, RunOptions, Target
+from ..c import CTarget
+from ..c.record import CRecord, as_record
+from .boards import BOARDS, STACK_BUDGET, TEXT_BUDGET, Board, require_tool
+from .footprint import (ALLOWED_CALLS, Footprint, check_object_calls, footprint_table,
+                        measure_footprint)
+from .harness import (firmware_cases, harness_for, hex_literal, measured_stack, parse_output,
+                      render_harness)
+from .qemu import build_image, render_linker_script, run_image, support_sources
+from .strict import STRICT_CONFIGS, STRICT_OPTS, check_strict
+
+
+@dataclass(frozen=True)
+class LayerRun:
+    """What verifying one layer on one firmware target produced."""
+
+    report: Report
+    footprint: Footprint | None
+    image: Path | None
+    measured_stack: int | None = None   # deepest stack a kernel call used in the image
+
+
+def verify_layer_on(board: Board, layer: CRecord | Plan, layer_sources: list[Source],
+                    keep: bool = False, cases: list[Case] | None = None,
+                    corrupt=None) -> LayerRun:
+    """Return the verification of one layer on a firmware board.
+
+    corrupt, when given, edits the parsed outputs before the comparison (tests use it to see
+    a wrong value fail).
+    """
+    rec = as_record(layer)
+    plan = rec.plan
+    layer = plan.layer
+    for config in STRICT_CONFIGS:
+        if config.label == board.name or (board.name == "aarch64-linux"
+                                           and config.label == "aarch64"):
+            check_strict(layer_sources, config, board.opt)
+    cases = cases if cases is not None else firmware_cases(layer, board)
+    if not board.runner:
+        raise TargetUnavailable(f"{board.name}: no emulator to run on")
+    image = build_image(board, plan, layer_sources,
+                        render_harness(rec, harness_for(plan, board, cases)), keep)
+    printout = run_image(image)
+    outputs = parse_output(printout, plan, cases)
+    if corrupt is not None:
+        outputs = corrupt(outputs)
+    report = verify_layer(layer, board.name, board.runner_name,
+                          lambda case: outputs[case.name], cases)
+    footprint = None
+    if board.bare_metal:
+        header, source = _layer_pair(plan, layer_sources)
+        footprint = measure_footprint(plan, source, header, board)
+        if board.opt == footprint.opt:
+            # The image ran the very code measured: add what its calls really used.
+            footprint = replace(footprint, stack_measured=measured_stack(printout))
+        bad = check_object_calls(footprint, layer.dtype)
+        if bad:
+            raise VerificationError(
+                f"{plan.prefix}: the {board.name} object calls {', '.join(bad)}; "
+                f"{layer.dtype} precision may call only "
+                f"{', '.join(sorted(ALLOWED_CALLS[layer.dtype]))}")
+    return LayerRun(report, footprint, image.path, measured_stack(printout))
+
+
+def _layer_pair(plan: Plan, sources: list[Source]) -> tuple[Source, Source]:
+    by_name = {s.name: s for s in sources}
+    return by_name[f"{plan.prefix}.h"], by_name[f"{plan.prefix}.c"]
+
+
+class FirmwareTarget(CTarget):
+    """The C target's sources, verified on one board under QEMU."""
+
+    def __init__(self, board: Board):
+        self.board = board
+        self.name = board.name
+        self.description = board.description
+
+    def verify(self, spec: Spec, records: tuple[CRecord, ...], sources: list[Source],
+               options: RunOptions) -> Outcome:
+        reports, footprints, manifest = [], [], {}
+        for rec in records:
+            plan = rec.plan
+            layer_sources = list(_layer_pair(plan, sources))
+            run = verify_layer_on(self.board, rec, layer_sources, keep=options.keep)
+            reports.append(run.report)
+            # Each Cortex-M reports its own footprint at -Os; a Linux build reports the
+            # Cortex-M4's, the core the budgets are set for.
+            fp = run.footprint or measure_footprint(plan, layer_sources[1], layer_sources[0])
+            footprints.append(fp)
+            manifest[plan.prefix] = fp.as_dict()
+        notes = footprint_table(footprints)
+        for fp, rec in zip(footprints, records):
+            for problem in fp.over_budget(rec.plan.layer.dtype):
+                notes.append(f"warning: {fp.layer} on {fp.cpu} {fp.opt}: {problem}")
+        return Outcome(tuple(reports), {"footprint": manifest}, tuple(notes))
+
+
+TARGETS = tuple(FirmwareTarget(board) for board in BOARDS.values())

@@ -1,0 +1,120 @@
+"""The firmware boards: each core's compiler, flags and the QEMU machine its test image runs on.
+
+A board is data: the cross compiler, the CPU flags, the optimization of the verification build,
+the emulator and its machine, the memory map the linker script is rendered from. Memory maps are
+those of QEMU's boards (hw/arm/mps2.c, hw/arm/mps2-tz.c).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+
+from ...errors import TargetUnavailable
+
+KiB = 1024
+MiB = 1024 * KiB
+
+@dataclass(frozen=True)
+class Region:
+    """A span of a board's memory map."""
+
+    origin: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Board:
+    """One firmware core and the QEMU machine its test image runs on: a complete record, so a
+    new board is one more entry in BOARDS."""
+
+    name: str
+    description: str
+    cc: str                          # compiler driver
+    cpu_flags: tuple[str, ...]       # selects the core, the instruction set and the float ABI
+    opt: str                         # optimization of the verification build
+    runner: str                      # "qemu-system-arm", "qemu-aarch64" or "" (compile only)
+    machine: str = ""                # QEMU machine for bare-metal images
+    flash: Region | None = None      # where code and constants go (bare metal)
+    ram: Region | None = None        # where .data, .bss and the stack go (bare metal)
+    stack_size: int = 16 * KiB
+    vectors: Region | None = None    # where the vector table goes when not at FLASH's start
+    tools_prefix: str = ""           # binutils prefix (arm-none-eabi-)
+
+    @property
+    def bare_metal(self) -> bool:
+        """True for a Cortex-M image that boots from a vector table."""
+        return self.machine != ""
+
+    @property
+    def runner_name(self) -> str:
+        """How the verification ran, for reports."""
+        if not self.runner:
+            return "compile only"
+        return f"qemu {self.machine}" if self.machine else self.runner
+
+
+M4_FLAGS = ("-mcpu=cortex-m4", "-mthumb", "-mfpu=fpv4-sp-d16", "-mfloat-abi=hard")
+M7_FLAGS = ("-mcpu=cortex-m7", "-mthumb", "-mfpu=fpv5-d16", "-mfloat-abi=hard")
+M55_FLAGS = ("-mcpu=cortex-m55", "-mthumb", "-mfloat-abi=hard")
+
+# Memory maps of QEMU's boards (hw/arm/mps2.c, hw/arm/mps2-tz.c). The M-profile core fetches
+# its initial stack pointer and reset vector from address 0.
+BOARDS: dict[str, Board] = {
+    t.name: t for t in (
+        # AN386: 4 MiB SSRAM1 at 0 stands in for flash, 4 MiB SSRAM2/3 at 0x20000000 for RAM.
+        # -Os: what a Cortex-M4 firmware ships with.
+        Board("cortex-m4", "Cortex-M4F (qemu mps2-an386)", "arm-none-eabi-gcc",
+                       M4_FLAGS, "-Os", "qemu-system-arm", "mps2-an386",
+                       Region(0x00000000, 4 * MiB), Region(0x20000000, 4 * MiB),
+                       tools_prefix="arm-none-eabi-"),
+        # AN500: the same SSRAM layout as AN386 with a Cortex-M7 and its double-precision FPU.
+        Board("cortex-m7", "Cortex-M7 (qemu mps2-an500)", "arm-none-eabi-gcc",
+                       M7_FLAGS, "-O2", "qemu-system-arm", "mps2-an500",
+                       Region(0x00000000, 4 * MiB), Region(0x20000000, 4 * MiB),
+                       tools_prefix="arm-none-eabi-"),
+        # AN547: the vector table in the ITCM at 0, code and constants in the 2 MiB SRAM at
+        # 0x01000000, data and stack in the 512 KiB DTCM at 0x20000000.
+        # -O3: lets gcc vectorize with MVE (Helium), the path this core exists for.
+        Board("cortex-m55", "Cortex-M55 with MVE (qemu mps3-an547)",
+                       "arm-none-eabi-gcc", M55_FLAGS, "-O3", "qemu-system-arm", "mps3-an547",
+                       Region(0x01000000, 2 * MiB), Region(0x20000000, 512 * KiB),
+                       tools_prefix="arm-none-eabi-", vectors=Region(0x00000000, 1 * KiB)),
+        # A Linux program run by qemu-aarch64 in user mode; -O3 vectorizes with NEON.
+        Board("aarch64-linux", "AArch64 Linux (qemu-aarch64 user mode)",
+                       "aarch64-linux-gnu-gcc", (), "-O3", "qemu-aarch64",
+                       tools_prefix="aarch64-linux-gnu-"),
+    )
+}
+AARCH64_SYSROOT = "/usr/aarch64-linux-gnu"
+# Debian packages that bring each tool (scripts/install-toolchains.sh installs them).
+PACKAGES = {
+    "arm-none-eabi-gcc": "gcc-arm-none-eabi libnewlib-arm-none-eabi",
+    "arm-none-eabi-size": "binutils-arm-none-eabi",
+    "arm-none-eabi-nm": "binutils-arm-none-eabi",
+    "qemu-system-arm": "qemu-system-arm",
+    "qemu-aarch64": "qemu-user",
+    "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu libc6-dev-arm64-cross",
+    "arm-none-eabi-objdump": "binutils-arm-none-eabi",
+    "clang": "clang",
+    "gcc": "gcc",
+    "g++": "g++",
+    "make": "make",
+}
+# The footprint is measured where the budgets are set: Cortex-M4F at -Os.
+FOOTPRINT_TARGET = "cortex-m4"
+FOOTPRINT_OPT = "-Os"
+# Budgets for single precision: kernel text and worst stack at -Os on a Cortex-M4.
+TEXT_BUDGET = 400
+STACK_BUDGET = 96
+QEMU_TIMEOUT_S = 60
+
+
+def require_tool(tool: str) -> str:
+    """Return the path of a tool, or raise TargetUnavailable naming the package that brings it."""
+    path = shutil.which(tool)
+    if path is None:
+        package = PACKAGES.get(tool, tool)
+        raise TargetUnavailable(f"'{tool}' not found on PATH: install the Debian package(s) "
+                                f"{package} (scripts/install-toolchains.sh does)")
+    return path

@@ -1,0 +1,210 @@
+"""What a layer's kernel costs on a core: section bytes, worst stack depth and outside calls."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from elftools.elf.constants import SH_FLAGS
+from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import SymbolTableSection
+
+from ...build import cache_root, compiler_version, content_key, run_compiler, write_sources
+from ...errors import GncodegenError
+from ...plan import Plan
+from ...render import Source
+from .boards import BOARDS, FOOTPRINT_OPT, FOOTPRINT_TARGET, STACK_BUDGET, TEXT_BUDGET, Board, require_tool
+from .strict import STRICT_C_FLAGS
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What one layer's kernel costs on a core: section bytes, stack depth and outside calls."""
+
+    layer: str
+    cpu: str
+    opt: str
+    text: int          # code, with its literal pools
+    rodata: int        # constants other than the learned parameters
+    data: int
+    bss: int
+    params: int        # <name>_scale and <name>_offset, in flash
+    stack: int         # deepest path from an entry point, in bytes
+    calls: tuple[str, ...]   # functions called outside the layer's object
+    stack_measured: int | None = None  # deepest stack the verification image's calls used
+
+    def as_dict(self) -> dict:
+        """Return the figures as plain data for the manifest."""
+        return {"cpu": self.cpu, "opt": self.opt, "text": self.text, "rodata": self.rodata,
+                "data": self.data, "bss": self.bss, "params": self.params,
+                "stack": self.stack, "calls": list(self.calls),
+                **({} if self.stack_measured is None else
+                   {"stack_measured": self.stack_measured})}
+
+    def over_budget(self, dtype: str) -> list[str]:
+        """Return the single-precision budgets this footprint breaks, in words."""
+        problems = []
+        if self.data or self.bss:
+            problems.append(f"{self.data + self.bss} bytes of RAM (.data/.bss); the kernel "
+                            "must keep none")
+        if dtype == "single":
+            if self.text > TEXT_BUDGET:
+                problems.append(f"text {self.text} B > {TEXT_BUDGET} B")
+            if self.stack > STACK_BUDGET:
+                problems.append(f"stack {self.stack} B > {STACK_BUDGET} B")
+            elif (self.stack_measured or 0) > STACK_BUDGET:
+                problems.append(f"stack {self.stack_measured} B measured under QEMU (with "
+                                f"{', '.join(self.calls) or 'no outside calls'}) > "
+                                f"{STACK_BUDGET} B")
+        return problems
+
+
+# What a layer's object may call: the square root of its precision, and the memory functions a
+# compiler may emit even for freestanding code. Double precision on a core without a
+# double-precision FPU also calls the run-time library's soft-float helpers.
+ALLOWED_CALLS = {"single": frozenset({"sqrtf"}), "double": frozenset({"sqrt"})}
+COMPILER_CALLS = frozenset({"memcpy", "memset", "memmove"})
+SOFT_DOUBLE_HELPER = re.compile(r"__aeabi_(d\w+|\w*2d)\Z")   # __aeabi_dmul, __aeabi_f2d, ...
+
+
+def measure_footprint(plan: Plan, source: Source, header: Source,
+                      target: Board | None = None, opt: str = FOOTPRINT_OPT
+                      ) -> Footprint:
+    """Return the footprint of one layer's compiled source (Cortex-M4F at -Os by default).
+
+    Sections come from the ELF object built with -ffunction-sections -fdata-sections,
+    so the parameters' .rodata.<name>_scale/_offset are told apart; the stack depth is the
+    deepest path through the -fcallgraph-info call graph, each function's -fstack-usage frame
+    added (outside callees such as sqrtf count 0 and are listed in `calls`; the verification
+    image measures the real depth, callees included, as stack_measured).
+    """
+    target = target or BOARDS[FOOTPRINT_TARGET]
+    require_tool(target.cc)
+    obj = source.name[:-2] + ".o"
+    command = [target.cc, *STRICT_C_FLAGS, opt, *target.cpu_flags, "-ffunction-sections",
+               "-fdata-sections", "-fstack-usage", "-fcallgraph-info=su", "-c", source.name,
+               "-o", obj]
+    key = content_key(["footprint-elf", compiler_version(target.cc), *command, header.text, source.text])
+    cached = cache_root() / "footprint" / f"{key}.json"
+    if cached.is_file():
+        record = json.loads(cached.read_text())
+        return Footprint(**{**record, "calls": tuple(record["calls"])})
+    with tempfile.TemporaryDirectory(prefix="gncodegen-footprint-") as tmp:
+        work = Path(tmp)
+        write_sources(work, [header, source])
+        run_compiler(f"{source.name} (footprint, {target.name} {opt})", command, cwd=work)
+        sections = elf_sections(work / obj)
+        undefined = elf_undefined(work / obj)
+        frames = _stack_usage((work / (obj[:-2] + ".su")).read_text())
+        edges = _call_edges((work / (obj[:-2] + ".ci")).read_text())
+    params_names = {f".rodata.{plan.prefix}_scale", f".rodata.{plan.prefix}_offset"}
+    text = sum(v for k, v in sections.items() if k == ".text" or k.startswith(".text."))
+    params = sum(v for k, v in sections.items() if k in params_names)
+    rodata = sum(v for k, v in sections.items()
+                 if (k == ".rodata" or k.startswith(".rodata.")) and k not in params_names)
+    data = sum(v for k, v in sections.items() if k == ".data" or k.startswith(".data."))
+    bss = sum(v for k, v in sections.items() if k == ".bss" or k.startswith(".bss.")
+              or k == "COMMON")
+    entries = [f"{plan.prefix}_predict", f"{plan.prefix}_predict_with_params"]
+    stack = max(_deepest(e, frames, edges, ()) for e in entries)
+    fp = Footprint(plan.prefix, target.name, opt, text, rodata, data, bss, params, stack,
+                   tuple(sorted(undefined)))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_name(f".{cached.name}.{os.getpid()}")
+    partial.write_text(json.dumps({"layer": fp.layer, **fp.as_dict()}))
+    os.replace(partial, cached)      # atomic: a parallel reader never sees half a record
+    return fp
+
+
+def check_object_calls(fp: Footprint, dtype: str) -> list[str]:
+    """Return the outside calls a layer must not make (empty when all are allowed).
+
+    Single precision may call sqrtf and nothing else: no double arithmetic helpers
+    (__aeabi_d*), no sqrt, no heap, no I/O.
+    """
+    allowed = ALLOWED_CALLS[dtype] | COMPILER_CALLS
+    return [sym for sym in fp.calls
+            if sym not in allowed
+            and not (dtype == "double" and SOFT_DOUBLE_HELPER.match(sym))]
+
+
+def elf_sections(path: Path) -> dict[str, int]:
+    """Return section name -> bytes of the allocated sections of an ELF object, and COMMON
+    (the bytes of common symbols, which take .bss space once linked)."""
+    out: dict[str, int] = {}
+    with open(path, "rb") as fh:
+        elf = ELFFile(fh)
+        for sec in elf.iter_sections():
+            if sec["sh_flags"] & SH_FLAGS.SHF_ALLOC and sec["sh_size"]:
+                out[sec.name] = out.get(sec.name, 0) + sec["sh_size"]
+        common = sum(sym["st_size"] for sym in _symbols(elf) if sym["st_shndx"] == "SHN_COMMON")
+    if common:
+        out["COMMON"] = common
+    return out
+
+
+def elf_undefined(path: Path) -> set[str]:
+    """Return the names of the symbols an ELF object uses but does not define."""
+    with open(path, "rb") as fh:
+        elf = ELFFile(fh)
+        return {sym.name for sym in _symbols(elf) if sym["st_shndx"] == "SHN_UNDEF" and sym.name}
+
+
+def _symbols(elf: ELFFile):
+    table = elf.get_section_by_name(".symtab")
+    return list(table.iter_symbols()) if isinstance(table, SymbolTableSection) else []
+
+
+def _stack_usage(su_text: str) -> dict[str, int]:
+    """Return function -> frame bytes from a -fstack-usage file; a dynamic frame is an error."""
+    frames = {}
+    for line in su_text.splitlines():
+        where, size, kind = line.rsplit("\t", 2)
+        func = where.rsplit(":", 1)[-1]
+        if "dynamic" in kind and "bounded" not in kind:
+            raise GncodegenError(f"{func}: stack frame is dynamic ({kind}); the generated "
+                                 "code must use fixed frames (no VLAs or alloca)")
+        frames[func] = int(size)
+    return frames
+
+
+_EDGE = re.compile(r'edge: \{ sourcename: "([^"]+)" targetname: "([^"]+)"')
+
+
+def _call_edges(ci_text: str) -> dict[str, tuple[str, ...]]:
+    """Return caller -> callees from a -fcallgraph-info file."""
+    edges: dict[str, list[str]] = {}
+    for caller, callee in _EDGE.findall(ci_text):
+        edges.setdefault(caller, []).append(callee)
+    return {k: tuple(v) for k, v in edges.items()}
+
+
+def _deepest(func: str, frames: dict[str, int], edges: dict[str, tuple[str, ...]],
+             path: tuple[str, ...]) -> int:
+    """Return the deepest stack from func down; raise on recursion (a cycle in the graph)."""
+    if func in path:
+        cycle = " -> ".join((*path[path.index(func):], func))
+        raise GncodegenError(f"recursion in the generated code: {cycle}")
+    own = frames.get(func, 0)
+    callees = edges.get(func, ())
+    return own + max((_deepest(c, frames, edges, (*path, func)) for c in callees), default=0)
+
+
+def footprint_table(footprints: list[Footprint]) -> list[str]:
+    """Return the footprint table the CLI prints, one line per layer."""
+    rows = [["layer", "cpu", "opt", "text", "rodata", "data", "bss", "params", "stack",
+             "ran", "calls"]]
+    for fp in footprints:
+        ran = "-" if fp.stack_measured is None else str(fp.stack_measured)
+        rows.append([fp.layer, fp.cpu, fp.opt, str(fp.text), str(fp.rodata), str(fp.data),
+                     str(fp.bss), str(fp.params), str(fp.stack), ran,
+                     ", ".join(fp.calls) or "-"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if 3 <= i <= 9 else c.ljust(w)
+                       for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
+    return ["footprint (bytes; params: the static const scale/offset, in flash; stack: deepest "
+            "call path from -fstack-usage; ran: deepest stack measured under QEMU):", *lines]
