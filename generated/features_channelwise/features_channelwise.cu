@@ -263,7 +263,10 @@ cudaError_t launch_kernel(void (*kernel)(Params...), unsigned blocks, unsigned t
     return cudaLaunchKernelEx(&config, kernel, args...);
 }
 
-/* Check the arguments, pick the kernel for this device and batch, launch it. */
+/*
+ * Check the arguments, pick the kernel for this device and batch, launch it: the launch rules
+ * below are tried in order, and the first whose conditions hold picks the kernel.
+ */
 template <bool BAKED>
 cudaError_t run(const elem_t *x, elem_t *y, size_t batch, const elem_t *scale,
                 const elem_t *offset, cudaStream_t stream)
@@ -279,10 +282,12 @@ cudaError_t run(const elem_t *x, elem_t *y, size_t batch, const elem_t *scale,
     }
     const size_t teams = batch * kGroups; /* (observation, group) pairs */
     if (((uintptr_t)x | (uintptr_t)y) % 4 != 0) {
+        /* scalar: x or y not aligned for vector loads */
         return launch_kernel(warp_kernel<1, 1, 1, BAKED>,
                 (unsigned)((teams + 256 - 1) / 256), 256, 1,
                 stream, x, y, batch, scale, offset);
     }
+    /* warp: a group of 1 fits 1 lanes x 1 elements */
     return launch_kernel(warp_kernel<1, 1, 1, BAKED>,
             (unsigned)((teams + 256 - 1) / 256), 256, 1,
             stream, x, y, batch, scale, offset);

@@ -14,6 +14,9 @@
  *   CUDA: float in memory, float accumulation; loads of 1 element; archs sm_80, sm_90
  *   kernel warp (any arch): warp, 256 threads, 256 groups per block, 1 elements per thread in registers: a group of 1 fits 1 lanes x 1 elements
  *   kernel scalar (any arch): warp, 256 threads, 256 groups per block, 1 elements per thread in registers: x or y not aligned for vector loads
+ *   launch rules, in order (the first that holds picks the kernel):
+ *     scalar: x or y not vector-aligned
+ *     warp: otherwise
  */
 #ifndef FEATURES_CHANNELWISE_CUDA_H
 #define FEATURES_CHANNELWISE_CUDA_H

@@ -358,7 +358,10 @@ cudaError_t launch_kernel(void (*kernel)(Params...), unsigned blocks, unsigned t
     return cudaLaunchKernelEx(&config, kernel, args...);
 }
 
-/* Check the arguments, pick the kernel for this device and batch, launch it. */
+/*
+ * Check the arguments, pick the kernel for this device and batch, launch it: the launch rules
+ * below are tried in order, and the first whose conditions hold picks the kernel.
+ */
 template <bool BAKED>
 cudaError_t run(const elem_t *x, elem_t *y, size_t batch, const elem_t *scale,
                 const elem_t *offset, cudaStream_t stream)
@@ -374,10 +377,12 @@ cudaError_t run(const elem_t *x, elem_t *y, size_t batch, const elem_t *scale,
     }
     const size_t teams = batch * kGroups; /* (observation, group) pairs */
     if (((uintptr_t)x | (uintptr_t)y) % 16 != 0) {
+        /* scalar: x or y not aligned for vector loads */
         return launch_kernel(group_kernel<256, 1, 1, 12, BAKED>,
                 (unsigned)(teams), 256, 1,
                 stream, x, y, batch, scale, offset);
     }
+    /* portable: one block of 256 threads holds a group on chip */
     return launch_kernel(group_kernel<256, 1, 4, 3, BAKED>,
             (unsigned)(teams), 256, 1,
             stream, x, y, batch, scale, offset);

@@ -15,6 +15,9 @@
  *   overflow rescue: a group whose sum of squares overflows float is summed again with d scaled by 2^-72
  *   kernel portable (any arch): block, 256 threads, 12 elements per thread in registers: one block of 256 threads holds a group on chip
  *   kernel scalar (any arch): block, 256 threads, 12 elements per thread in registers: x or y not aligned for vector loads
+ *   launch rules, in order (the first that holds picks the kernel):
+ *     scalar: x or y not vector-aligned
+ *     portable: otherwise
  */
 #ifndef MATLAB_GN_CUDA_H
 #define MATLAB_GN_CUDA_H

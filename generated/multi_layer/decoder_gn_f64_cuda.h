@@ -15,6 +15,9 @@
  *   overflow rescue: a group whose sum of squares overflows double is summed again with d scaled by 2^-518
  *   kernel portable (any arch): block, 256 threads, 2 elements per thread in registers: one block of 256 threads holds a group on chip
  *   kernel scalar (any arch): block, 256 threads, 2 elements per thread in registers: x or y not aligned for vector loads
+ *   launch rules, in order (the first that holds picks the kernel):
+ *     scalar: x or y not vector-aligned
+ *     portable: otherwise
  */
 #ifndef DECODER_GN_F64_CUDA_H
 #define DECODER_GN_F64_CUDA_H

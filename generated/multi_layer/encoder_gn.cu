@@ -298,7 +298,10 @@ cudaError_t launch_kernel(void (*kernel)(Params...), unsigned blocks, unsigned t
     return cudaLaunchKernelEx(&config, kernel, args...);
 }
 
-/* Check the arguments, pick the kernel for this device and batch, launch it. */
+/*
+ * Check the arguments, pick the kernel for this device and batch, launch it: the launch rules
+ * below are tried in order, and the first whose conditions hold picks the kernel.
+ */
 template <bool BAKED>
 cudaError_t run(const elem_t *x, elem_t *y, size_t batch, const elem_t *scale,
                 const elem_t *offset, cudaStream_t stream)
@@ -314,10 +317,12 @@ cudaError_t run(const elem_t *x, elem_t *y, size_t batch, const elem_t *scale,
     }
     const size_t teams = batch * kGroups; /* (observation, group) pairs */
     if (((uintptr_t)x | (uintptr_t)y) % 16 != 0) {
+        /* scalar: x or y not aligned for vector loads */
         return launch_kernel(warp_kernel<32, 1, 8, BAKED>,
                 (unsigned)((teams + 8 - 1) / 8), 256, 1,
                 stream, x, y, batch, scale, offset);
     }
+    /* warp: a group of 256 fits 32 lanes x 8 elements */
     return launch_kernel(warp_kernel<32, 4, 2, BAKED>,
             (unsigned)((teams + 8 - 1) / 8), 256, 1,
             stream, x, y, batch, scale, offset);

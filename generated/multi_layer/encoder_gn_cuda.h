@@ -15,6 +15,9 @@
  *   overflow rescue: a group whose sum of squares overflows float is summed again with d scaled by 2^-70
  *   kernel warp (any arch): warp, 256 threads, 8 groups per block, 8 elements per thread in registers: a group of 256 fits 32 lanes x 8 elements
  *   kernel scalar (any arch): warp, 256 threads, 8 groups per block, 8 elements per thread in registers: x or y not aligned for vector loads
+ *   launch rules, in order (the first that holds picks the kernel):
+ *     scalar: x or y not vector-aligned
+ *     warp: otherwise
  */
 #ifndef ENCODER_GN_CUDA_H
 #define ENCODER_GN_CUDA_H

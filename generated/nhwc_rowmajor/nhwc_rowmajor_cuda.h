@@ -16,6 +16,9 @@
  *   overflow rescue: a group whose sum of squares overflows float is summed again with d scaled by 2^-71
  *   kernel portable (any arch): block, 256 threads, 16 elements per thread in registers: one block of 256 threads holds 4 groups
  *   kernel scalar (any arch): block, 256 threads, 4 elements per thread in registers: x or y not aligned for vector loads
+ *   launch rules, in order (the first that holds picks the kernel):
+ *     scalar: x or y not vector-aligned
+ *     portable: otherwise
  */
 #ifndef NHWC_ROWMAJOR_CUDA_H
 #define NHWC_ROWMAJOR_CUDA_H
