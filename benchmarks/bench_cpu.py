@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""CPU benchmark of the generated C against PyTorch, ONNX Runtime and NumPy (issue 4).
+"""CPU benchmark of the generated C against PyTorch, ONNX Runtime and NumPy.
 
     python3 benchmarks/bench_cpu.py                  # every shape, NCHW and NHWC
     python3 benchmarks/bench_cpu.py --shapes A,E --quick
 
-For each reference shape of DESIGN.md section 8 and each layout, in one run on the same inputs
+For each reference shape (shapes.py) and each layout, in one run on the same inputs
 (float32): the generated C built with -O3 -march=native through cffi (preallocated output;
 input and output on page boundaries, see `page_aligned`; 1 thread, and 2 threads through
 OpenMP), torch.nn.functional.group_norm (1 and 2 threads, NCHW and channels_last), ONNX
@@ -40,7 +40,7 @@ from gncodegen.spec import parse_spec  # noqa: E402
 
 FAST_FLAGS = ("-std=c99", "-O3", "-march=native", "-fPIC", *STRICT_WARNINGS)
 
-from shapes import SHAPES  # noqa: E402  (DESIGN.md section 8)
+from shapes import SHAPES  # noqa: E402  (the reference shapes)
 # The issue's hand-written AVX-512 kernel, median us per call, 1 thread, hot caches.
 HAND_KERNEL_US = {"A": 2.0, "B": 131, "C": 132, "D": 103, "E": 29, "F": 45}
 LAST_LEVEL_CACHE = 32 << 20

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""GPU benchmark of the generated CUDA against torch.nn.functional.group_norm (issue 3).
+"""GPU benchmark of the generated CUDA against torch.nn.functional.group_norm.
 
     python3 benchmarks/bench_cuda.py                       # every shape, both layouts, fp32+fp16
     python3 benchmarks/bench_cuda.py --shapes B,C --dtypes fp32 --reps 30
 
-For each reference shape of DESIGN.md section 8, in NCHW and channels-last, in fp32 and fp16, in
+For each reference shape (shapes.py), in NCHW and channels-last, in fp32 and fp16, in
 one run on the same inputs: the generated `<name>_cuda_predict_with_params` (built with nvcc for
 this GPU, called through ctypes on PyTorch's stream and tensors) and torch's group_norm. Every
 figure is the median over --reps calls, each timed with CUDA events after the L2 cache was
@@ -44,7 +44,7 @@ from gncodegen.targets.cuda.runner import NVCC_FLAGS  # noqa: E402
 from gncodegen.plan import lower  # noqa: E402
 from gncodegen.spec import parse_spec  # noqa: E402
 
-from shapes import SHAPES  # noqa: E402  (DESIGN.md section 8)
+from shapes import SHAPES  # noqa: E402  (the reference shapes)
 DTYPES = {"fp32": ("single", torch.float32), "fp16": ("half", torch.float16)}
 EPS = 1e-5
 

@@ -1,4 +1,4 @@
-"""The reference shapes of DESIGN.md section 8, shared by the CPU and GPU benchmarks."""
+"""The reference shapes, shared by the CPU and GPU benchmarks."""
 
 # name: (N, C, spatial sizes, G)
 SHAPES = {

@@ -73,6 +73,10 @@ class DType:
         """Return a C-family literal that reads back as value rounded to the accumulation type."""
         return c_literal(value, self.acc)
 
+    def pow2_literal(self, exponent: int) -> str:
+        """Return 2^exponent as a C99 hexadecimal literal of the accumulation type: 0x1p-80f."""
+        return f"0x1p{exponent}{self.spelling.suffix}"
+
 
 def _finfo(dt: np.dtype):
     return ml_dtypes.finfo(dt) if dt == np.dtype(ml_dtypes.bfloat16) else np.finfo(dt)

@@ -73,7 +73,7 @@ def _labelled(fmt: str) -> list[str]:
 
 
 def memory_dims(layer: Layer) -> tuple[Dim, ...]:
-    """Return the layer's dims fastest first with element strides (DESIGN.md section 3)."""
+    """Return the layer's dims fastest first with element strides (the layout rules in docs/design.md)."""
     labels = _labelled(layer.format)
     sizes = [size for _, size in layer.dims()]
     order = list(range(len(labels)))

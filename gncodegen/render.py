@@ -20,11 +20,43 @@ def template_dir() -> Path:
     raise FileNotFoundError(f"gncodegen's templates are missing beside {package}")
 
 
+def printed(loop: Loop) -> bool:
+    """Whether a loop is printed as one: a loop of one iteration is not (its index is 0)."""
+    return loop.extent > 1 or loop.per_batch
+
+
 def offset_expr(loops: tuple[Loop, ...]) -> str:
     """Return the element offset of a loop nest's current iteration, e.g. `i_t * t_s + c`."""
     terms = [lp.index if lp.stride_expr == "1" else f"{lp.index} * {lp.stride_expr}"
-             for lp in loops]
+             for lp in loops if printed(lp)]
     return " + ".join(terms) if terms else "0"
+
+
+def add(a, b) -> str:
+    """Return the C sum of two index terms, folding zeros and integer constants: `k + 4`, `5`."""
+    a, b = str(a), str(b)
+    if a.isdigit() and b.isdigit():
+        return str(int(a) + int(b))
+    kept = [t for t in (a, b) if t != "0"]
+    return " + ".join(kept) if kept else "0"
+
+
+def mul(a, b) -> str:
+    """Return the C product of an index term and a constant, folding 0 and 1: `j * 4`, `0`, `k`."""
+    a, b = str(a), str(b)
+    if "0" in (a, b):
+        return "0"
+    if a.isdigit() and b.isdigit():
+        return str(int(a) * int(b))
+    kept = [t for t in (a, b) if t != "1"]
+    return " * ".join(kept) if kept else "1"
+
+
+def dedent(text: str, width: int = 4) -> str:
+    """Return text with `width` leading spaces taken off every line that has them."""
+    pad = " " * width
+    return "\n".join(line[width:] if line.startswith(pad) else line
+                     for line in text.split("\n"))
 
 
 def product(factors) -> str:
@@ -48,6 +80,10 @@ def environment() -> jinja2.Environment:
     )
     env.filters["offset_expr"] = offset_expr
     env.filters["product"] = product
+    env.filters["add"] = add
+    env.filters["mul"] = mul
+    env.filters["dedent"] = dedent
+    env.tests["printed"] = printed
     return env
 
 

@@ -1,10 +1,10 @@
-"""The C kernel's strategies (gncodegen/cplan.py) against the float64 reference (issue 4).
+"""The C kernel's strategies (gncodegen/targets/c/kernel.py) against the float64 reference.
 
 Every code path the fast kernel has is built and compared: each kernel kind (runs, rows,
 strided) on layouts whose sizes leave vector remainders, in single and double, in place; each
 compiler build that selects a different path or instruction set (-O2 verification build, -O3
 -march=native, AVX2 without AVX-512, SSE only, clang, and -Os which compiles the compact nest);
-OpenMP threads on and off; and the numerics the kernel owns (issue 6): large means, tiny
+OpenMP threads on and off; and the numerics the kernel owns: large means, tiny
 variances, constant groups, single-element groups, NaN/Inf, denormals and |x| so large that the
 squares overflow, each no worse than torch.nn.functional.group_norm.
 """

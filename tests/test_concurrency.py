@@ -1,4 +1,4 @@
-"""Concurrency (issue 6 item 4): the generated C called from 8 threads at once on different
+"""Concurrency: the generated C called from 8 threads at once on different
 buffers gives bit-identical results to serial calls.
 
 Two ways in: Python threads through cffi (API mode releases the GIL around the call, so the C

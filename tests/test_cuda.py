@@ -75,7 +75,7 @@ def _sources(plan, options=None):
 
 
 def test_plan_fills_an_h100_on_reference_shapes():
-    # DESIGN.md section 8: C (1, 320, 64x64, 32) has 32 groups; one block each would leave
+    # Reference shape C (1, 320, 64x64, 32) has 32 groups; one block each would leave
     # most of 132 SMs idle, so the wide variant splits each group over an 8-block cluster.
     c = lower_cuda(lower(layer_of("BCSS", "row-major", [320, 64, 64], 32)))
     assert c.wide is not None and c.wide.cluster == 8 and c.wide.items > 0
@@ -207,7 +207,7 @@ def test_every_dtype_compiles_with_nvcc_without_spills(dtype):
 
 
 def _reference_layers():
-    """(id, format, input_size, groups) of DESIGN.md section 8's shapes, NCHW and channels-last."""
+    """(id, format, input_size, groups) of the reference shapes (benchmarks/shapes.py), NCHW and channels-last."""
     import sys
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from shapes import SHAPES as REFERENCE
@@ -224,7 +224,7 @@ def _reference_layers():
 @pytest.mark.parametrize("ident, fmt, size, groups", _reference_layers(),
                          ids=[r[0] for r in _reference_layers()])
 def test_reference_shapes_compile_with_nvcc_without_spills(ident, fmt, size, groups):
-    # Every shape of DESIGN.md section 8 in every dtype with the real geometry. B's groups in
+    # Every reference shape in every dtype with the real geometry. B's groups in
     # double once planned 1024-thread blocks that spilled; C's 40960-element groups do not fit
     # one block, so its plan has the split kernels.
     for dtype in ("single", "half", "bfloat16", "double"):
@@ -733,7 +733,7 @@ def test_gpu_every_layout_and_dtype(key, dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(GPU is None, reason="no NVIDIA GPU here")
 def test_gpu_reference_shapes_large_groups():
-    # DESIGN.md section 8 shape C in both layouts: the wide cluster path on a real device.
+    # Reference shape C in both layouts: the wide cluster path on a real device.
     for fmt, size in (("BCSS", [320, 64, 64]), ("BSSC", [64, 64, 320])):
         plan = lower(layer_of(fmt, "row-major", size, 32, name=f"big_{fmt.lower()}"))
         cp, sources = _sources(plan)

@@ -114,7 +114,7 @@ def test_layer_matches_reference_on_target(target, key):
     assert report.passed, f"{target}/{key}: {failed}"
     assert report.runner == fw.BOARDS[target].runner_name
     names = [c.case for c in report.cases]
-    # DESIGN.md section 6: random, constant groups, mean 1e4 std 1, in place, batch 1 and > 1.
+    # The verification cases: random, constant groups, mean 1e4 std 1, in place, batch 1 and > 1.
     assert "random, batch 1" in names and "random, in place" in names
     assert "constant groups" in names and "mean 10000, std 1" in names
     assert "caller's scale and offset" in names

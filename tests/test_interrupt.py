@@ -1,4 +1,4 @@
-"""Interrupted runs (issue 6 item 6): SIGKILL `gncodegen build` part-way, then check that the
+"""Interrupted runs: SIGKILL `gncodegen build` part-way, then check that the
 output folder is either exactly as before or exactly the complete new output, that nothing but
 gncodegen's hidden staging folders appeared beside it, and that the build cache still works:
 every cache entry is complete, the next build succeeds and reuses cached modules.

@@ -1,4 +1,4 @@
-"""Numerics input classes (issue 6 item 2): the generated code against the float64 reference
+"""Numerics input classes: the generated code against the float64 reference
 and against torch.nn.functional.group_norm on the same data, for every dtype of every target
 this machine can run: C (single, double; the fast -O2 kernel and the compact -Os one) and the
 generated CUDA under its host emulation (single, double, half, bfloat16).
@@ -8,13 +8,13 @@ scale, offset and epsilon, and work in that dtype (torch on the CPU; for half an
 output is stored in that dtype too, as ours is). Each error is
 max |y - reference| over the finite reference values, divided by the output's scale
 (max |reference|), exactly as verification measures it. Ours must be no worse than torch's,
-except that any error within the per-dtype tolerance of DESIGN.md section 6 counts as good:
+except that any error within the dtype's tolerance counts as good:
 below that floor neither result is wrong, and asking ours to beat torch's 3e-8 with 5e-8 would
 test rounding luck, not the algorithm. NaN must appear exactly where the reference has it (a
 NaN or Inf in a group spreads over that group only); torch's NaN pattern is not required.
 Constant groups and one-element groups must give the offset bit for bit, and inputs whose
 squares overflow the accumulation type (|x| up to 1e18 in single) must be within tolerance
-whatever torch does: issue 6 asks for those to be right, not merely as good as torch.
+whatever torch does: those must be right, not merely as good as torch.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class InputClass:
     name: str
     fill: Fill
     exact_offset: bool = False      # every output must equal the offset bit for bit
-    must_be_right: bool = False     # within tolerance whatever torch does (issue 6 says so)
+    must_be_right: bool = False     # within tolerance whatever torch does (numerics the layer promises)
     poison: str | None = None       # put this value into one group ('nan', 'inf', '-inf pilot')
 
 

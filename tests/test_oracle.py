@@ -1,6 +1,6 @@
 """The reference and the generated C against PyTorch, the outside oracle, on every format.
 
-Every format of issue 2 item 3 (image, sequence, feature, batch-less, U dims, odd label
+Every kind of format (image, sequence, feature, batch-less, U dims, odd label
 orders) in both layouts, single and double, batch 1 and batch > 1, in place.
 """
 
@@ -73,7 +73,7 @@ def test_reference_matches_torch(fmt, size, groups, layout, rng):
 
 
 def test_reference_layout_is_memory_order():
-    """Column-major SSCB puts (h, w, c, b) at h + H*w + H*W*c + H*W*C*b (DESIGN.md section 3)."""
+    """Column-major SSCB puts (h, w, c, b) at h + H*w + H*W*c + H*W*C*b (the memory layout rule)."""
     layer = make_layer(format="SSCB", input_size=[2, 3, 4], num_groups=2)
     x = np.zeros(2 * 3 * 4 * 2)
     x[1 + 2 * 2 + 2 * 3 * 3 + 2 * 3 * 4 * 1] = 1.0   # h=1, w=2, c=3, b=1 (group 1 of b=1)

@@ -1,4 +1,4 @@
-"""Plan values on their own: strides, loop nests, literals (DESIGN.md sections 3 and 7)."""
+"""Plan values on their own: strides, loop nests, literals (the memory layout, and what the plan decides)."""
 
 from __future__ import annotations
 

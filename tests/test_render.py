@@ -1,4 +1,4 @@
-"""Rendered text: the firmware contract of DESIGN.md section 4 read off the generated files."""
+"""Rendered text: the firmware contract (files, entry points, return codes, macros) read off the generated files."""
 
 from __future__ import annotations
 

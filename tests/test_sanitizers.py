@@ -1,4 +1,4 @@
-"""Sanitizers (issue 6 item 3): the generated C under AddressSanitizer + UBSan and valgrind.
+"""Sanitizers: the generated C under AddressSanitizer + UBSan and valgrind.
 
 The layers' sources are compiled with a small C driver (not cffi: a sanitizer runtime inside a
 Python extension is unreliable) into one executable. The driver reads a job list, allocates
@@ -241,7 +241,7 @@ def test_sanitizer_catches_an_overflow(tmp_path: Path):
 def test_valgrind_memcheck_clean(tmp_path: Path):
     """valgrind memcheck on a plain -O2 build: no invalid access, no uninitialised use, no leak."""
     valgrind = shutil.which("valgrind")
-    assert valgrind, "valgrind is part of the test environment (issue 6)"
+    assert valgrind, "valgrind is part of the test environment (scripts/install-toolchains.sh)"
     plans = layers()
     exe = build(tmp_path, plans, ["-O2", "-g"])
     jobs = make_jobs(tmp_path, plans)

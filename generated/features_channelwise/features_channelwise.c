@@ -8,6 +8,15 @@
 #include <math.h>
 #include <stdint.h>
 
+/* Every mean is a sum over a group times this: 1 / 1, its element count. */
+#define FEATURES_CHANNELWISE_INV_GROUP_NUMEL 1.0f
+/* A group whose squares overflow is summed again with d scaled by 2^-80, which is exact, and
+   epsilon scaled alike. */
+#define FEATURES_CHANNELWISE_RESCUE_UNIT 8.271806e-25f /* 2^-80 */
+#define FEATURES_CHANNELWISE_RESCUE_EPSILON 0.0f
+/* The largest finite float (FLT_MAX, without needing <float.h>): sums above it overflowed. */
+#define FEATURES_CHANNELWISE_LARGEST 3.4028235e+38f
+
 /* Learned parameters, one per channel. */
 static const float features_channelwise_scale[16] = {
     1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f,
@@ -65,22 +74,20 @@ static void features_channelwise_job(const float *x, float *y, const float *scal
     for (unsigned sweep = 0;; ++sweep) {
         float s1 = 0.0f;
         float s2 = 0.0f;
-        for (size_t c = 0; c < 1; ++c) {
-            const float d = (xg[c] - pilot) * unit;
-            if (sweep == 2) {
-                yg[c] = scale[c0 + c] * rstd * (d - shift) + offset[c0 + c];
-            } else {
-                s1 += d;
-                s2 += d * d;
-            }
+        const float d = (xg[0] - pilot) * unit;
+        if (sweep == 2) {
+            yg[0] = scale[c0] * rstd * (d - shift) + offset[c0];
+        } else {
+            s1 += d;
+            s2 += d * d;
         }
         if (sweep == 2) {
             break;
         }
         {
             float var_u; /* biased variance * unit^2 */
-            shift = s1 * 1.0f;
-            var_u = s2 * 1.0f - shift * shift;
+            shift = s1 * FEATURES_CHANNELWISE_INV_GROUP_NUMEL;
+            var_u = s2 * FEATURES_CHANNELWISE_INV_GROUP_NUMEL - shift * shift;
             if (var_u < 0.0f) {
                 var_u = 0.0f; /* rounding only: the variance is never negative */
             }
@@ -89,8 +96,8 @@ static void features_channelwise_job(const float *x, float *y, const float *scal
         if (sweep == 0) {
             pilot += shift; /* the mean */
             if (s2 - s2 != 0.0f) { /* s2 is infinite (or NaN) */
-                unit = 8.271806e-25f;
-                epsilon_u = 0.0f;
+                unit = FEATURES_CHANNELWISE_RESCUE_UNIT;
+                epsilon_u = FEATURES_CHANNELWISE_RESCUE_EPSILON;
             }
         }
     }
@@ -104,8 +111,8 @@ static void features_channelwise_job(const float *x, float *y, const float *scal
  */
 static float features_channelwise_finish(float s1, float s2, float unit, float epsilon_u, float *shift)
 {
-    const float shift_u = s1 * 1.0f; /* (mean - pilot) * unit */
-    float var_u = s2 * 1.0f - shift_u * shift_u; /* biased variance * unit^2 */
+    const float shift_u = s1 * FEATURES_CHANNELWISE_INV_GROUP_NUMEL; /* (mean - pilot) * unit */
+    float var_u = s2 * FEATURES_CHANNELWISE_INV_GROUP_NUMEL - shift_u * shift_u; /* biased variance * unit^2 */
     if (var_u < 0.0f) {
         var_u = 0.0f; /* rounding only: the variance is never negative */
     }
@@ -123,11 +130,9 @@ static void features_channelwise_group_sums(const float *xg, float pilot, float 
     const float pilot_u = pilot * unit;
     float s1 = 0.0f;
     float s2 = 0.0f;
-    for (size_t c = 0; c < 1; ++c) {
-        const float d = xg[c] * unit - pilot_u;
-        s1 += d;
-        s2 += d * d;
-    }
+    const float d = xg[0] * unit - pilot_u;
+    s1 += d;
+    s2 += d * d;
     sums[0] = s1;
     sums[1] = s2;
 }
@@ -195,7 +200,6 @@ static float features_channelwise_split_mean(float pilot, float shift, float *me
  */
 static void features_channelwise_job(const float *x, float *y, const float *scale, const float *offset, size_t job)
 {
-
     const size_t c0 = job % FEATURES_CHANNELWISE_NUM_GROUPS * 1;
     const size_t base = job * 1; /* the groups tile the buffer in job order */
     const float *xg = x + base;
@@ -208,44 +212,30 @@ static void features_channelwise_job(const float *x, float *y, const float *scal
 
     /* Statistics around a pilot taken from the group, so a large mean cancels nothing. */
     const float pilot = features_channelwise_pilot(xg, 1);
-    for (size_t k = 0; k < 1; ++k) {
-        s1[k] = 0.0f;
-        s2[k] = 0.0f;
-    }
+    s1[0] = 0.0f;
+    s2[0] = 0.0f;
     const float *run = xg; /* 1 contiguous elements */
-    for (size_t k = 0; k < 1; ++k) {
-        const float d = run[k] - pilot;
-        s1[k] += d;
-        s2[k] = FEATURES_CHANNELWISE_MAC(d, d, s2[k]);
-    }
+    const float d = run[0] - pilot;
+    s1[0] += d;
+    s2[0] = FEATURES_CHANNELWISE_MAC(d, d, s2[0]);
     sums[0] = s1[0];
     sums[1] = s2[0];
     float unit = 1.0f;
     float epsilon_u = FEATURES_CHANNELWISE_EPSILON; /* epsilon * unit^2 */
-    if (!(sums[1] <= 3.40282347e+38f)) {
+    if (!(sums[1] <= FEATURES_CHANNELWISE_LARGEST)) {
         /* The squares overflowed (|x| beyond about the square root of the largest value):
            sum again with d scaled by a power of two, which is exact. */
-        unit = 8.271806e-25f; /* 2^-80 */
-        epsilon_u = 0.0f;
+        unit = FEATURES_CHANNELWISE_RESCUE_UNIT;
+        epsilon_u = FEATURES_CHANNELWISE_RESCUE_EPSILON;
         features_channelwise_group_sums(xg, pilot, unit, sums);
     }
     const float rstd = features_channelwise_finish(sums[0], sums[1], unit, epsilon_u, &shift);
     const float mean = features_channelwise_split_mean(pilot, shift, &mean_lo);
-    {
-        /* y = a*(x - mean) + b; channels are fastest, so a and b are arrays over the row. */
-        float a[1];
-        float b[1];
-        for (size_t c = 0; c < 1; ++c) {
-            a[c] = scale[c0 + c] * rstd;
-            b[c] = offset[c0 + c] - a[c] * mean_lo;
-        }
-        const float *xr = xg;
-        float *yr = yg;
-        FEATURES_CHANNELWISE_INDEPENDENT
-        for (size_t c = 0; c < 1; ++c) {
-            yr[c] = FEATURES_CHANNELWISE_MAC(a[c], xr[c] - mean, b[c]);
-        }
-    }
+
+    /* y = a*(x - mean) + b, with scale and offset folded per channel. */
+    const float a = scale[c0] * rstd;
+    const float b = offset[c0] - a * mean_lo;
+    yg[0] = FEATURES_CHANNELWISE_MAC(a, xg[0] - mean, b);
 }
 #endif /* __OPTIMIZE_SIZE__ */
 

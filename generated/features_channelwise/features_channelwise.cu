@@ -5,6 +5,7 @@
  */
 #include "features_channelwise_cuda.h"
 
+#include <float.h>
 #include <stdint.h>
 
 /*

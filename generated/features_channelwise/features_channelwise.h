@@ -14,7 +14,7 @@
  */
 /*
  * C kernel
- *   runs kernel: 1 partial sums per contiguous run of 1; per-channel a[], b[] (channels fastest)
+ *   runs kernel: 1 partial sums per contiguous run of 1; a and b folded per channel
  *   one thread
  *   a build for size (-Os, __OPTIMIZE_SIZE__) compiles the compact nest instead: one loop
  *   nest swept three times (two sums, then apply); vsqrt.f32 for the square root on an Arm FPU

@@ -8,6 +8,15 @@
 #include <math.h>
 #include <stdint.h>
 
+/* Every mean is a sum over a group times this: 1 / 2880, its element count. */
+#define MATLAB_GN_INV_GROUP_NUMEL 0.00034722223f
+/* A group whose squares overflow is summed again with d scaled by 2^-80, which is exact, and
+   epsilon scaled alike. */
+#define MATLAB_GN_RESCUE_UNIT 8.271806e-25f /* 2^-80 */
+#define MATLAB_GN_RESCUE_EPSILON 0.0f
+/* The largest finite float (FLT_MAX, without needing <float.h>): sums above it overflowed. */
+#define MATLAB_GN_LARGEST 3.4028235e+38f
+
 /* Learned parameters, one per channel. */
 static const float matlab_gn_scale[20] = {
     1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f,
@@ -83,8 +92,8 @@ static void matlab_gn_job(const float *x, float *y, const float *scale, const fl
         }
         {
             float var_u; /* biased variance * unit^2 */
-            shift = s1 * 0.00034722223f;
-            var_u = s2 * 0.00034722223f - shift * shift;
+            shift = s1 * MATLAB_GN_INV_GROUP_NUMEL;
+            var_u = s2 * MATLAB_GN_INV_GROUP_NUMEL - shift * shift;
             if (var_u < 0.0f) {
                 var_u = 0.0f; /* rounding only: the variance is never negative */
             }
@@ -93,8 +102,8 @@ static void matlab_gn_job(const float *x, float *y, const float *scale, const fl
         if (sweep == 0) {
             pilot += shift; /* the mean */
             if (s2 - s2 != 0.0f) { /* s2 is infinite (or NaN) */
-                unit = 8.271806e-25f;
-                epsilon_u = 0.0f;
+                unit = MATLAB_GN_RESCUE_UNIT;
+                epsilon_u = MATLAB_GN_RESCUE_EPSILON;
             }
         }
     }
@@ -108,8 +117,8 @@ static void matlab_gn_job(const float *x, float *y, const float *scale, const fl
  */
 static float matlab_gn_finish(float s1, float s2, float unit, float epsilon_u, float *shift)
 {
-    const float shift_u = s1 * 0.00034722223f; /* (mean - pilot) * unit */
-    float var_u = s2 * 0.00034722223f - shift_u * shift_u; /* biased variance * unit^2 */
+    const float shift_u = s1 * MATLAB_GN_INV_GROUP_NUMEL; /* (mean - pilot) * unit */
+    float var_u = s2 * MATLAB_GN_INV_GROUP_NUMEL - shift_u * shift_u; /* biased variance * unit^2 */
     if (var_u < 0.0f) {
         var_u = 0.0f; /* rounding only: the variance is never negative */
     }
@@ -240,10 +249,8 @@ static matlab_gn_sum_pair matlab_gn_lane_sums(const float *xg, float pilot)
         s1[k] += s1[k + 2];
         s2[k] += s2[k + 2];
     }
-    for (size_t k = 0; k < 1; ++k) {
-        s1[k] += s1[k + 1];
-        s2[k] += s2[k + 1];
-    }
+    s1[0] += s1[1];
+    s2[0] += s2[1];
     sums[0] = s1[0];
     sums[1] = s2[0];
     out.s1 = sums[0];
@@ -257,7 +264,6 @@ static matlab_gn_sum_pair matlab_gn_lane_sums(const float *xg, float pilot)
  */
 static void matlab_gn_job(const float *x, float *y, const float *scale, const float *offset, size_t job)
 {
-
     const size_t c0 = job % MATLAB_GN_NUM_GROUPS * 5;
     const size_t base = job * 2880; /* the groups tile the buffer in job order */
     const float *xg = x + base;
@@ -300,24 +306,22 @@ static void matlab_gn_job(const float *x, float *y, const float *scale, const fl
         s1[k] += s1[k + 2];
         s2[k] += s2[k + 2];
     }
-    for (size_t k = 0; k < 1; ++k) {
-        s1[k] += s1[k + 1];
-        s2[k] += s2[k + 1];
-    }
+    s1[0] += s1[1];
+    s2[0] += s2[1];
     sums[0] = s1[0];
     sums[1] = s2[0];
     float unit = 1.0f;
     float epsilon_u = MATLAB_GN_EPSILON; /* epsilon * unit^2 */
-    if (!(sums[1] <= 3.40282347e+38f)) {
+    if (!(sums[1] <= MATLAB_GN_LARGEST)) {
         /* The squares overflowed (|x| beyond about the square root of the largest value):
            sum again with d scaled by a power of two, which is exact. */
-        unit = 8.271806e-25f; /* 2^-80 */
-        epsilon_u = 0.0f;
+        unit = MATLAB_GN_RESCUE_UNIT;
+        epsilon_u = MATLAB_GN_RESCUE_EPSILON;
         matlab_gn_group_sums(xg, pilot, unit, sums);
     }
     {
-        const float shift_u = sums[0] * 0.00034722223f;
-        if (shift_u * shift_u * 2.0f > sums[1] * 0.00034722223f) {
+        const float shift_u = sums[0] * MATLAB_GN_INV_GROUP_NUMEL;
+        if (shift_u * shift_u * 2.0f > sums[1] * MATLAB_GN_INV_GROUP_NUMEL) {
             /* An outlier among the pilot's samples put it beyond a std from the mean, and
                s2/N - shift^2 would cancel: sum again, the same way, around the mean (rare:
                ordinary data never comes here). */

@@ -8,6 +8,15 @@
 #include <math.h>
 #include <stdint.h>
 
+/* Every mean is a sum over a group times this: 1 / 288, its element count. */
+#define DECODER_GN_F64_INV_GROUP_NUMEL 0.003472222222222222
+/* A group whose squares overflow is summed again with d scaled by 2^-560, which is exact, and
+   epsilon scaled alike. */
+#define DECODER_GN_F64_RESCUE_UNIT 2.6497349136889905e-169 /* 2^-560 */
+#define DECODER_GN_F64_RESCUE_EPSILON 0.0
+/* The largest finite double (DBL_MAX, without needing <float.h>): sums above it overflowed. */
+#define DECODER_GN_F64_LARGEST 1.7976931348623157e+308
+
 /* Learned parameters, one per channel. */
 static const double decoder_gn_f64_scale[8] = {
     0.001257302210933933, -0.0013210486329130189, 0.006404226504432821, 0.001049001171530397, -0.005356693731611109, 0.0036159505490948474,
@@ -71,8 +80,8 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
         }
         {
             double var_u; /* biased variance * unit^2 */
-            shift = s1 * 0.003472222222222222;
-            var_u = s2 * 0.003472222222222222 - shift * shift;
+            shift = s1 * DECODER_GN_F64_INV_GROUP_NUMEL;
+            var_u = s2 * DECODER_GN_F64_INV_GROUP_NUMEL - shift * shift;
             if (var_u < 0.0) {
                 var_u = 0.0; /* rounding only: the variance is never negative */
             }
@@ -81,8 +90,8 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
         if (sweep == 0) {
             pilot += shift; /* the mean */
             if (s2 - s2 != 0.0) { /* s2 is infinite (or NaN) */
-                unit = 2.6497349136889905e-169;
-                epsilon_u = 0.0;
+                unit = DECODER_GN_F64_RESCUE_UNIT;
+                epsilon_u = DECODER_GN_F64_RESCUE_EPSILON;
             }
         }
     }
@@ -96,8 +105,8 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
  */
 static double decoder_gn_f64_finish(double s1, double s2, double unit, double epsilon_u, double *shift)
 {
-    const double shift_u = s1 * 0.003472222222222222; /* (mean - pilot) * unit */
-    double var_u = s2 * 0.003472222222222222 - shift_u * shift_u; /* biased variance * unit^2 */
+    const double shift_u = s1 * DECODER_GN_F64_INV_GROUP_NUMEL; /* (mean - pilot) * unit */
+    double var_u = s2 * DECODER_GN_F64_INV_GROUP_NUMEL - shift_u * shift_u; /* biased variance * unit^2 */
     if (var_u < 0.0) {
         var_u = 0.0; /* rounding only: the variance is never negative */
     }
@@ -228,10 +237,8 @@ static decoder_gn_f64_sum_pair decoder_gn_f64_lane_sums(const double *xg, double
         s1[k] += s1[k + 2];
         s2[k] += s2[k + 2];
     }
-    for (size_t k = 0; k < 1; ++k) {
-        s1[k] += s1[k + 1];
-        s2[k] += s2[k + 1];
-    }
+    s1[0] += s1[1];
+    s2[0] += s2[1];
     sums[0] = s1[0];
     sums[1] = s2[0];
     out.s1 = sums[0];
@@ -245,7 +252,6 @@ static decoder_gn_f64_sum_pair decoder_gn_f64_lane_sums(const double *xg, double
  */
 static void decoder_gn_f64_job(const double *x, double *y, const double *scale, const double *offset, size_t job)
 {
-
     const size_t c0 = 0;
     const size_t base = job * 288; /* the groups tile the buffer in job order */
     const double *xg = x + base;
@@ -288,24 +294,22 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
         s1[k] += s1[k + 2];
         s2[k] += s2[k + 2];
     }
-    for (size_t k = 0; k < 1; ++k) {
-        s1[k] += s1[k + 1];
-        s2[k] += s2[k + 1];
-    }
+    s1[0] += s1[1];
+    s2[0] += s2[1];
     sums[0] = s1[0];
     sums[1] = s2[0];
     double unit = 1.0;
     double epsilon_u = DECODER_GN_F64_EPSILON; /* epsilon * unit^2 */
-    if (!(sums[1] <= 1.7976931348623157e+308)) {
+    if (!(sums[1] <= DECODER_GN_F64_LARGEST)) {
         /* The squares overflowed (|x| beyond about the square root of the largest value):
            sum again with d scaled by a power of two, which is exact. */
-        unit = 2.6497349136889905e-169; /* 2^-560 */
-        epsilon_u = 0.0;
+        unit = DECODER_GN_F64_RESCUE_UNIT;
+        epsilon_u = DECODER_GN_F64_RESCUE_EPSILON;
         decoder_gn_f64_group_sums(xg, pilot, unit, sums);
     }
     {
-        const double shift_u = sums[0] * 0.003472222222222222;
-        if (shift_u * shift_u * 2.0 > sums[1] * 0.003472222222222222) {
+        const double shift_u = sums[0] * DECODER_GN_F64_INV_GROUP_NUMEL;
+        if (shift_u * shift_u * 2.0 > sums[1] * DECODER_GN_F64_INV_GROUP_NUMEL) {
             /* An outlier among the pilot's samples put it beyond a std from the mean, and
                s2/N - shift^2 would cancel: sum again, the same way, around the mean (rare:
                ordinary data never comes here). */

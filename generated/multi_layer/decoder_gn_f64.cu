@@ -5,6 +5,7 @@
  */
 #include "decoder_gn_f64_cuda.h"
 
+#include <float.h>
 #include <stdint.h>
 
 /*
@@ -30,8 +31,8 @@ constexpr acc_t kEpsilon = 1.0e-06;
  * The overflow rescue: a group whose sum of squares s2 overflows (|x| beyond about the square
  * root of the largest value) is summed again with d scaled by 2^-518, which is exact.
  */
-constexpr acc_t kLargest = 1.7976931348623157e+308; /* the largest finite acc_t */
-constexpr acc_t kRescueUnit = 1.1653657392500323e-156; /* 2^-518 */
+constexpr acc_t kLargest = DBL_MAX; /* the largest finite acc_t */
+constexpr acc_t kRescueUnit = 0x1p-518; /* 2^-518 */
 constexpr acc_t kRescueEpsilon = 0.0; /* epsilon * (2^-518)^2 */
 
 /* Learned parameters for decoder_gn_f64_cuda_predict, exact in double. */

@@ -8,6 +8,15 @@
 #include <math.h>
 #include <stdint.h>
 
+/* Every mean is a sum over a group times this: 1 / 256, its element count. */
+#define ENCODER_GN_INV_GROUP_NUMEL 0.00390625f
+/* A group whose squares overflow is summed again with d scaled by 2^-80, which is exact, and
+   epsilon scaled alike. */
+#define ENCODER_GN_RESCUE_UNIT 8.271806e-25f /* 2^-80 */
+#define ENCODER_GN_RESCUE_EPSILON 0.0f
+/* The largest finite float (FLT_MAX, without needing <float.h>): sums above it overflowed. */
+#define ENCODER_GN_LARGEST 3.4028235e+38f
+
 /* Learned parameters, one per channel. */
 static const float encoder_gn_scale[32] = {
     1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f,
@@ -87,8 +96,8 @@ static void encoder_gn_job(const float *x, float *y, const float *scale, const f
         }
         {
             float var_u; /* biased variance * unit^2 */
-            shift = s1 * 0.00390625f;
-            var_u = s2 * 0.00390625f - shift * shift;
+            shift = s1 * ENCODER_GN_INV_GROUP_NUMEL;
+            var_u = s2 * ENCODER_GN_INV_GROUP_NUMEL - shift * shift;
             if (var_u < 0.0f) {
                 var_u = 0.0f; /* rounding only: the variance is never negative */
             }
@@ -97,8 +106,8 @@ static void encoder_gn_job(const float *x, float *y, const float *scale, const f
         if (sweep == 0) {
             pilot += shift; /* the mean */
             if (s2 - s2 != 0.0f) { /* s2 is infinite (or NaN) */
-                unit = 8.271806e-25f;
-                epsilon_u = 0.0f;
+                unit = ENCODER_GN_RESCUE_UNIT;
+                epsilon_u = ENCODER_GN_RESCUE_EPSILON;
             }
         }
     }
@@ -112,8 +121,8 @@ static void encoder_gn_job(const float *x, float *y, const float *scale, const f
  */
 static float encoder_gn_finish(float s1, float s2, float unit, float epsilon_u, float *shift)
 {
-    const float shift_u = s1 * 0.00390625f; /* (mean - pilot) * unit */
-    float var_u = s2 * 0.00390625f - shift_u * shift_u; /* biased variance * unit^2 */
+    const float shift_u = s1 * ENCODER_GN_INV_GROUP_NUMEL; /* (mean - pilot) * unit */
+    float var_u = s2 * ENCODER_GN_INV_GROUP_NUMEL - shift_u * shift_u; /* biased variance * unit^2 */
     if (var_u < 0.0f) {
         var_u = 0.0f; /* rounding only: the variance is never negative */
     }
@@ -244,10 +253,8 @@ static encoder_gn_sum_pair encoder_gn_lane_sums(const float *xg, float pilot)
         s1[k] += s1[k + 2];
         s2[k] += s2[k + 2];
     }
-    for (size_t k = 0; k < 1; ++k) {
-        s1[k] += s1[k + 1];
-        s2[k] += s2[k + 1];
-    }
+    s1[0] += s1[1];
+    s2[0] += s2[1];
     sums[0] = s1[0];
     sums[1] = s2[0];
     out.s1 = sums[0];
@@ -261,7 +268,6 @@ static encoder_gn_sum_pair encoder_gn_lane_sums(const float *xg, float pilot)
  */
 static void encoder_gn_job(const float *x, float *y, const float *scale, const float *offset, size_t job)
 {
-
     const size_t c0 = job % ENCODER_GN_NUM_GROUPS * 4;
     const size_t base = job * 256; /* the groups tile the buffer in job order */
     const float *xg = x + base;
@@ -304,24 +310,22 @@ static void encoder_gn_job(const float *x, float *y, const float *scale, const f
         s1[k] += s1[k + 2];
         s2[k] += s2[k + 2];
     }
-    for (size_t k = 0; k < 1; ++k) {
-        s1[k] += s1[k + 1];
-        s2[k] += s2[k + 1];
-    }
+    s1[0] += s1[1];
+    s2[0] += s2[1];
     sums[0] = s1[0];
     sums[1] = s2[0];
     float unit = 1.0f;
     float epsilon_u = ENCODER_GN_EPSILON; /* epsilon * unit^2 */
-    if (!(sums[1] <= 3.40282347e+38f)) {
+    if (!(sums[1] <= ENCODER_GN_LARGEST)) {
         /* The squares overflowed (|x| beyond about the square root of the largest value):
            sum again with d scaled by a power of two, which is exact. */
-        unit = 8.271806e-25f; /* 2^-80 */
-        epsilon_u = 0.0f;
+        unit = ENCODER_GN_RESCUE_UNIT;
+        epsilon_u = ENCODER_GN_RESCUE_EPSILON;
         encoder_gn_group_sums(xg, pilot, unit, sums);
     }
     {
-        const float shift_u = sums[0] * 0.00390625f;
-        if (shift_u * shift_u * 2.0f > sums[1] * 0.00390625f) {
+        const float shift_u = sums[0] * ENCODER_GN_INV_GROUP_NUMEL;
+        if (shift_u * shift_u * 2.0f > sums[1] * ENCODER_GN_INV_GROUP_NUMEL) {
             /* An outlier among the pilot's samples put it beyond a std from the mean, and
                s2/N - shift^2 would cancel: sum again, the same way, around the mean (rare:
                ordinary data never comes here). */

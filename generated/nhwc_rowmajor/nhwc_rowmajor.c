@@ -8,6 +8,15 @@
 #include <math.h>
 #include <stdint.h>
 
+/* Every mean is a sum over a group times this: 1 / 1024, its element count. */
+#define NHWC_ROWMAJOR_INV_GROUP_NUMEL 0.0009765625f
+/* A group whose squares overflow is summed again with d scaled by 2^-80, which is exact, and
+   epsilon scaled alike. */
+#define NHWC_ROWMAJOR_RESCUE_UNIT 8.271806e-25f /* 2^-80 */
+#define NHWC_ROWMAJOR_RESCUE_EPSILON 0.0f
+/* The largest finite float (FLT_MAX, without needing <float.h>): sums above it overflowed. */
+#define NHWC_ROWMAJOR_LARGEST 3.4028235e+38f
+
 /* Learned parameters, one per channel. */
 static const float nhwc_rowmajor_scale[32] = {
     1.0034193f, 1.1359748f, 1.1224722f, 0.9489693f, 0.97020304f, 0.9472616f,
@@ -88,8 +97,8 @@ static void nhwc_rowmajor_job(const float *x, float *y, const float *scale, cons
         }
         {
             float var_u; /* biased variance * unit^2 */
-            shift = s1 * 0.0009765625f;
-            var_u = s2 * 0.0009765625f - shift * shift;
+            shift = s1 * NHWC_ROWMAJOR_INV_GROUP_NUMEL;
+            var_u = s2 * NHWC_ROWMAJOR_INV_GROUP_NUMEL - shift * shift;
             if (var_u < 0.0f) {
                 var_u = 0.0f; /* rounding only: the variance is never negative */
             }
@@ -98,8 +107,8 @@ static void nhwc_rowmajor_job(const float *x, float *y, const float *scale, cons
         if (sweep == 0) {
             pilot += shift; /* the mean */
             if (s2 - s2 != 0.0f) { /* s2 is infinite (or NaN) */
-                unit = 8.271806e-25f;
-                epsilon_u = 0.0f;
+                unit = NHWC_ROWMAJOR_RESCUE_UNIT;
+                epsilon_u = NHWC_ROWMAJOR_RESCUE_EPSILON;
             }
         }
     }
@@ -113,8 +122,8 @@ static void nhwc_rowmajor_job(const float *x, float *y, const float *scale, cons
  */
 static float nhwc_rowmajor_finish(float s1, float s2, float unit, float epsilon_u, float *shift)
 {
-    const float shift_u = s1 * 0.0009765625f; /* (mean - pilot) * unit */
-    float var_u = s2 * 0.0009765625f - shift_u * shift_u; /* biased variance * unit^2 */
+    const float shift_u = s1 * NHWC_ROWMAJOR_INV_GROUP_NUMEL; /* (mean - pilot) * unit */
+    float var_u = s2 * NHWC_ROWMAJOR_INV_GROUP_NUMEL - shift_u * shift_u; /* biased variance * unit^2 */
     if (var_u < 0.0f) {
         var_u = 0.0f; /* rounding only: the variance is never negative */
     }
@@ -245,9 +254,9 @@ static void nhwc_rowmajor_job(const float *x, float *y, const float *scale, cons
     float b[32];
 
     for (size_t j = 0; j < 8; ++j) {
-        const float group_pilot = nhwc_rowmajor_pilot(xb + j * 4, 32);
+        const float pj = nhwc_rowmajor_pilot(xb + j * 4, 32); /* group j's */
         for (size_t k = 0; k < 4; ++k) {
-            pilot[j * 4 + k] = group_pilot;
+            pilot[j * 4 + k] = pj;
         }
     }
     for (size_t c = 0; c < 32; ++c) {
@@ -277,16 +286,16 @@ static void nhwc_rowmajor_job(const float *x, float *y, const float *scale, cons
         }
         float unit = 1.0f;
         float epsilon_u = NHWC_ROWMAJOR_EPSILON; /* epsilon * unit^2 */
-        if (!(sums[1] <= 3.40282347e+38f)) {
+        if (!(sums[1] <= NHWC_ROWMAJOR_LARGEST)) {
             /* The squares overflowed (|x| beyond about the square root of the largest value):
                sum again with d scaled by a power of two, which is exact. */
-            unit = 8.271806e-25f; /* 2^-80 */
-            epsilon_u = 0.0f;
+            unit = NHWC_ROWMAJOR_RESCUE_UNIT;
+            epsilon_u = NHWC_ROWMAJOR_RESCUE_EPSILON;
             nhwc_rowmajor_group_sums(xb + cj, pilot[cj], unit, sums);
         }
         {
-            const float shift_u = sums[0] * 0.0009765625f;
-            if (shift_u * shift_u * 2.0f > sums[1] * 0.0009765625f) {
+            const float shift_u = sums[0] * NHWC_ROWMAJOR_INV_GROUP_NUMEL;
+            if (shift_u * shift_u * 2.0f > sums[1] * NHWC_ROWMAJOR_INV_GROUP_NUMEL) {
                 /* An outlier among the pilot's samples put it beyond a std from the mean, and
                    s2/N - shift^2 would cancel: sum again, the same way, around the mean (rare:
                    ordinary data never comes here). */

@@ -5,6 +5,7 @@
  */
 #include "nhwc_rowmajor_cuda.h"
 
+#include <float.h>
 #include <stdint.h>
 
 /*
@@ -30,8 +31,8 @@ constexpr acc_t kEpsilon = 1.0e-05f;
  * The overflow rescue: a group whose sum of squares s2 overflows (|x| beyond about the square
  * root of the largest value) is summed again with d scaled by 2^-71, which is exact.
  */
-constexpr acc_t kLargest = 3.4028235e+38f; /* the largest finite acc_t */
-constexpr acc_t kRescueUnit = 4.2351647e-22f; /* 2^-71 */
+constexpr acc_t kLargest = FLT_MAX; /* the largest finite acc_t */
+constexpr acc_t kRescueUnit = 0x1p-71f; /* 2^-71 */
 constexpr acc_t kRescueEpsilon = 0.0f; /* epsilon * (2^-71)^2 */
 
 /* Learned parameters for nhwc_rowmajor_cuda_predict, exact in float. */

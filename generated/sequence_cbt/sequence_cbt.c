@@ -8,6 +8,15 @@
 #include <math.h>
 #include <stdint.h>
 
+/* Every mean is a sum over a group times this: 1 / 200, its element count. */
+#define SEQUENCE_CBT_INV_GROUP_NUMEL 0.005f
+/* A group whose squares overflow is summed again with d scaled by 2^-80, which is exact, and
+   epsilon scaled alike. */
+#define SEQUENCE_CBT_RESCUE_UNIT 8.271806e-25f /* 2^-80 */
+#define SEQUENCE_CBT_RESCUE_EPSILON 0.0f
+/* The largest finite float (FLT_MAX, without needing <float.h>): sums above it overflowed. */
+#define SEQUENCE_CBT_LARGEST 3.4028235e+38f
+
 /* Learned parameters, one per channel. */
 static const float sequence_cbt_scale[12] = {
     0.020409191f, -0.02555665f, 0.0041809883f, -0.005677696f, -0.004526493f, -0.0021559717f,
@@ -79,8 +88,8 @@ static void sequence_cbt_job(const float *x, float *y, size_t i_t_stride, const 
         }
         {
             float var_u; /* biased variance * unit^2 */
-            shift = s1 * 0.005f;
-            var_u = s2 * 0.005f - shift * shift;
+            shift = s1 * SEQUENCE_CBT_INV_GROUP_NUMEL;
+            var_u = s2 * SEQUENCE_CBT_INV_GROUP_NUMEL - shift * shift;
             if (var_u < 0.0f) {
                 var_u = 0.0f; /* rounding only: the variance is never negative */
             }
@@ -89,8 +98,8 @@ static void sequence_cbt_job(const float *x, float *y, size_t i_t_stride, const 
         if (sweep == 0) {
             pilot += shift; /* the mean */
             if (s2 - s2 != 0.0f) { /* s2 is infinite (or NaN) */
-                unit = 8.271806e-25f;
-                epsilon_u = 0.0f;
+                unit = SEQUENCE_CBT_RESCUE_UNIT;
+                epsilon_u = SEQUENCE_CBT_RESCUE_EPSILON;
             }
         }
     }
@@ -104,8 +113,8 @@ static void sequence_cbt_job(const float *x, float *y, size_t i_t_stride, const 
  */
 static float sequence_cbt_finish(float s1, float s2, float unit, float epsilon_u, float *shift)
 {
-    const float shift_u = s1 * 0.005f; /* (mean - pilot) * unit */
-    float var_u = s2 * 0.005f - shift_u * shift_u; /* biased variance * unit^2 */
+    const float shift_u = s1 * SEQUENCE_CBT_INV_GROUP_NUMEL; /* (mean - pilot) * unit */
+    float var_u = s2 * SEQUENCE_CBT_INV_GROUP_NUMEL - shift_u * shift_u; /* biased variance * unit^2 */
     if (var_u < 0.0f) {
         var_u = 0.0f; /* rounding only: the variance is never negative */
     }
@@ -236,9 +245,9 @@ static void sequence_cbt_job(const float *x, float *y, size_t i_t_stride, const 
     float b[12];
 
     for (size_t j = 0; j < 3; ++j) {
-        const float group_pilot = sequence_cbt_pilot(xb + j * 4, i_t_stride);
+        const float pj = sequence_cbt_pilot(xb + j * 4, i_t_stride); /* group j's */
         for (size_t k = 0; k < 4; ++k) {
-            pilot[j * 4 + k] = group_pilot;
+            pilot[j * 4 + k] = pj;
         }
     }
     for (size_t c = 0; c < 12; ++c) {
@@ -268,16 +277,16 @@ static void sequence_cbt_job(const float *x, float *y, size_t i_t_stride, const 
         }
         float unit = 1.0f;
         float epsilon_u = SEQUENCE_CBT_EPSILON; /* epsilon * unit^2 */
-        if (!(sums[1] <= 3.40282347e+38f)) {
+        if (!(sums[1] <= SEQUENCE_CBT_LARGEST)) {
             /* The squares overflowed (|x| beyond about the square root of the largest value):
                sum again with d scaled by a power of two, which is exact. */
-            unit = 8.271806e-25f; /* 2^-80 */
-            epsilon_u = 0.0f;
+            unit = SEQUENCE_CBT_RESCUE_UNIT;
+            epsilon_u = SEQUENCE_CBT_RESCUE_EPSILON;
             sequence_cbt_group_sums(xb + cj, i_t_stride, pilot[cj], unit, sums);
         }
         {
-            const float shift_u = sums[0] * 0.005f;
-            if (shift_u * shift_u * 2.0f > sums[1] * 0.005f) {
+            const float shift_u = sums[0] * SEQUENCE_CBT_INV_GROUP_NUMEL;
+            if (shift_u * shift_u * 2.0f > sums[1] * SEQUENCE_CBT_INV_GROUP_NUMEL) {
                 /* An outlier among the pilot's samples put it beyond a std from the mean, and
                    s2/N - shift^2 would cancel: sum again, the same way, around the mean (rare:
                    ordinary data never comes here). */

@@ -106,7 +106,6 @@ RECENTER_LIMIT = 1.0
 SIMD_LANES = 16
 SIMD_MAX_GROUP = 128
 SIMD_BLOCKS = 4
-OVERFLOW_LIMIT = {"single": "3.40282347e+38f", "double": "1.7976931348623157e+308"}
 # The compact nest's square root as one FPU instruction, by precision: the instruction and the
 # bit of the ACLE's __ARM_FP that says the FPU has it (4: single precision). The argument,
 # variance + epsilon, is never negative, so errno (why gcc -Os calls sqrtf) never matters.
@@ -129,7 +128,6 @@ class CKernel:
     rescue_unit_literal: str        # 2^-e: scaling of d in the rescue sums
     rescue_unit_text: str           # the same in words: 2^-80
     rescue_epsilon_literal: str     # epsilon * rescue_unit^2 (0 unless epsilon is huge)
-    overflow_limit_literal: str     # largest finite value of the accumulation type
     recenter: bool                  # fast kernels: test for a far pilot (groups > SHORT_GROUP)
     recenter_factor_literal: str    # fast kernels: sum again when shift^2 * it > s2/N
     fma: str                        # fast kernels: the fused multiply-add function
@@ -252,10 +250,10 @@ def plan_kernel(plan: Plan, threads: int | None = None) -> CKernel:
     rescue = dt.rescue_exponent
     common = dict(
         threads=threads, parallel_min_elements=PARALLEL_MIN_ELEMENTS, stats_unroll=STATS_UNROLL,
+        # decimal, not 0x1p-80f: the source also compiles as C++11, which has no hex floats
         rescue_unit_literal=dt.literal(2.0 ** -rescue),
         rescue_unit_text=f"2^-{rescue}",
         rescue_epsilon_literal=dt.literal(float(dt.round(plan.layer.epsilon * 2.0 ** (-2 * rescue)))),
-        overflow_limit_literal=OVERFLOW_LIMIT[dtype],
         recenter=plan.group_numel > SHORT_GROUP,
         # shift^2 > limit * (s2/N - shift^2)  <=>  shift^2 * (1 + limit) / limit > s2/N
         recenter_factor_literal=dt.literal((1.0 + RECENTER_LIMIT) / RECENTER_LIMIT),
@@ -276,7 +274,8 @@ def plan_kernel(plan: Plan, threads: int | None = None) -> CKernel:
     tree, order = simd_tree(SIMD_LANES)
     common.update(simd_groups=0, simd_vectors=0, simd_tree=tree, simd_order=order)
     innermost_contiguous = bool(stats) and stats[-1].stride == 1 and not stats[-1].per_batch
-    channel_fastest = bool(group) and group[-1].is_channel
+    # Per-channel arrays a[], b[] where channels are fastest; one channel needs none.
+    channel_fastest = bool(group) and group[-1].is_channel and cpg > 1
 
     if innermost_contiguous and (not channel_fastest or cpg * size <= CHANNEL_ARRAY_BYTES) \
             and (layout.group_contiguous or not layout.channels_last):

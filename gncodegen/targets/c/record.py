@@ -19,6 +19,7 @@ class CRecord(TargetRecord):
     acc: Spelling                   # how the accumulation type is spelled
     epsilon_literal: str
     inv_group_numel_literal: str    # 1 / elements per group
+    largest_literal: str            # the largest finite value of the accumulation type
     scale_literals: tuple[str, ...]
     offset_literals: tuple[str, ...]
     kernel: CKernel
@@ -40,6 +41,7 @@ def lower_c(plan: Plan, threads: int | None = None) -> CRecord:
         plan=plan, ctype=dt.spelling.ctype, acc=dt.spelling,
         epsilon_literal=dt.literal(plan.layer.epsilon),
         inv_group_numel_literal=dt.literal(1.0 / plan.group_numel),
+        largest_literal=dt.literal(dt.accumulator.largest),
         scale_literals=tuple(dt.literal(v) for v in plan.scale_values),
         offset_literals=tuple(dt.literal(v) for v in plan.offset_values),
         kernel=kernel, kernel_comment=comment, batch_rule=batch_rule,

@@ -171,7 +171,6 @@ class Rescue:
     exponent: int
     unit_literal: str      # 2^-exponent in the accumulation type
     epsilon_literal: str   # epsilon * 2^(-2*exponent) (0 below the normal range)
-    largest_literal: str   # the largest finite accumulator: s2 above it (or NaN) is rescued
 
     @property
     def unit_text(self) -> str:
@@ -201,8 +200,7 @@ def rescue_plan(numel: int, dtype: str, acc: str, epsilon: float) -> Rescue | No
     scaled_eps = epsilon * 2.0 ** (-2 * e)
     if scaled_eps < tiny:
         scaled_eps = 0.0
-    return Rescue(e, c_literal(2.0 ** -e, kind), c_literal(scaled_eps, kind),
-                  c_literal(a, kind))
+    return Rescue(e, DTYPES[kind].pow2_literal(-e), c_literal(scaled_eps, kind))
 
 
 
