@@ -132,7 +132,8 @@ SHADOWED_HEADERS = frozenset(
 SUPPORT_FILES = frozenset("fw_io hosted_io semihosting startup_cortex_m gn_cuda_emulation"
                           .split())
 
-# Identifiers a layer could export that system headers define: identifier -> header.
+# Identifiers a layer could export that system headers define: identifier -> header (with
+# whose it is when only one C library or compiler has it).
 _DEFINED_BY_HEADER = {
     "unistd.h": "F_OK R_OK W_OK X_OK",
     "float.h": "FLT_EPSILON DBL_EPSILON LDBL_EPSILON FLT128_EPSILON",
@@ -150,7 +151,7 @@ _DEFINED_BY_HEADER = {
     "arpa/telnet.h": "TELCMD_OK AUTHTYPE_NAME_OK ENCRYPT_NAME_OK ENCTYPE_NAME_OK SLC_NAME_OK",
     "arpa/nameser.h": "NS_OPT_DNSSEC_OK",
     "linux/fanotify.h": "FAN_EVENT_OK",
-    "getopt.h": "GETOPT_H",
+    "newlib's getopt.h": "GETOPT_H",
     "backtrace.h": "BACKTRACE_H",
     "quadmath.h": "QUADMATH_H",
     "quadmath_weak.h": "QUADMATH_WEAK_H",
@@ -158,8 +159,8 @@ _DEFINED_BY_HEADER = {
     "linux/soundcard.h": "SOUNDCARD_H",
     "linux/pci.h": "LINUX_PCI_H",
     "linux/pci_regs.h": "LINUX_PCI_REGS_H",
-    "unwind.h": "UNWIND_ARM_H",
-    "unwind-arm-common.h": "UNWIND_ARM_COMMON_H",
+    "arm-none-eabi-gcc's unwind.h": "UNWIND_ARM_H",
+    "arm-none-eabi-gcc's unwind-arm-common.h": "UNWIND_ARM_COMMON_H",
     "stdatomic.h": "memory_order",
     "cooperative_groups.h": "cooperative_groups",
 }
@@ -272,7 +273,9 @@ def name_problem(name: str) -> str | None:
     for kind, idents in (("macro", macros), ("function", symbols)):
         for ident in idents:
             if ident in DEFINED:
-                return f"'{name}' would export {kind} {ident}, which <{DEFINED[ident]}> defines"
+                owner, _, header = DEFINED[ident].rpartition(" ")
+                where = f"{owner} <{header}>" if owner else f"<{header}>"
+                return f"'{name}' would export {kind} {ident}, which {where} defines"
     for kind, idents, families in (("macro", macros, MACRO_FAMILIES),
                                    ("function", symbols, SYMBOL_FAMILIES)):
         for ident in idents:
