@@ -36,7 +36,7 @@ def preview(value: Any, limit: int = PREVIEW_CHARS) -> str:
     def walk(item: Any, depth: int) -> bool:
         if isinstance(item, str):
             return put(escape(item[: budget[0] + 1]) if depth == 0 else
-                       repr(item[: budget[0] + 1]).encode("unicode_escape").decode("ascii"))
+                       ascii(item[: budget[0] + 1]))
         if isinstance(item, (list, tuple)):
             if depth > 8 or not put("["):
                 return put("...")
@@ -52,8 +52,10 @@ def preview(value: Any, limit: int = PREVIEW_CHARS) -> str:
                         or not walk(element, depth + 1)):
                     return False
             return put("}")
-        if isinstance(item, (bool, int, float)) or item is None:
-            if isinstance(item, int) and not isinstance(item, bool) and item.bit_length() > 512:
+        if isinstance(item, bool) or item is None:       # as YAML writes them
+            return put("null" if item is None else str(item).lower())
+        if isinstance(item, (int, float)):
+            if isinstance(item, int) and item.bit_length() > 512:
                 return put(f"<an integer of {item.bit_length()} bits>")
             return put(repr(item))
         return put(f"<{type(item).__name__}>")
