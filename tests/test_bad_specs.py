@@ -153,10 +153,6 @@ def _laughs(levels: int) -> str:
     return text
 
 
-def _npy_named_npz(work: Path, _outside: Path) -> None:
-    (work / "p.npz").write_bytes(npy_bytes(np.ones(8)))
-
-
 def _nested(depth: int) -> str:
     """Return a YAML flow list nested depth levels deep."""
     return "[" * depth + "1" + "]" * depth
@@ -343,7 +339,7 @@ CASES = [
     Case("mat-var-missing", spec(scale="{file: w.mat}"), "scale.var", r"required for a \.mat",
          files=_files(**{"w.mat": b""})),
     Case("npz-that-is-npy", spec(scale="{file: p.npz, key: scale}"), "scale.file",
-         r"not a \.npz archive \(it is a \.npy file", files=_npy_named_npz),
+         r"not a \.npz archive \(it is a \.npy file", files=_files(**{"p.npz": npy_bytes(np.ones(8))})),
     Case("scale-file-name-too-long", spec(scale="{file: " + "x" * 300 + ".npy}"), "scale.file",
          r"longer than 255 bytes"),
     Case("scale-file-path-too-long", spec(scale="{file: " + "d/" * 2100 + "s.npy}"), "scale.file",

@@ -358,3 +358,23 @@ def test_epsilon_bound_is_the_overflow_of_variance_plus_epsilon():
     make_layer(num_groups=1, format="CB", input_size=[2], epsilon=1e291, dtype="double")
     with pytest.raises(SpecError, match=r"^epsilon: .*double"):
         make_layer(num_groups=1, format="CB", input_size=[2], epsilon=2.0 ** 970, dtype="double")
+
+
+@pytest.mark.parametrize("text", [
+    "v: [1e-5, 010]\n", "v: &a [*a]\n", "? [a]\n: 1\n", "v: " + _laughs(8) + "\n",
+    "v: " + "[" * 40 + "]" * 40 + "\n", "a: {<<: [{x: 1}, {x: 2, y: 3}], z: 0}\n",
+    "v: !!python/name:os.system\n", "a: 1\na: 2\n", "v: [yes, 1:0, 0x1f, .inf, ~]\n",
+])
+def test_pure_python_parser_reads_alike(text, monkeypatch):
+    """Without libyaml the same documents give the same values and the same refusals."""
+    import yaml
+
+    def outcome():
+        try:
+            return ("ok", repr(load_yaml(text)))
+        except SpecError as exc:
+            return ("refused", str(exc).split(":")[0], str(exc).split(": ", 1)[1][:20])
+
+    fast = outcome()
+    monkeypatch.setattr(yaml, "__with_libyaml__", False)
+    assert outcome() == fast
