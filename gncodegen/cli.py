@@ -1,6 +1,8 @@
 """The command line: chains the pipeline's steps and prints their reports.
 
-Exit status: 0 success, 1 verification failed, 2 bad spec or usage.
+Exit status: 0 success, 1 verification failed, 2 bad spec or usage, 130 interrupted (Ctrl-C).
+Every error is one line on stderr, `error: <field>: <rule>`, and no error leaves output
+half-written: the output folder is replaced whole or not at all.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import GncodegenError
+from .errors import GncodegenError, SpecError
 from .output import check_output, write_output
 from .pipeline import Result, run, run_spec
 from .spec import load_spec
 from .targets import RunOptions, cli_options, resolve_targets, target_choices
+from .text import unsafe_char
+
+INTERRUPTED = 130   # 128 + SIGINT, as shells report a command that Ctrl-C stopped
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -47,9 +52,44 @@ def _report(result: Result, verified: bool) -> str:
     return "\n".join(lines)
 
 
+def _clean(text: str, keep_newlines: bool = False) -> str:
+    """Return text with every character that could hide text (or is not UTF-8) escaped."""
+    return "".join(ch if (keep_newlines and ch == "\n") or unsafe_char(ch) is None else
+                   ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for ch in text)
+
+
+def _say_error(message: str) -> None:
+    """Print `error: message` on stderr (a compiler's output may follow on later lines)."""
+    click.echo(f"error: {_clean(message, keep_newlines=True)}", err=True)
+
+
 def _fail(exc: GncodegenError) -> None:
-    click.echo(f"error: {exc}", err=True)
+    _say_error(str(exc))
     sys.exit(exc.exit_code)
+
+
+class _Main(click.Group):
+    """The command group, reporting usage errors and Ctrl-C on one line like every error."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            _say_error("interrupted")
+            sys.exit(INTERRUPTED)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
+             **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:     # usage errors
+            _say_error(f"usage: {exc.format_message()} (see --help)")
+            sys.exit(exc.exit_code)
+        except (click.Abort, KeyboardInterrupt):
+            _say_error("interrupted")
+            sys.exit(INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 target_option = click.option(
@@ -74,15 +114,15 @@ def run_options(keep: bool, values: dict[str, str]) -> RunOptions:
     return RunOptions(keep, tuple(sorted((k, v.lower()) for k, v in values.items())))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="gncodegen")
 def main() -> None:
     """Generate, build and verify C and CUDA for MATLAB-style group normalization layers."""
 
 
 @main.command()
-@click.argument("spec", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False),
+@click.argument("spec")
+@click.option("-o", "--output", "out_dir",
               help="Output folder [default: generated/<spec stem>/].")
 @target_option
 @click.option("--no-verify", is_flag=True, help="Write the sources without compiling them.")
@@ -92,8 +132,11 @@ def main() -> None:
 def build(spec: str, out_dir: str | None, target: str, no_verify: bool, allow_code: bool,
           keep: bool, **values: str) -> None:
     """Render, compile and verify SPEC, then write the sources and manifest.json."""
-    out = Path(out_dir) if out_dir else Path("generated") / Path(spec).stem
+    # Plain strings, checked by gncodegen (a SPEC that is a folder, -o naming a file): one line.
+    out = out_dir if out_dir is not None else str(Path("generated") / Path(spec).stem)
     try:
+        if not spec:
+            raise SpecError("spec", "the file name is empty")
         check_output(out)                # before any work: refuse a folder that is not ours
         result = run(spec, target=target.lower(), verify=not no_verify, allow_code=allow_code,
                      options=run_options(keep, values))
@@ -105,11 +148,11 @@ def build(spec: str, out_dir: str | None, target: str, no_verify: bool, allow_co
     except GncodegenError as exc:
         _fail(exc)
     names = ", ".join(s.name for s in result.sources)
-    click.echo(f"wrote {out}/: {names}, manifest.json")
+    click.echo(f"wrote {_clean(out)}/: {names}, manifest.json")
 
 
 @main.command()
-@click.argument("spec", type=click.Path(dir_okay=False))
+@click.argument("spec")
 @target_option
 @allow_code_option
 @keep_option
@@ -127,7 +170,7 @@ def verify(spec: str, target: str, allow_code: bool, keep: bool, **values: str) 
 
 
 @main.command()
-@click.argument("spec", type=click.Path(dir_okay=False))
+@click.argument("spec")
 @click.option("--target", "-t", default="all", show_default=True,
               type=click.Choice(target_choices(), case_sensitive=False),
               help="Whose choices to print.")

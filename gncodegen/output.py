@@ -32,6 +32,7 @@ MANIFEST = "manifest.json"
 # A manifest larger than this was not written by gncodegen (it lists file hashes).
 MANIFEST_MAX_BYTES = 1 << 20
 NAME_MAX = 255
+PATH_MAX = 4096
 # mkdtemp adds this many random characters to a prefix.
 RANDOM_CHARS = 8
 _AT_FDCWD = -100
@@ -56,6 +57,20 @@ def resolve_output(path: str | os.PathLike) -> Path:
     text = os.fspath(path)
     if not text:
         raise _refuse("the folder name is empty")
+    if "\x00" in text:
+        raise _refuse("the folder name holds a NUL character")
+    raw = os.fsencode(text)
+    if len(raw) > PATH_MAX:
+        raise _refuse(f"the path is longer than {PATH_MAX} bytes")
+    if any(len(part) > NAME_MAX for part in raw.split(b"/")):
+        raise _refuse(f"a folder name in the path is longer than {NAME_MAX} bytes")
+    try:
+        return _resolve(text)
+    except OSError as exc:
+        raise _refuse(f"cannot use {text}: {exc.strerror or exc}") from None
+
+
+def _resolve(text: str) -> Path:
     given = Path(text)
     if given.is_symlink() and not given.exists():
         raise _refuse(f"{text} is a symbolic link to {os.readlink(given)}, which does not "

@@ -1,4 +1,4 @@
-"""Property tests (issue 6 item 1): random valid specs, generated C against the float64 reference.
+"""Property tests: random valid specs, generated C against the float64 reference.
 
 Each hypothesis example is one multi-layer spec of LAYERS_PER_MODULE random layers built into ONE
 cffi module (one compiler run per layer source plus one wrapper), so EXAMPLES examples check
@@ -13,7 +13,11 @@ and a failure prints the failing layer as YAML.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
+import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -150,7 +154,8 @@ def test_random_specs_match_reference(tmp_path: Path):
 
 
 def test_strategy_covers_the_space():
-    """The strategy reaches what issue 6 lists (so the property test cannot silently narrow)."""
+    """The strategy reaches every kind of layer listed here (so the property test cannot
+    silently narrow)."""
     seen: list[dict] = []
 
     @settings(max_examples=300, derandomize=True, database=None, phases=[Phase.generate])
@@ -228,3 +233,201 @@ def test_random_specs_match_reference_cuda(geometry):
     assert len(checked) == CUDA_EXAMPLES
     if geometry == "small":
         assert {"warp", "cluster", "looped", "split"} <= strategies, strategies
+
+
+# --------------------------------------------------------------------------- hostile input
+#
+# The contract of the command line for any input: status 0, or status 2 with one line
+# `error: <field>: <rule>` on stderr and no traceback; and never a changed byte outside the
+# output folder. Examples run in-process through click's runner (no compiler: --no-verify),
+# each in a fresh folder, so a few hundred take seconds.
+
+HOSTILE = settings(max_examples=120, derandomize=True, database=None,
+                   deadline=timedelta(seconds=5), print_blob=False,
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                          HealthCheck.function_scoped_fixture])
+GOOD_SPEC = {"name": "layer", "num_groups": "2", "format": "CB", "input_size": "[4]"}
+ODD_CHARS = list("ab_.-*?/ ") + ["\u202e", "\u2066", "\u2069", "\u200e", "\u200f", "\u061c",
+                                 "\u200b", "\ufeff", "\u2028", "\u00a0", "\x01", "\x1b", "\x7f",
+                                 "\u00e9", "\ue000", "\n", "\t", "\\", "'", '"']
+# Number and word forms YAML 1.1 and 1.2 read differently, and tags.
+SCALAR_FORMS = ["010", "0o10", "0x10", "1:0", "1:00:00", "1_000", "1_0e-5", "1e-5", "1E3",
+                ".5", "+1", "-0", "00", "0b101", "yes", "No", "on", "OFF", "y", "~", "null",
+                "True", ".inf", "-.Inf", ".NaN", "2001-12-14", "'4'", '"4"', "!!int 4",
+                "!!float 4", "!!str 4", "!!int 4.5", "!!bool yes", "!!binary aGk=",
+                "!!timestamp 2001-12-14", "!!python/none ''", "!local 1", "4", "2", "1.0",
+                "3.4e38", "1e-50", "9" * 40, "=", "<<", "*undefined", "&a 2"]
+
+
+def _laughs(levels: int) -> str:
+    text = "&b0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"
+    for k in range(1, levels):
+        text = f"&b{k} [{text}" + f", *b{k - 1}" * 9 + "]"
+    return text
+
+
+def _quoted(text: str) -> str:
+    return json.dumps(text)          # a YAML double-quoted scalar, escapes included
+
+
+odd_text = st.text(st.sampled_from(ODD_CHARS), max_size=8)
+yaml_values = st.recursive(
+    st.one_of(st.sampled_from(SCALAR_FORMS), odd_text.map(_quoted),
+              st.integers(1, 9).map(_laughs),
+              st.sampled_from([1, 2, 31, 32, 33, 40, 3000]).map(lambda d: "[" * d + "1" + "]" * d),
+              st.sampled_from(["&r [*r]", "&r [1, [2, *r]]", "&r {x: *r}", "&m {<<: *m}",
+                               "{file: p.npz, key: k}", "{file: s.npy}", "{file: w.mat, var: v}",
+                               "[1, 1, 1, 1]", "[[1], [1], [1], [1]]"])),
+    lambda inner: st.one_of(st.lists(inner, max_size=4).map(lambda v: "[" + ", ".join(v) + "]"),
+                            st.lists(st.tuples(st.sampled_from(["a", "file", "key", "1", "<<"]),
+                                               inner), max_size=3)
+                            .map(lambda kv: "{" + ", ".join(f"{k}: {v}" for k, v in kv) + "}")),
+    max_leaves=6)
+KEYS = ["name", "num_groups", "format", "layout", "input_size", "epsilon", "dtype", "scale",
+        "offset", "scale_initializer", "seed", "threads", "cuda_arch", "NumGroups", "Epsilon"]
+odd_lines = st.sampled_from([
+    "? [a, b]\n: 1\n", "? {a: 1}\n: 1\n", "1.5: x\n", "null: x\n", "true: x\n",
+    "num_groups: 2\n", "<<: {num_groups: 2}\n", "<<: [{dtype: double}, {layout: row-major}]\n",
+    "<<: 5\n", "&k name: layer\n", f"{_quoted(chr(0x202e) + 'x')}: 1\n", "---\nname: b\n",
+    "%YAML 1.1\n", "x: !!set {a}\n", "'<<': 1\n",
+])
+
+
+@st.composite
+def hostile_specs(draw) -> tuple[str, str]:
+    """Return (spec file name, YAML text): the good spec with some values and lines replaced
+    by hostile ones."""
+    doc = dict(GOOD_SPEC)
+    for key in draw(st.lists(st.sampled_from(KEYS), max_size=3, unique=True)):
+        doc[key] = draw(yaml_values)
+    lines = [f"{k}: {v}\n" for k, v in doc.items()]
+    for _ in range(draw(st.integers(0, 2))):
+        lines.insert(draw(st.integers(0, len(lines))), draw(odd_lines))
+    text = "".join(lines)
+    if draw(st.booleans()):
+        text = "layers:\n" + "".join(("  - " if i == 0 else "    ") + line
+                                     for i, line in enumerate(text.splitlines(True))
+                                     if not line.startswith(("%", "---")))
+    stem = draw(st.one_of(st.just("layer"), st.text(st.sampled_from(
+        [c for c in ODD_CHARS if c not in "/\n"] + list("layer")), min_size=1, max_size=6)))
+    return stem + ".yaml", text
+
+
+def _tree(root: Path) -> dict[str, tuple]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st_ = p.lstat()
+            kind = ("link", os.readlink(p)) if p.is_symlink() else \
+                ("dir",) if p.is_dir() else ("file", p.read_bytes(), st_.st_mtime_ns)
+            out[os.fsdecode(p.relative_to(root))] = kind
+    return out
+
+
+def _check_contract(result, root: Path, before: dict, out: Path | None) -> None:
+    """Exit 0 or 2 with one error line, no traceback; nothing outside out changed."""
+    text = result.stdout + result.stderr
+    assert result.exception is None or isinstance(result.exception, SystemExit), \
+        f"{type(result.exception).__name__}: {result.exception}"
+    assert "Traceback" not in text, text
+    assert result.exit_code in (0, 2), text
+    if result.exit_code == 2:
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and re.match(r"error: [^:\n]+: \S", lines[0]), result.stderr
+        assert len(lines[0]) < 400
+    after = _tree(root)
+    if result.exit_code == 0 and out is not None:
+        inside = os.fsdecode(out.relative_to(root)) if out.is_relative_to(root) else None
+        def outside(items: dict) -> dict:
+            return {k: v for k, v in items.items()
+                    if inside is None or not (k == inside or k.startswith(inside + "/"))}
+        new = set(outside(after)) - set(outside(before))
+        assert all(after[k] == ("dir",) and (inside or "").startswith(k + "/") for k in new), \
+            sorted(new)                                     # only the output's new parents
+        assert {k: v for k, v in outside(after).items() if k in before} == outside(before)
+    else:
+        assert after == before, "a refused run changed files"
+
+
+def _runner_in(root: Path):
+    from click.testing import CliRunner
+
+    return CliRunner(env={"GNCODEGEN_CACHE": str(root.parent / "cache")})
+
+
+def test_hostile_yaml_keeps_the_contract():
+    """Aliases, nesting, odd keys, YAML 1.1 number forms, control and bidirectional
+    characters in values and file names: exit 0 or 2, one line, nothing changed."""
+    from gncodegen.cli import main
+
+    @HOSTILE
+    @given(hostile_specs())
+    def check(case: tuple[str, str]) -> None:
+        name, text = case
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp) / "work"
+            root.mkdir()
+            (root / name).write_text(text, errors="surrogateescape")
+            np.save(root / "s.npy", np.ones(4))
+            np.savez(root / "p.npz", k=np.ones(4))
+            before = _tree(root)
+            cwd = os.getcwd()
+            os.chdir(root)
+            try:
+                result = _runner_in(root).invoke(main, ["build", name, "--no-verify",
+                                                        "-o", "out"])
+            finally:
+                os.chdir(cwd)
+            _check_contract(result, root, before, root / "out")
+
+    check()
+
+
+OUTPUT_PARTS = ["out", "new", "..", ".", "victim", "notes.txt", "link_victim", "dangling",
+                "link_notes", "prev", "x" * 256, "y" * 200, "\u202eodd", "sub dir"]
+
+
+def output_paths() -> st.SearchStrategy[str]:
+    """Relative -o values (or nothing); at most two `..`, so none leaves the test's folder."""
+    paths = st.lists(st.sampled_from(OUTPUT_PARTS), min_size=1, max_size=4).map("/".join)
+    return st.one_of(st.just(""), paths.filter(lambda p: p.split("/").count("..") <= 2))
+
+
+def test_hostile_output_paths_keep_the_contract():
+    """`-o` as `..`, `.`, symbolic links (to a user's folder, to a file, to nothing), existing
+    files, long names: exit 0 or 2, one line, and no byte outside the output folder changes
+    (a user's folder is never replaced)."""
+    from gncodegen.cli import main
+
+    @HOSTILE
+    @given(output_paths())
+    def check(out: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp) / "root"
+            work = root / "work"
+            (root / "victim").mkdir(parents=True)
+            (root / "victim" / "thesis.tex").write_text("years of work")
+            work.mkdir()
+            (work / "layer.yaml").write_text("".join(f"{k}: {v}\n" for k, v in GOOD_SPEC.items()))
+            (work / "notes.txt").write_text("keep")
+            (work / "link_victim").symlink_to(root / "victim")
+            (work / "link_notes").symlink_to(work / "notes.txt")
+            (work / "dangling").symlink_to(work / "never")
+            cwd = os.getcwd()
+            os.chdir(work)
+            try:
+                runner = _runner_in(root)
+                assert runner.invoke(main, ["build", "layer.yaml", "--no-verify", "-o",
+                                            "prev"]).exit_code == 0
+                before = _tree(root)
+                result = runner.invoke(main, ["build", "layer.yaml", "--no-verify", "-o", out])
+            finally:
+                os.chdir(cwd)
+            assert not out.startswith("/")
+            final = Path(os.path.realpath(work / out))
+            assert final.is_relative_to(Path(tmp).resolve())
+            _check_contract(result, root, before, final)
+            assert (root / "victim" / "thesis.tex").read_text() == "years of work"
+
+    check()

@@ -1,0 +1,232 @@
+"""The command line against a hostile user: odd SPEC and -o paths, usage errors, Ctrl-C, and
+initializer code that misbehaves. Every refusal is one line `error: <field>: <rule>` on stderr
+with status 2 (130 for Ctrl-C), no traceback, and no byte of an existing output changed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-P", "-m", "gncodegen.cli"]
+SPEC = "name: layer\nnum_groups: 2\nformat: CB\ninput_size: [4]\n"
+
+
+def tree(root: Path) -> dict[str, bytes | str]:
+    """Return every path under root with its bytes (folders as '/', links as targets)."""
+    out: dict[str, bytes | str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = os.fsdecode(p.relative_to(root))
+            out[rel] = ("-> " + os.readlink(p) if p.is_symlink() else
+                        "/" if p.is_dir() else "fifo" if p.is_fifo() else p.read_bytes())
+    return out
+
+
+def env_for(root: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "GNCODEGEN_CACHE": str(root / ".cache"),
+            "PYTHONDONTWRITEBYTECODE": "1", **extra}
+
+
+def cli(root: Path, *args: str, timeout: float = 120, **extra: str):
+    return subprocess.run([*CLI, *args], cwd=root, env=env_for(root, **extra),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def refused(proc, field: str, *words: str, status: int = 2) -> str:
+    """Assert one line `error: <field>: ...` holding words, and the status; return it."""
+    text = proc.stdout + proc.stderr
+    assert "Traceback" not in text, text
+    assert proc.returncode == status, text
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: {field}: "), lines[0]
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def scene(tmp_path: Path) -> Path:
+    """A folder with layer.yaml and out/, an output of an earlier build."""
+    (tmp_path / "layer.yaml").write_text(SPEC)
+    proc = cli(tmp_path, "build", "layer.yaml", "-o", "out", "--no-verify")
+    assert proc.returncode == 0, proc.stderr
+    return tmp_path
+
+
+def test_spec_that_is_a_folder(scene: Path):
+    (scene / "specs").mkdir()
+    before = tree(scene)
+    for command in (["build", "specs", "--no-verify", "-o", "out"], ["show", "specs"],
+                    ["verify", "specs"]):
+        refused(cli(scene, *command), "spec", "not a regular file", "is a folder")
+    assert tree(scene) == before
+
+
+def test_output_that_is_a_file(scene: Path):
+    (scene / "notes.txt").write_text("keep")
+    before = tree(scene)
+    refused(cli(scene, "build", "layer.yaml", "-o", "notes.txt", "--no-verify"),
+            "output", "notes.txt exists and is not a folder")
+    assert tree(scene) == before
+
+
+@pytest.mark.parametrize("out,words", [
+    ("", ["the folder name is empty"]),
+    ("x" * 300, ["longer than 255 bytes"]),
+    ("a/" + "y" * 300 + "/b", ["longer than 255 bytes"]),
+    ("/".join(["d"] * 2100), ["longer than 4096 bytes"]),
+    (".", ["holds files gncodegen did not write"]),
+    ("..", ["holds files gncodegen did not write"]),
+    ("layer.yaml/inside", ["is not a folder"]),
+])
+def test_odd_output_paths(scene: Path, out: str, words: list[str]):
+    before = tree(scene)
+    refused(cli(scene, "build", "layer.yaml", "-o", out, "--no-verify"), "output", *words)
+    assert tree(scene) == before
+
+
+def test_device_and_fifo_specs_do_not_hang(scene: Path):
+    os.mkfifo(scene / "pipe.yaml")
+    before = tree(scene)
+    started = time.monotonic()
+    refused(cli(scene, "show", "/dev/zero", timeout=30), "spec", "/dev/zero is a device")
+    refused(cli(scene, "show", "pipe.yaml", timeout=30), "spec", "pipe.yaml is a FIFO")
+    refused(cli(scene, "build", "pipe.yaml", "-o", "out", timeout=30), "spec", "is a FIFO")
+    assert time.monotonic() - started < 30
+    assert tree(scene) == before
+
+
+def test_spec_name_not_utf8_and_output_name_not_utf8(scene: Path):
+    bad = os.fsdecode(b"lay\xffer.yaml")
+    (scene / bad).write_text(SPEC)
+    refused(cli(scene, "show", bad), "spec", "byte 0xff, which is not UTF-8")
+    out = os.fsdecode(b"out\xfe")       # a folder name that is not UTF-8 is only a name
+    proc = cli(scene, "build", "layer.yaml", "-o", out, "--no-verify")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "\\udcfe" in proc.stdout and (scene / out / "layer.h").is_file()
+
+
+@pytest.mark.parametrize("args,words", [
+    (["build"], ["Missing argument 'SPEC'"]),
+    (["build", "layer.yaml", "--frobnicate"], ["--frobnicate"]),
+    (["build", "layer.yaml", "--target", "z80"], ["z80"]),
+    (["bogus"], ["bogus"]),
+])
+def test_usage_errors_are_one_line(scene: Path, args: list[str], words: list[str]):
+    before = tree(scene)
+    refused(cli(scene, *args), "usage", *words)
+    assert tree(scene) == before
+
+
+def test_help_and_version_still_work(tmp_path: Path):
+    for args in (["--help"], ["build", "--help"], ["--version"]):
+        proc = cli(tmp_path, *args)
+        assert proc.returncode == 0 and proc.stdout and not proc.stderr, proc.stderr
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+def slow_cc(root: Path) -> tuple[dict[str, str], Path]:
+    """Return an environment whose `cc` waits 30 s (after making a mark) before compiling."""
+    bin_dir = root / "bin"
+    bin_dir.mkdir()
+    mark = root / "compiling"
+    real_cc = subprocess.run(["sh", "-c", "command -v cc"], capture_output=True,
+                             text=True).stdout.strip()
+    (bin_dir / "cc").write_text(
+        "#!/bin/sh\n"
+        f'case "$*" in *--version*) exec {real_cc} "$@";; esac\n'
+        f"touch {mark}\nsleep 30\nexec {real_cc} \"$@\"\n")
+    (bin_dir / "cc").chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, mark
+
+
+def test_ctrl_c_while_compiling_exits_130(scene: Path):
+    """SIGINT to the process group (a terminal's Ctrl-C) while the compiler runs."""
+    (scene / "layer.yaml").write_text(SPEC.replace("num_groups: 2", "num_groups: 4"))
+    extra, mark = slow_cc(scene)
+    before = tree(scene / "out")
+    proc = subprocess.Popen([*CLI, "build", "layer.yaml", "-o", "out"], cwd=scene,
+                            env=env_for(scene, **extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not mark.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "compiler never ran"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert err == "error: interrupted\n"
+    assert tree(scene / "out") == before
+    assert sorted(p.name for p in scene.iterdir() if p.name.startswith(".out")) == []
+
+
+INTERRUPT_WRITE = r"""
+import sys
+import gncodegen.output as output
+calls = []
+real = output._write_file
+def write(path, text):
+    calls.append(path)
+    if len(calls) == 2:
+        raise KeyboardInterrupt
+    real(path, text)
+output._write_file = write
+from gncodegen.cli import main
+sys.argv = ["gncodegen", *sys.argv[1:]]
+main()
+"""
+
+
+def test_ctrl_c_while_writing_leaves_the_old_output(scene: Path):
+    (scene / "layer.yaml").write_text(SPEC.replace("num_groups: 2", "num_groups: 4"))
+    before = tree(scene / "out")
+    proc = subprocess.run([sys.executable, "-P", "-c", INTERRUPT_WRITE, "build", "layer.yaml",
+                           "-o", "out", "--no-verify"], cwd=scene, env=env_for(scene),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130 and proc.stderr == "error: interrupted\n", proc.stderr
+    assert tree(scene / "out") == before
+    assert [p.name for p in scene.iterdir() if p.name.startswith(".out")] == []
+
+
+# --------------------------------------------------------------------------- user code
+
+
+@pytest.mark.parametrize("module,words,status", [
+    ("raise RuntimeError('boom')\n", ["importing module 'gn_user'", "RuntimeError: boom"], 2),
+    ("def init(:\n", ["importing module 'gn_user'", "SyntaxError"], 2),
+    ("import sys\nsys.exit(0)\n", ["importing module 'gn_user' called sys.exit(0)"], 2),
+    ("import sys\ndef init(shape):\n    sys.exit(3)\n", ["'gn_user:init' called sys.exit(3)"], 2),
+    ("def init(shape):\n    raise ValueError('bad\\nsecond line')\n",
+     ["'gn_user:init' raised ValueError: bad\\nsecond line"], 2),
+    ("def init(shape):\n    return 'not numbers'\n", ["must be numbers"], 2),
+    ("def init(shape):\n    return [[1.0] * shape[0]] * 2\n", ["exactly num_channels=4"], 2),
+    ("init = 42\n", ["has no function 'init'"], 2),
+    ("def init(shape):\n    raise KeyboardInterrupt\n", None, 130),
+])
+def test_initializer_code_that_misbehaves(tmp_path: Path, module: str, words, status: int):
+    (tmp_path / "gn_user.py").write_text(module)
+    (tmp_path / "layer.yaml").write_text(SPEC + "scale_initializer: gn_user:init\n")
+    before = tree(tmp_path)
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    proc = cli(tmp_path, "show", "layer.yaml", "--allow-code", PYTHONPATH=path)
+    if status == 130:
+        assert proc.returncode == 130 and proc.stderr == "error: interrupted\n", proc.stderr
+    else:
+        refused(proc, "scale_initializer", *words)
+    assert proc.stdout == ""
+    after = {k: v for k, v in tree(tmp_path).items() if "__pycache__" not in k}
+    assert after == before
