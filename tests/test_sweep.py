@@ -32,8 +32,9 @@ LARGEST = 2 ** 27
 
 
 def _around(*points: int) -> list[int]:
-    """Each point and its neighbours, within 1..LARGEST."""
-    return sorted({n for p in points for n in (p - 1, p, p + 1) if 1 <= n <= LARGEST})
+    """Each threshold point (the last size on one side) and the next size (the first on the
+    other), within 1..LARGEST."""
+    return sorted({n for p in points for n in (p, p + 1) if 1 <= n <= LARGEST})
 
 
 def cuda_sizes(dtype: str) -> list[int]:
@@ -52,7 +53,7 @@ def cuda_sizes(dtype: str) -> list[int]:
         if r is not None and 2 * r.exponent > 149:
             points.append(n)
             break
-    return _around(*points) + [2 ** 24, LARGEST]
+    return _around(*points) + [LARGEST]
 
 
 def c_sizes(dtype: str) -> list[int]:
