@@ -36,7 +36,7 @@ from gncodegen.build import STRICT_WARNINGS
 from gncodegen.targets.c.runner import build_c_module  # noqa: E402
 from gncodegen.plan import lower  # noqa: E402
 from gncodegen.targets.c import render_c  # noqa: E402
-from gncodegen.spec import parse_spec  # noqa: E402
+from gncodegen.pipeline import parse_spec  # noqa: E402
 
 FAST_FLAGS = ("-std=c99", "-O3", "-march=native", "-fPIC", *STRICT_WARNINGS)
 

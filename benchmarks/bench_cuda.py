@@ -42,7 +42,7 @@ from gncodegen.targets.cuda.lower import MAX_CLUSTER, CudaOptions, chosen_varian
 from gncodegen.targets.cuda.render import render_cuda  # noqa: E402
 from gncodegen.targets.cuda.runner import NVCC_FLAGS  # noqa: E402
 from gncodegen.plan import lower  # noqa: E402
-from gncodegen.spec import parse_spec  # noqa: E402
+from gncodegen.pipeline import parse_spec  # noqa: E402
 
 from shapes import SHAPES  # noqa: E402  (the reference shapes)
 DTYPES = {"fp32": ("single", torch.float32), "fp16": ("half", torch.float16)}

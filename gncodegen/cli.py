@@ -15,8 +15,7 @@ import click
 from . import __version__
 from .errors import GncodegenError, SpecError
 from .output import check_output, write_output
-from .pipeline import Result, run, run_spec
-from .spec import load_spec
+from .pipeline import Result, load_spec, run, run_spec
 from .targets import RunOptions, cli_options, resolve_targets, target_choices
 from .text import unsafe_char
 
@@ -198,7 +197,6 @@ def show(spec: str, target: str, allow_code: bool) -> None:
             ("learn rate factors", f"scale {layer.scale_learn_rate_factor:g}, "
                                    f"offset {layer.offset_learn_rate_factor:g}"),
             ("L2 factors", f"scale {layer.scale_l2_factor:g}, offset {layer.offset_l2_factor:g}"),
-            ("threads", str(layer.threads)),
         ]
         for key, value in rows:
             click.echo(f"  {key:<20} {value}")
@@ -207,6 +205,10 @@ def show(spec: str, target: str, allow_code: bool) -> None:
             click.echo(f"    {line}")
         for t in result.targets:
             click.echo(f"  target {t.name}")
+            for option in t.spec_options:
+                value = option.value(layer)
+                shown = ", ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+                click.echo(f"    {option.key}: {shown}")
             for line in t.describe(result.records[t.name][i])[len(plan.summary):]:
                 click.echo(f"    {line}")
 

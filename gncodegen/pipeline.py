@@ -15,8 +15,20 @@ from . import __version__
 from .errors import GncodegenError
 from .plan import Plan, lower_spec
 from .render import Source
-from .spec import Spec, load_spec
-from .targets import Outcome, RunOptions, Target, TargetRecord, resolve_targets
+from . import spec as specs
+from .spec import Spec
+from .targets import Outcome, RunOptions, Target, TargetRecord, resolve_targets, spec_options
+
+
+def load_spec(path: str | Path, allow_code: bool = False) -> Spec:
+    """Return the validated Spec of a YAML file, every target's own keys accepted."""
+    return specs.load_spec(path, allow_code=allow_code, options=spec_options())
+
+
+def parse_spec(text: str, base_dir: Path, stem: str, path: str = "<string>",
+               allow_code: bool = False) -> Spec:
+    """Return the validated Spec of YAML text, every target's own keys accepted."""
+    return specs.parse_spec(text, base_dir, stem, path, allow_code, options=spec_options())
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,9 @@ import difflib
 import hashlib
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -23,6 +22,7 @@ from .errors import SpecError
 from .fields import parse_choice, parse_int, parse_number
 from .files import read_regular
 from .names import parse_name
+from .options import SpecOption
 from .params import check_representable, initialize, load_param, parse_initializer
 from .text import comment_problem, preview
 from .yamlspec import load_yaml
@@ -45,8 +45,6 @@ MAX_SIZE = 2**31 - 1
 # An observation must be addressable with 32-bit int indexing and must fit in memory for
 # verification: 2^28 elements is 1 GiB in single precision.
 MAX_OBSERVATION_NUMEL = 2**28
-MAX_THREADS = 256
-CUDA_ARCHS = (50, 52, 53, 60, 61, 62, 70, 72, 75, 80, 86, 87, 89, 90, 100, 103, 110, 120, 121)
 
 # canonical key -> accepted aliases (MATLAB property names)
 KEYS: dict[str, tuple[str, ...]] = {
@@ -67,8 +65,6 @@ KEYS: dict[str, tuple[str, ...]] = {
     "offset_learn_rate_factor": ("OffsetLearnRateFactor",),
     "scale_l2_factor": ("ScaleL2Factor",),
     "offset_l2_factor": ("OffsetL2Factor",),
-    "threads": ("Threads",),
-    "cuda_arch": ("CudaArch",),
 }
 ALIASES = {alias: key for key, aliases in KEYS.items() for alias in (key, *aliases)}
 REQUIRED = ("num_groups", "format", "input_size")
@@ -94,10 +90,13 @@ class Layer:
     offset_learn_rate_factor: float = 1.0
     scale_l2_factor: float = 1.0
     offset_l2_factor: float = 1.0
-    threads: int = 1
-    cuda_arch: tuple[int, ...] = (80, 90)
+    options: tuple[tuple[str, Any], ...] = ()    # the targets' own keys (gncodegen.options)
     num_groups_given: str = ""
     field_prefix: str = ""
+
+    def option(self, key: str, default: Any = None) -> Any:
+        """Return the value of a target's spec option, or default where the layer has none."""
+        return dict(self.options).get(key, default)
 
     @property
     def has_batch(self) -> bool:
@@ -132,8 +131,12 @@ class Spec:
 
 
 
-def load_spec(path: str | Path, allow_code: bool = False) -> Spec:
-    """Return the validated Spec read from a YAML file (a regular file of text)."""
+def load_spec(path: str | Path, allow_code: bool = False,
+              options: Sequence[SpecOption] = ()) -> Spec:
+    """Return the validated Spec read from a YAML file (a regular file of text).
+
+    options: the targets' own spec keys to accept (gncodegen.targets.spec_options()).
+    """
     shown = os.fspath(path)
     if not shown:
         raise SpecError("spec", "the file name is empty")
@@ -149,15 +152,23 @@ def load_spec(path: str | Path, allow_code: bool = False) -> Spec:
     except UnicodeDecodeError:
         raise SpecError("spec", "file is not UTF-8 text") from None
     return parse_spec(text, base_dir=p.resolve().parent, stem=p.stem, path=shown,
-                      allow_code=allow_code, sha256=hashlib.sha256(raw).hexdigest())
+                      allow_code=allow_code, sha256=hashlib.sha256(raw).hexdigest(),
+                      options=options)
 
 
 def parse_spec(text: str, base_dir: Path, stem: str, path: str = "<string>",
-               allow_code: bool = False, sha256: str | None = None) -> Spec:
+               allow_code: bool = False, sha256: str | None = None,
+               options: Sequence[SpecOption] = ()) -> Spec:
     """Return the validated Spec for YAML text whose relative paths resolve in base_dir."""
     doc = load_yaml(text)
-    if sha256 is None:
-        sha256 = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return spec_of(doc, base_dir, stem, path, allow_code,
+                   sha256 or hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(),
+                   options)
+
+
+def spec_of(doc: Any, base_dir: Path, stem: str, path: str, allow_code: bool, sha256: str,
+            options: Sequence[SpecOption] = ()) -> Spec:
+    """Return the validated Spec of a loaded document (a mapping, as YAML or Python gives it)."""
     if not isinstance(doc, dict):
         kind = "empty" if doc is None else type(doc).__name__
         raise SpecError("spec", f"must be a mapping of layer properties, got {kind}")
@@ -173,10 +184,11 @@ def parse_spec(text: str, base_dir: Path, stem: str, path: str = "<string>",
             prefix = f"layers[{i}]."
             if not isinstance(item, dict):
                 raise SpecError(f"layers[{i}]", "must be a mapping of layer properties")
-            layers.append(_parse_layer(item, prefix, f"{stem}_{i}", base_dir, allow_code))
+            layers.append(_parse_layer(item, prefix, f"{stem}_{i}", base_dir, allow_code,
+                                       options))
         _check_layer_names([layer.name for layer in layers])
     else:
-        layers = [_parse_layer(doc, "", stem, base_dir, allow_code)]
+        layers = [_parse_layer(doc, "", stem, base_dir, allow_code, options)]
     return Spec(path=path, stem=stem, sha256=sha256, layers=tuple(layers))
 
 
@@ -197,15 +209,16 @@ def _check_layer_names(names: list[str]) -> None:
                                         f"with {b}'s {what} ({b}{suffix}.*)")
 
 
-def _canonical_keys(doc: dict, prefix: str) -> dict[str, tuple[str, Any]]:
+def _canonical_keys(doc: dict, prefix: str, aliases: dict[str, str]
+                    ) -> dict[str, tuple[str, Any]]:
     """Map canonical key -> (key as written, value), rejecting unknown and repeated keys."""
     out: dict[str, tuple[str, Any]] = {}
     for key, value in doc.items():
         if not isinstance(key, str):
             raise SpecError(f"{prefix}{preview(key)}", "keys must be strings")
-        canon = ALIASES.get(key)
+        canon = aliases.get(key)
         if canon is None:
-            close = (difflib.get_close_matches(key, list(ALIASES), n=1, cutoff=0.6)
+            close = (difflib.get_close_matches(key, list(aliases), n=1, cutoff=0.6)
                      if len(key) <= 64 else [])
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise SpecError(f"{prefix}{preview(key)}", f"unknown key{hint}")
@@ -216,8 +229,9 @@ def _canonical_keys(doc: dict, prefix: str) -> dict[str, tuple[str, Any]]:
 
 
 def _parse_layer(doc: dict, prefix: str, default_name: str, base_dir: Path,
-                 allow_code: bool) -> Layer:
-    keys = _canonical_keys(doc, prefix)
+                 allow_code: bool, options: Sequence[SpecOption]) -> Layer:
+    aliases = {**ALIASES, **{a: o.key for o in options for a in (o.key, *o.aliases)}}
+    keys = _canonical_keys(doc, prefix, aliases)
     for req in REQUIRED:
         if req not in keys:
             raise SpecError(f"{prefix}{req}", "required key is missing")
@@ -244,8 +258,7 @@ def _parse_layer(doc: dict, prefix: str, default_name: str, base_dir: Path,
     factors = {k: parse_number(get(k, 1.0), fname(k), positive=False)
                for k in ("scale_learn_rate_factor", "offset_learn_rate_factor",
                          "scale_l2_factor", "offset_l2_factor")}
-    threads = parse_int(get("threads", 1), fname("threads"), minimum=1, maximum=MAX_THREADS)
-    cuda_arch = _parse_cuda_arch(get("cuda_arch", [80, 90]), fname("cuda_arch"))
+    own = tuple((o.key, o.parse(get(o.key, o.default), fname(o.key))) for o in options)
 
     params = {}
     for which, default_init, stream in (("scale", "ones", 0), ("offset", "zeros", 1)):
@@ -264,7 +277,7 @@ def _parse_layer(doc: dict, prefix: str, default_name: str, base_dir: Path,
         input_size=input_size, epsilon=epsilon, dtype=dtype,
         scale=params["scale"][0], offset=params["offset"][0],
         scale_source=params["scale"][1], offset_source=params["offset"][1],
-        threads=threads, cuda_arch=cuda_arch, num_groups_given=groups_given,
+        options=own, num_groups_given=groups_given,
         field_prefix=prefix, **factors,
     )
 
@@ -351,21 +364,3 @@ def _check_epsilon_range(epsilon: float, fld: str, dtype: str) -> None:
                              f"uses: variance + epsilon would overflow to infinity for large "
                              f"variances (epsilon must be below 2^{int(math.log2(limit))} = "
                              f"{limit:.3g})")
-
-
-def _parse_cuda_arch(value: Any, fld: str) -> tuple[int, ...]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        raise SpecError(fld, f"must be a list of compute capabilities like [80, 90], got "
-                             f"{preview(value)}")
-    out = []
-    for i, v in enumerate(value):
-        if isinstance(v, str) and re.fullmatch(r"sm_[0-9]+", v):
-            v = int(v[3:])
-        if isinstance(v, bool) or not isinstance(v, int) or v not in CUDA_ARCHS:
-            raise SpecError(f"{fld}[{i}]", f"{preview(v)} is not a known compute capability "
-                                           f"({', '.join(map(str, CUDA_ARCHS))})")
-        if v not in out:
-            out.append(v)
-    return tuple(sorted(out))

@@ -11,7 +11,8 @@ import yaml
 from gncodegen.targets.c.runner import build_c_module
 from gncodegen.plan import lower
 from gncodegen.targets.c import render_c
-from gncodegen.spec import Layer, parse_spec
+from gncodegen.pipeline import parse_spec
+from gncodegen.spec import Layer
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"

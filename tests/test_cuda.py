@@ -19,7 +19,7 @@ from gncodegen.targets.cuda.runner import (build_harness, compile_check, cuda_ru
 from gncodegen.plan import lower, lower_spec
 from gncodegen.dtypes import DTYPES, round_to_dtype
 from gncodegen.reference import group_norm_reference
-from gncodegen.spec import load_spec, parse_spec
+from gncodegen.pipeline import load_spec, parse_spec
 from gncodegen.verify import Case, _per_group, compare, make_cases, verify_layer
 
 from conftest import small_cuda_geometry

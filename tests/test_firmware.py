@@ -23,7 +23,7 @@ from gncodegen.errors import GncodegenError, TargetUnavailable, VerificationErro
 from gncodegen.plan import lower, lower_spec
 from gncodegen.render import Source
 from gncodegen.targets.c import render_c
-from gncodegen.spec import load_spec
+from gncodegen.pipeline import load_spec
 from gncodegen.verify import Case
 
 from conftest import EXAMPLES, REPO, make_layer

@@ -32,7 +32,7 @@ from gncodegen.targets.c.runner import HOST_FLAGS, build_c_module
 from gncodegen.plan import lower_spec
 from gncodegen.dtypes import round_to_dtype
 from gncodegen.targets.c import render_c
-from gncodegen.spec import parse_spec
+from gncodegen.pipeline import parse_spec
 from gncodegen.verify import Case, make_cases, verification_batch, verify_layer
 from gncodegen.targets.c.runner import c_runner
 

@@ -22,6 +22,7 @@ import pytest
 from conftest import make_layer
 from gncodegen.build import STRICT_WARNINGS
 from gncodegen.plan import lower
+from gncodegen.targets.c.kernel import THREADS
 from gncodegen.dtypes import DTYPES, round_to_dtype
 from gncodegen.reference import group_norm_reference
 from gncodegen.targets.c import render_c
@@ -152,7 +153,7 @@ def write_driver(folder: Path, plans) -> list[str]:
 def build(folder: Path, plans, flags: list[str]) -> Path:
     """Compile the driver and every layer with flags; return the executable."""
     sources = write_driver(folder, plans)
-    openmp = ["-fopenmp"] if any(p.layer.threads > 1 for p in plans) else []
+    openmp = ["-fopenmp"] if any(THREADS.value(p.layer) > 1 for p in plans) else []
     cmd = ["cc", "-std=c99", *STRICT_WARNINGS, *flags, *openmp, "-I.", *sources, "-lm", "-o",
            "driver"]
     proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, timeout=300)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gncodegen.errors import SpecError
-from gncodegen.spec import load_spec, parse_spec
+from gncodegen.pipeline import load_spec, parse_spec
 from gncodegen.yamlspec import MAX_VALUES, load_yaml
 
 from conftest import EXAMPLES, make_layer

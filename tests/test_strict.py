@@ -19,7 +19,7 @@ from gncodegen.errors import BuildError
 from gncodegen.plan import lower, lower_spec
 from gncodegen.render import Source
 from gncodegen.targets.c import render_c
-from gncodegen.spec import load_spec
+from gncodegen.pipeline import load_spec
 from gncodegen.targets import TARGETS
 
 from conftest import EXAMPLES, make_layer

@@ -7,6 +7,7 @@ cannot serve raises TargetUnavailable naming what is missing.
 from __future__ import annotations
 
 from ..errors import TargetUnavailable
+from ..options import SpecOption
 from .base import CliOption, Outcome, RunOptions, Target, TargetRecord
 from . import c, cuda, firmware
 
@@ -34,6 +35,16 @@ def target_choices() -> list[str]:
     return [*TARGETS, *TARGET_GROUPS]
 
 
+def spec_options() -> tuple[SpecOption, ...]:
+    """Return every target's own spec keys, each once."""
+    seen: dict[str, SpecOption] = {}
+    for target in TARGETS.values():
+        for option in target.spec_options:
+            assert seen.get(option.key, option) is option, option.key
+            seen[option.key] = option
+    return tuple(seen.values())
+
+
 def cli_options() -> tuple[CliOption, ...]:
     """Return every target's own command-line options, each once."""
     seen: dict[str, CliOption] = {}
@@ -44,4 +55,4 @@ def cli_options() -> tuple[CliOption, ...]:
 
 
 __all__ = ["CliOption", "Outcome", "RunOptions", "Target", "TargetRecord", "TARGETS",
-           "TARGET_GROUPS", "resolve_targets", "target_choices", "cli_options"]
+           "TARGET_GROUPS", "resolve_targets", "target_choices", "cli_options", "spec_options"]

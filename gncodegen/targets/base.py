@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import SpecError, TargetUnavailable
+from ..options import SpecOption
 from ..plan import Plan
 from ..render import Source
 from ..spec import Spec
@@ -71,6 +72,7 @@ class Target:
     description: str = ""
     dtypes: tuple[str, ...] = ()
     cli_options: tuple[CliOption, ...] = ()
+    spec_options: tuple[SpecOption, ...] = ()
 
     def check(self, spec: Spec) -> None:
         """Raise SpecError when a layer asks for something this target cannot produce."""

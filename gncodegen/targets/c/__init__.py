@@ -7,7 +7,7 @@ from ...render import Source, render_template
 from ...spec import Spec
 from ..base import Outcome, RunOptions, Target
 from ...verify import verify_layer
-from .record import CRecord, as_record, lower_c
+from .record import THREADS, CRecord, as_record, lower_c
 from .runner import build_c_module, c_runner
 
 
@@ -36,6 +36,7 @@ class CTarget(Target):
     name = "c"
     description = "portable C99 (host build through cffi)"
     dtypes = ("single", "double")
+    spec_options = (THREADS,)
 
     def lower(self, plan: Plan) -> CRecord:
         return lower_c(plan)

@@ -64,6 +64,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...fields import parse_int
+from ...options import SpecOption
 from ...plan import Layout, Loop, Plan
 
 # Bytes of independent partial sums for each of the two sums: two AVX-512 registers, four
@@ -111,6 +113,18 @@ SIMD_BLOCKS = 4
 # variance + epsilon, is never negative, so errno (why gcc -Os calls sqrtf) never matters.
 # Double keeps sqrt(): no core built at -Os for double precision runs under the tests.
 FPU_SQRT = {"single": ("vsqrt.f32", 4)}
+
+
+MAX_THREADS = 256
+
+
+def parse_threads(value, fld: str) -> int:
+    """Return the OpenMP thread count a spec asks for (1 to MAX_THREADS)."""
+    return parse_int(value, fld, minimum=1, maximum=MAX_THREADS)
+
+
+THREADS = SpecOption("threads", ("Threads",), 1, parse_threads,
+                     "OpenMP threads over observations and groups (with -fopenmp)")
 
 
 @dataclass(frozen=True)
@@ -241,7 +255,7 @@ def plan_kernel(plan: Plan, threads: int | None = None) -> CKernel:
 
     threads: OpenMP threads over the jobs (the spec's when not given).
     """
-    threads = plan.layer.threads if threads is None else threads
+    threads = THREADS.value(plan.layer) if threads is None else threads
     layout: Layout = plan.layout
     dt = plan.dtype
     dtype = dt.name

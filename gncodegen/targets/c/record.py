@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ...dtypes import Spelling
 from ...plan import Plan
 from ..base import TargetRecord
-from .kernel import CKernel, kernel_comment, plan_kernel
+from .kernel import THREADS, CKernel, kernel_comment, plan_kernel
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class CRecord(TargetRecord):
 def lower_c(plan: Plan, threads: int | None = None) -> CRecord:
     """Return the C record of a layer (threads: the spec's unless given)."""
     dt = plan.dtype
-    kernel = plan_kernel(plan, plan.layer.threads if threads is None else threads)
+    kernel = plan_kernel(plan, THREADS.value(plan.layer) if threads is None else threads)
     comment = kernel_comment(plan, kernel)
     if plan.has_batch:
         batch_rule = f"batch * {plan.observation_numel} overflows size_t"

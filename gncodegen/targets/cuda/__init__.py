@@ -13,18 +13,13 @@ from ...plan import Plan
 from ...render import Source
 from ...spec import Spec
 from ...verify import CaseResult, verify_layer
-from ..base import CliOption, Outcome, RunOptions, Target
+from ..base import Outcome, RunOptions, Target
 from ..c import spec_file_name
 from .lower import CudaPlan, lower_cuda
+from .options import CUDA_ARCH, CUDA_RUNNER
 from .render import render_cmake, render_cuda
 from .runner import build_harness, compile_check, cuda_runner, gpu_name
 
-# How the verification runs: on a GPU when one is found (auto), only on a GPU (gpu: an error
-# without one), or under the host emulation even where a GPU exists.
-CUDA_RUNNER = CliOption(
-    "cuda_runner", ("auto", "gpu", "emulation"), "auto",
-    "Where the CUDA target's verification runs: a GPU when one is found (auto), a GPU or an "
-    "error (gpu), or the host emulation even where a GPU exists (emulation).")
 
 
 def chosen_gpu(cuda_runner_value: str) -> str | None:
@@ -49,6 +44,7 @@ class CudaTarget(Target):
     description = "CUDA (nvcc; verified on a GPU or under host emulation)"
     dtypes = ("single", "double", "half", "bfloat16")
     cli_options = (CUDA_RUNNER,)
+    spec_options = (CUDA_ARCH,)
 
     def lower(self, plan: Plan) -> CudaPlan:
         return lower_cuda(plan)

@@ -52,6 +52,7 @@ from ...plan import Plan
 from ..base import TargetRecord
 from .dispatch import (FEW_BLOCKS, MISALIGNED, SM90, DispatchEnv, Rule, dispatch_rules,
                        evaluate)
+from .options import CUDA_ARCH
 from .geometry import (AB_SMEM_BYTES, GRID_LIMIT, MIN_WAVES, POOL_DEVICES, SIZE_MAX, SPLIT_RECORD,
                        WARP, CudaOptions, OffsetTerm, Rows, Variant, _channel_index,
                        choose_variants, offset_terms)
@@ -210,7 +211,7 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
     layer = plan.layer
     sc = CUDA_SCALARS[layer.dtype]
     numel = plan.group_numel
-    archs = tuple(sorted(layer.cuda_arch))
+    archs = CUDA_ARCH.value(layer)
     chosen = choose_variants(plan, sc.bytes, sc.acc == "double", archs, opts)
     vec, rows, variants = chosen.vec, chosen.rows, chosen.all
     warp, narrow, wide, portable, split, scalar = (chosen.warp, chosen.narrow, chosen.wide,

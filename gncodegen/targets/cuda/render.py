@@ -5,6 +5,7 @@ from __future__ import annotations
 from ...plan import Plan
 from ...render import Source, render_template
 from .lower import CudaOptions, CudaPlan, lower_cuda
+from .options import CUDA_ARCH
 
 
 def offset_terms(cp: CudaPlan) -> list[tuple[str, str]]:
@@ -42,7 +43,7 @@ def cmake_project_name(spec_stem: str) -> str:
 
 def render_cmake(plans: tuple[Plan, ...], spec_name: str, spec_stem: str) -> Source:
     """Return a CMakeLists.txt that builds one shared library from the C and CUDA sources."""
-    archs = sorted({a for p in plans for a in p.layer.cuda_arch})
+    archs = sorted({a for p in plans for a in CUDA_ARCH.value(p.layer)})
     c_sources = [f"{p.prefix}.c" for p in plans if p.layer.dtype in ("single", "double")]
     cuda_sources = [f"{p.prefix}.cu" for p in plans]
     text = render_template("cuda/CMakeLists.txt.j2", plans=plans, spec_name=spec_name,
