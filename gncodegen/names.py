@@ -69,7 +69,7 @@ EXPORTED_MACRO_SUFFIXES = (
 EXPORTED_SYMBOL_SUFFIXES = (
     "predict", "predict_with_params", "cuda_predict", "cuda_predict_with_params", "scale",
     "offset", "block_sums", "cuda", "finish", "group_apply", "group_sums", "groups", "job",
-    "lane_sums", "order", "pilot", "split_mean", "sqrt", "sum_groups", "sum_pair",
+    "lane_sums", "order", "pilot", "split_mean", "sqrt", "stats", "sum_groups", "sum_pair",
     "tiny_groups",
 )
 

@@ -104,20 +104,29 @@ static void features_channelwise_job(const float *x, float *y, const float *scal
 }
 #else
 
+/* A group's statistics. */
+typedef struct {
+    float shift; /* mean - pilot */
+    float rstd;  /* 1 / sqrt(var + epsilon) */
+} features_channelwise_stats;
+
 /*
- * Statistics of one group from the sums of d = (x - pilot) * unit over its 1 elements:
- * returns rstd = 1/sqrt(var + epsilon) and sets *shift = mean - pilot. unit is 1, or a power
- * of two after a rescue; scaling by it is exact and is undone here.
+ * The statistics of a group from its sums of d = (x - pilot) * unit and d*d over its 1
+ * elements. unit is 1, or a power of two in the overflow rescue (with epsilon scaled alike):
+ * the scaling is exact and is undone here.
  */
-static float features_channelwise_finish(float s1, float s2, float unit, float epsilon_u, float *shift)
+static features_channelwise_stats features_channelwise_finish(float s1, float s2, float unit,
+                                                              float epsilon_u)
 {
+    features_channelwise_stats st;
     const float shift_u = s1 * FEATURES_CHANNELWISE_INV_GROUP_NUMEL; /* (mean - pilot) * unit */
     float var_u = s2 * FEATURES_CHANNELWISE_INV_GROUP_NUMEL - shift_u * shift_u; /* biased variance * unit^2 */
     if (var_u < 0.0f) {
         var_u = 0.0f; /* rounding only: the variance is never negative */
     }
-    *shift = shift_u / unit;
-    return unit / sqrtf(var_u + epsilon_u);
+    st.shift = shift_u / unit;
+    st.rstd = unit / sqrtf(var_u + epsilon_u);
+    return st;
 }
 
 /*
@@ -207,7 +216,6 @@ static void features_channelwise_job(const float *x, float *y, const float *scal
     float s1[1]; /* lane k sums d over elements k, k + 1, k + 2, ... of each run */
     float s2[1];
     float sums[2];
-    float shift;
     float mean_lo;
 
     /* Statistics around a pilot taken from the group, so a large mean cancels nothing. */
@@ -229,11 +237,11 @@ static void features_channelwise_job(const float *x, float *y, const float *scal
         epsilon_u = FEATURES_CHANNELWISE_RESCUE_EPSILON;
         features_channelwise_group_sums(xg, pilot, unit, sums);
     }
-    const float rstd = features_channelwise_finish(sums[0], sums[1], unit, epsilon_u, &shift);
-    const float mean = features_channelwise_split_mean(pilot, shift, &mean_lo);
+    const features_channelwise_stats st = features_channelwise_finish(sums[0], sums[1], unit, epsilon_u);
+    const float mean = features_channelwise_split_mean(pilot, st.shift, &mean_lo);
 
     /* y = a*(x - mean) + b, with scale and offset folded per channel. */
-    const float a = scale[c0] * rstd;
+    const float a = scale[c0] * st.rstd;
     const float b = offset[c0] - a * mean_lo;
     yg[0] = FEATURES_CHANNELWISE_MAC(a, xg[0] - mean, b);
 }

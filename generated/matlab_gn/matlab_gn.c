@@ -110,20 +110,28 @@ static void matlab_gn_job(const float *x, float *y, const float *scale, const fl
 }
 #else
 
+/* A group's statistics. */
+typedef struct {
+    float shift; /* mean - pilot */
+    float rstd;  /* 1 / sqrt(var + epsilon) */
+} matlab_gn_stats;
+
 /*
- * Statistics of one group from the sums of d = (x - pilot) * unit over its 2880 elements:
- * returns rstd = 1/sqrt(var + epsilon) and sets *shift = mean - pilot. unit is 1, or a power
- * of two after a rescue; scaling by it is exact and is undone here.
+ * The statistics of a group from its sums of d = (x - pilot) * unit and d*d over its 2880
+ * elements. unit is 1, or a power of two in the overflow rescue (with epsilon scaled alike):
+ * the scaling is exact and is undone here.
  */
-static float matlab_gn_finish(float s1, float s2, float unit, float epsilon_u, float *shift)
+static matlab_gn_stats matlab_gn_finish(float s1, float s2, float unit, float epsilon_u)
 {
+    matlab_gn_stats st;
     const float shift_u = s1 * MATLAB_GN_INV_GROUP_NUMEL; /* (mean - pilot) * unit */
     float var_u = s2 * MATLAB_GN_INV_GROUP_NUMEL - shift_u * shift_u; /* biased variance * unit^2 */
     if (var_u < 0.0f) {
         var_u = 0.0f; /* rounding only: the variance is never negative */
     }
-    *shift = shift_u / unit;
-    return unit / sqrtf(var_u + epsilon_u);
+    st.shift = shift_u / unit;
+    st.rstd = unit / sqrtf(var_u + epsilon_u);
+    return st;
 }
 
 /*
@@ -271,7 +279,6 @@ static void matlab_gn_job(const float *x, float *y, const float *scale, const fl
     float s1[32]; /* lane k sums d over elements k, k + 32, k + 64, ... of each run */
     float s2[32];
     float sums[2];
-    float shift;
     float mean_lo;
 
     /* Statistics around a pilot taken from the group, so a large mean cancels nothing. */
@@ -335,12 +342,12 @@ static void matlab_gn_job(const float *x, float *y, const float *scale, const fl
             }
         }
     }
-    const float rstd = matlab_gn_finish(sums[0], sums[1], unit, epsilon_u, &shift);
-    const float mean = matlab_gn_split_mean(pilot, shift, &mean_lo);
+    const matlab_gn_stats st = matlab_gn_finish(sums[0], sums[1], unit, epsilon_u);
+    const float mean = matlab_gn_split_mean(pilot, st.shift, &mean_lo);
 
     /* y = a*(x - mean) + b, with scale and offset folded per channel. */
     for (size_t c = 0; c < 5; ++c) {
-        const float a = scale[c0 + c] * rstd;
+        const float a = scale[c0 + c] * st.rstd;
         const float b = offset[c0 + c] - a * mean_lo;
         const float *xr = xg + c * 576; /* 576 contiguous elements */
         float *yr = yg + c * 576;

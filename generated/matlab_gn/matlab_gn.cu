@@ -146,27 +146,27 @@ __device__ __forceinline__ void warp_sum(acc_t &s1, acc_t &s2)
 }
 
 /* A group's statistics. */
-struct group_stats {
+typedef struct {
     acc_t shift; /* mean - pilot */
     acc_t rstd;  /* 1 / sqrt(var + epsilon) */
-};
+} group_stats;
 
 /*
- * The statistics from a group's sums of d = (x - pilot) * unit and d*d.
- * unit is 1, or kRescueUnit in the overflow rescue (with epsilon scaled alike): a power of two,
- * so the scaling is exact and is undone here.
+ * The statistics of a group from its sums of d = (x - pilot) * unit and d*d over its 2880
+ * elements. unit is 1, or a power of two in the overflow rescue (with epsilon scaled alike):
+ * the scaling is exact and is undone here.
  */
 __device__ __forceinline__ group_stats finish(acc_t s1, acc_t s2, acc_t unit = 1.0f,
-                                              acc_t epsilon = kEpsilon)
+                                              acc_t epsilon_u = kEpsilon)
 {
     group_stats st;
-    const acc_t shift = s1 * kInvGroupNumel;         /* (mean - pilot) * unit */
-    acc_t var = s2 * kInvGroupNumel - shift * shift; /* variance * unit^2 */
-    if (var < 0.0f) {
-        var = 0.0f; /* rounding only: the variance is never negative */
+    const acc_t shift_u = s1 * kInvGroupNumel; /* (mean - pilot) * unit */
+    acc_t var_u = s2 * kInvGroupNumel - shift_u * shift_u; /* biased variance * unit^2 */
+    if (var_u < 0.0f) {
+        var_u = 0.0f; /* rounding only: the variance is never negative */
     }
-    st.shift = shift / unit;
-    st.rstd = unit / sqrtf(var + epsilon);
+    st.shift = shift_u / unit;
+    st.rstd = unit / sqrtf(var_u + epsilon_u);
     return st;
 }
 

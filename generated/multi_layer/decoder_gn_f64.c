@@ -98,20 +98,29 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
 }
 #else
 
+/* A group's statistics. */
+typedef struct {
+    double shift; /* mean - pilot */
+    double rstd;  /* 1 / sqrt(var + epsilon) */
+} decoder_gn_f64_stats;
+
 /*
- * Statistics of one group from the sums of d = (x - pilot) * unit over its 288 elements:
- * returns rstd = 1/sqrt(var + epsilon) and sets *shift = mean - pilot. unit is 1, or a power
- * of two after a rescue; scaling by it is exact and is undone here.
+ * The statistics of a group from its sums of d = (x - pilot) * unit and d*d over its 288
+ * elements. unit is 1, or a power of two in the overflow rescue (with epsilon scaled alike):
+ * the scaling is exact and is undone here.
  */
-static double decoder_gn_f64_finish(double s1, double s2, double unit, double epsilon_u, double *shift)
+static decoder_gn_f64_stats decoder_gn_f64_finish(double s1, double s2, double unit,
+                                                  double epsilon_u)
 {
+    decoder_gn_f64_stats st;
     const double shift_u = s1 * DECODER_GN_F64_INV_GROUP_NUMEL; /* (mean - pilot) * unit */
     double var_u = s2 * DECODER_GN_F64_INV_GROUP_NUMEL - shift_u * shift_u; /* biased variance * unit^2 */
     if (var_u < 0.0) {
         var_u = 0.0; /* rounding only: the variance is never negative */
     }
-    *shift = shift_u / unit;
-    return unit / sqrt(var_u + epsilon_u);
+    st.shift = shift_u / unit;
+    st.rstd = unit / sqrt(var_u + epsilon_u);
+    return st;
 }
 
 /*
@@ -259,7 +268,6 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
     double s1[32]; /* lane k sums d over elements k, k + 32, k + 64, ... of each run */
     double s2[32];
     double sums[2];
-    double shift;
     double mean_lo;
 
     /* Statistics around a pilot taken from the group, so a large mean cancels nothing. */
@@ -323,12 +331,12 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
             }
         }
     }
-    const double rstd = decoder_gn_f64_finish(sums[0], sums[1], unit, epsilon_u, &shift);
-    const double mean = decoder_gn_f64_split_mean(pilot, shift, &mean_lo);
+    const decoder_gn_f64_stats st = decoder_gn_f64_finish(sums[0], sums[1], unit, epsilon_u);
+    const double mean = decoder_gn_f64_split_mean(pilot, st.shift, &mean_lo);
 
     /* y = a*(x - mean) + b, with scale and offset folded per channel. */
     for (size_t c = 0; c < 8; ++c) {
-        const double a = scale[c0 + c] * rstd;
+        const double a = scale[c0 + c] * st.rstd;
         const double b = offset[c0 + c] - a * mean_lo;
         const double *xr = xg + c * 36; /* 36 contiguous elements */
         double *yr = yg + c * 36;

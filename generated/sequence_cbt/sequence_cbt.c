@@ -106,20 +106,28 @@ static void sequence_cbt_job(const float *x, float *y, size_t i_t_stride, const 
 }
 #else
 
+/* A group's statistics. */
+typedef struct {
+    float shift; /* mean - pilot */
+    float rstd;  /* 1 / sqrt(var + epsilon) */
+} sequence_cbt_stats;
+
 /*
- * Statistics of one group from the sums of d = (x - pilot) * unit over its 200 elements:
- * returns rstd = 1/sqrt(var + epsilon) and sets *shift = mean - pilot. unit is 1, or a power
- * of two after a rescue; scaling by it is exact and is undone here.
+ * The statistics of a group from its sums of d = (x - pilot) * unit and d*d over its 200
+ * elements. unit is 1, or a power of two in the overflow rescue (with epsilon scaled alike):
+ * the scaling is exact and is undone here.
  */
-static float sequence_cbt_finish(float s1, float s2, float unit, float epsilon_u, float *shift)
+static sequence_cbt_stats sequence_cbt_finish(float s1, float s2, float unit, float epsilon_u)
 {
+    sequence_cbt_stats st;
     const float shift_u = s1 * SEQUENCE_CBT_INV_GROUP_NUMEL; /* (mean - pilot) * unit */
     float var_u = s2 * SEQUENCE_CBT_INV_GROUP_NUMEL - shift_u * shift_u; /* biased variance * unit^2 */
     if (var_u < 0.0f) {
         var_u = 0.0f; /* rounding only: the variance is never negative */
     }
-    *shift = shift_u / unit;
-    return unit / sqrtf(var_u + epsilon_u);
+    st.shift = shift_u / unit;
+    st.rstd = unit / sqrtf(var_u + epsilon_u);
+    return st;
 }
 
 /*
@@ -266,8 +274,7 @@ static void sequence_cbt_job(const float *x, float *y, size_t i_t_stride, const 
     for (size_t j = 0; j < 3; ++j) {
         const size_t cj = j * 4;
         float sums[2];
-        float shift;
-        float mean_lo;
+            float mean_lo;
         float group_pilot = pilot[cj];
         sums[0] = 0.0f;
         sums[1] = 0.0f;
@@ -307,11 +314,11 @@ static void sequence_cbt_job(const float *x, float *y, size_t i_t_stride, const 
                 }
             }
         }
-        const float rstd = sequence_cbt_finish(sums[0], sums[1], unit, epsilon_u, &shift);
-        const float group_mean = sequence_cbt_split_mean(group_pilot, shift, &mean_lo);
+        const sequence_cbt_stats st = sequence_cbt_finish(sums[0], sums[1], unit, epsilon_u);
+        const float group_mean = sequence_cbt_split_mean(group_pilot, st.shift, &mean_lo);
         for (size_t k = 0; k < 4; ++k) {
             mean[cj + k] = group_mean;
-            a[cj + k] = scale[c0 + cj + k] * rstd;
+            a[cj + k] = scale[c0 + cj + k] * st.rstd;
             b[cj + k] = offset[c0 + cj + k] - a[cj + k] * mean_lo;
         }
     }

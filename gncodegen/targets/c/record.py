@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ...dtypes import Spelling
 from ...plan import Plan
 from ..base import TargetRecord
+from ..cfamily import Style
 from .kernel import THREADS, CKernel, kernel_comment, plan_kernel
 
 
@@ -25,6 +26,7 @@ class CRecord(TargetRecord):
     kernel: CKernel
     kernel_comment: tuple[str, ...]  # the header's "C kernel" comment
     batch_rule: str                 # when a batch count is refused, in words
+    style: Style                    # how the shared numerics are spelled here
     summary: tuple[str, ...]
 
 
@@ -45,6 +47,9 @@ def lower_c(plan: Plan, threads: int | None = None) -> CRecord:
         scale_literals=tuple(dt.literal(v) for v in plan.scale_values),
         offset_literals=tuple(dt.literal(v) for v in plan.offset_values),
         kernel=kernel, kernel_comment=comment, batch_rule=batch_rule,
+        style=Style("static", dt.spelling, dt.spelling.ctype, f"{plan.prefix}_stats",
+                    f"{plan.prefix}_finish", f"{plan.prefix}_split_mean",
+                    f"{plan.macro}_INV_GROUP_NUMEL", f"{plan.macro}_EPSILON"),
         summary=(*plan.summary, *comment),
     )
 

@@ -50,6 +50,7 @@ import numpy as np
 from ...dtypes import DTYPES, c_literal
 from ...plan import Plan
 from ..base import TargetRecord
+from ..cfamily import Style
 from .dispatch import (FEW_BLOCKS, MISALIGNED, SM90, DispatchEnv, Rule, dispatch_rules,
                        evaluate)
 from .options import CUDA_ARCH
@@ -121,6 +122,7 @@ class CudaPlan(TargetRecord):
     inv_numel_literal: str
     scale_literals: tuple[str, ...]
     offset_literals: tuple[str, ...]
+    style: Style                      # how the shared numerics are spelled here
     dispatch: tuple[Rule, ...]        # the host code's launch rules, in order
     device_query_at: int              # the first rule that needs the device's attributes
     summary: tuple[str, ...]
@@ -277,6 +279,8 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
         inv_numel_literal=c_literal(1.0 / numel, acc),
         scale_literals=tuple(c_literal(v, acc) for v in plan.scale_values),
         offset_literals=tuple(c_literal(v, acc) for v in plan.offset_values),
+        style=Style("__device__ __forceinline__", DTYPES[acc].spelling, "acc_t", "group_stats",
+                    "finish", "split_mean", "kInvGroupNumel", "kEpsilon", cpp=True),
         dispatch=rules,
         device_query_at=next((i for i, r in enumerate(rules)
                               if any(c.kind != MISALIGNED for c in r.when)), len(rules)),
