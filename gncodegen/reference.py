@@ -1,10 +1,21 @@
-"""The float64 NumPy reference: group normalization on flat buffers in a spec's memory layout."""
+"""The float64 NumPy reference: group normalization on flat buffers in a spec's memory layout.
+
+It works group by group on views of the caller's buffer and a chunk of a group at a time, so
+it needs the output (8 bytes an element) and a few chunks beside the input, whatever the size
+of an observation.
+"""
 
 from __future__ import annotations
+
+import math
+from typing import Iterator
 
 import numpy as np
 
 from .spec import Layer
+
+# Elements of a group converted to float64 at a time.
+CHUNK = 1 << 22
 
 
 def logical_shape(layer: Layer, batch: int) -> tuple[int, ...]:
@@ -53,30 +64,81 @@ def from_canonical(canon: np.ndarray, layer: Layer, batch: int) -> np.ndarray:
     return np.transpose(moved, np.argsort(perm))
 
 
+def _groups(layer: Layer, batch: int) -> Iterator[tuple[int, tuple]]:
+    """Yield (first channel, index) of every (observation, group) into the logical array."""
+    fmt = layer.format
+    cpg = layer.channels_per_group
+    for n in range(batch if "B" in fmt else 1):
+        for g in range(layer.num_groups):
+            idx = [slice(None)] * len(fmt)
+            if "B" in fmt:
+                idx[fmt.index("B")] = n
+            idx[fmt.index("C")] = slice(g * cpg, (g + 1) * cpg)
+            yield g * cpg, tuple(idx)
+
+
+def _chunks(view: np.ndarray, params: tuple[np.ndarray, ...]) -> Iterator[tuple]:
+    """Yield (chunk, chunk's params) pieces of a group view of at most CHUNK elements each.
+
+    params are arrays that broadcast against the view (per-channel scale and offset); they are
+    cut alike wherever their extent along the cut axis is not 1.
+    """
+    if view.size <= CHUNK or view.ndim == 0:
+        yield view, params
+        return
+    axis = next((a for a in range(view.ndim) if view.shape[a] > 1), 0)
+    step = max(1, view.shape[axis] * CHUNK // view.size)
+    for start in range(0, view.shape[axis], step):
+        cut = [slice(None)] * view.ndim
+        cut[axis] = slice(start, start + step)
+        cut_t = tuple(cut)
+        yield from _chunks(view[cut_t], tuple(p[cut_t] if p.shape[axis] > 1 else p
+                                               for p in params))
+
+
+def _sum(chunks) -> float:
+    """Return the sum of every element of the chunks, correctly rounded across chunks (a NaN
+    or infinities of both signs give NaN, as a plain sum would)."""
+    parts = [float(np.sum(c, dtype=np.float64)) for c in chunks]
+    return math.fsum(parts) if all(math.isfinite(p) for p in parts) else sum(parts)
+
+
 def group_norm_reference(x: np.ndarray, layer: Layer, batch: int,
                          scale=None, offset=None) -> np.ndarray:
     """Return y = group_norm(x) in float64 for a flat buffer in the layer's layout.
 
-    Statistics use two passes around a pilot (a refined mean, then the mean of squared
-    deviations); the variance is biased, as in MATLAB, ONNX and PyTorch.
-    scale and offset default to the layer's own parameters.
+    Each group's statistics take three passes in float64, relative to its first element (its
+    pilot: x - pilot is exact for inputs of a narrower type, so a mean far from zero costs no
+    precision, which subtracting a rounded float64 mean would, about 1e-12 at mean 1e4): the
+    mean of x - pilot, a refinement of it, then the biased variance, as MATLAB, ONNX and
+    PyTorch define it. scale and offset default to the layer's own parameters.
     """
-    g = layer.num_groups
     scale = np.asarray(layer.scale if scale is None else scale, dtype=np.float64)
     offset = np.asarray(layer.offset if offset is None else offset, dtype=np.float64)
-    x64 = np.asarray(x, dtype=np.float64)
-    canon = canonical(to_logical(x64, layer, batch), layer)          # (N, C, R)
-    n, c, r = canon.shape
-    grouped = canon.reshape(n, g, (c // g) * r)
-    with np.errstate(invalid="ignore", over="ignore"):
-        # Work relative to the group's first element: x - pilot is exact for inputs of a
-        # narrower type, so a mean far from zero (1e4 with std 1) costs no precision, which
-        # subtracting a rounded float64 mean would (about 1e-12 there).
-        pilot = grouped[:, :, :1]
-        shifted = grouped - pilot
-        dev = shifted - shifted.mean(axis=2, keepdims=True)
-        dev = dev - dev.mean(axis=2, keepdims=True)   # one refinement of the mean
-        var = (dev ** 2).mean(axis=2, keepdims=True)
-        normalized = (dev / np.sqrt(var + layer.epsilon)).reshape(n, c, r)
-        out = normalized * scale[None, :, None] + offset[None, :, None]
-    return to_flat(from_canonical(out, layer, batch), layer)
+    src = to_logical(np.asarray(x), layer, batch)
+    out = np.empty(src.size, dtype=np.float64)
+    dst = to_logical(out, layer, batch)
+    fmt = layer.format
+    # The channel axis among a group view's axes (the B axis is indexed away).
+    c_axis = fmt.index("C") - (1 if "B" in fmt and fmt.index("B") < fmt.index("C") else 0)
+    cpg = layer.channels_per_group
+    for c0, idx in _groups(layer, batch):
+        view, target = src[idx], dst[idx]
+        shape = [1] * view.ndim
+        shape[c_axis] = cpg
+        s, o = scale[c0:c0 + cpg].reshape(shape), offset[c0:c0 + cpg].reshape(shape)
+        n = view.size
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            pilot = np.float64(view[(0,) * view.ndim])
+
+            def shifted(chunk):
+                return chunk.astype(np.float64) - pilot
+
+            m1 = _sum(shifted(c) for c, _ in _chunks(view, ())) / n
+            m2 = _sum(shifted(c) - m1 for c, _ in _chunks(view, ())) / n
+            var = _sum(np.square((shifted(c) - m1) - m2) for c, _ in _chunks(view, ())) / n
+            rstd = 1.0 / np.sqrt(np.float64(var) + layer.epsilon)
+            pieces = zip(_chunks(view, (s, o)), _chunks(target, ()))
+            for (c, (cs, co)), (t, _) in pieces:
+                t[...] = ((shifted(c) - m1) - m2) * rstd * cs + co
+    return out

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the toolchains gncodegen's firmware targets and strict-flag tests use, on Debian or
 # Ubuntu: the Arm bare-metal compiler with newlib, QEMU for Arm system and user mode, the AArch64
-# Linux cross compiler with its C library, clang and valgrind.
+# Linux cross compiler with its C library, the s390x cross compiler (a target that evaluates
+# float arithmetic in double), clang and valgrind.
 #
 # Idempotent: installs only the packages that are missing (apt-get update runs only then) and
 # prints nothing when everything is already there. Run as root, or with sudo available.
@@ -15,13 +16,14 @@ PACKAGES=(
     gcc-arm-none-eabi binutils-arm-none-eabi libnewlib-arm-none-eabi
     qemu-system-arm qemu-user
     gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+    gcc-s390x-linux-gnu libc6-dev-s390x-cross
     clang
     valgrind
 )
 # Commands the tests run; each must exist once the packages are in.
 COMMANDS=(
     gcc g++ make arm-none-eabi-gcc arm-none-eabi-size arm-none-eabi-nm qemu-system-arm
-    qemu-aarch64 aarch64-linux-gnu-gcc clang valgrind
+    qemu-aarch64 aarch64-linux-gnu-gcc s390x-linux-gnu-gcc clang valgrind
 )
 
 fail() {

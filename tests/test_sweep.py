@@ -100,7 +100,7 @@ def test_cuda_compiles_on_both_sides_of_every_threshold(dtype, order, numel):
 
 
 def _c_configs() -> list[StrictConfig]:
-    keep = {"gcc", "gcc-avx512"}
+    keep = {"gcc", "gcc-avx512", "s390x"}
     return [c for c in STRICT_CONFIGS if c.label in keep] + [
         StrictConfig("gcc-avx2", "gcc", ("-march=x86-64-v3",))]
 
@@ -136,3 +136,27 @@ def test_the_sweep_reaches_every_strategy():
         kinds.add(k.kind)
         simd |= bool(k.simd_groups)
     assert kinds == {"runs", "rows", "strided"} and simd
+
+
+def _param_channel_counts(dtype: str) -> list[int]:
+    """Channel counts on both sides of where the baked parameters leave constant memory."""
+    acc_bytes = DTYPES[DTYPES[dtype].acc].bytes
+    return _around(cg.CONSTANT_PARAM_BYTES // (2 * acc_bytes))
+
+
+PARAM_CASES = [(dtype, c) for dtype in ("single", "double", "half") for c in
+               _param_channel_counts(dtype)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (installed in CI)")
+@pytest.mark.parametrize("dtype, channels", PARAM_CASES, ids=[f"{d}-{c}" for d, c in PARAM_CASES])
+def test_cuda_compiles_on_both_sides_of_the_constant_bank(dtype, channels):
+    layer = make_layer(name=f"sw_params_{dtype}_{channels}", format="CB", input_size=[channels],
+                       num_groups=1, dtype=dtype)
+    plan = lower(layer)
+    cp = lower_cuda(plan)
+    assert cp.params_in_constant == (2 * channels * DTYPES[DTYPES[dtype].acc].bytes
+                                     <= cg.CONSTANT_PARAM_BYTES)
+    for k in compile_check(plan, cp, list(render_cuda(plan, "sweep.yaml", cuda_plan=cp))):
+        assert k.spill_stores == k.spill_loads == k.stack_bytes == 0, (channels, k)

@@ -14,8 +14,8 @@
    epsilon scaled alike. */
 #define FEATURES_CHANNELWISE_RESCUE_UNIT 8.271806e-25f /* 2^-80 */
 #define FEATURES_CHANNELWISE_RESCUE_EPSILON 0.0f
-/* The largest finite float (FLT_MAX, without needing <float.h>): sums above it overflowed. */
-#define FEATURES_CHANNELWISE_LARGEST 3.4028235e+38f
+/* Scales up to this fold into a = scale * rstd without overflow (rstd <= 1/sqrt(epsilon)). */
+#define FEATURES_CHANNELWISE_SAFE_SCALE 1.0760663e+37f
 
 /* Learned parameters, one per channel. */
 static const float features_channelwise_scale[16] = {
@@ -69,16 +69,18 @@ static void features_channelwise_job(const float *x, float *y, const float *scal
     float pilot = xg[0];
     float unit = 1.0f;
     float epsilon_u = FEATURES_CHANNELWISE_EPSILON; /* epsilon * unit^2 */
-    float shift = 0.0f;         /* (mean - pilot) * unit */
-    float rstd = 0.0f;          /* 1/sqrt(variance + epsilon) / unit */
+    float shift; /* (mean - pilot) * unit, and 1/sqrt(variance + epsilon) / unit: */
+    float rstd;  /* both set by the sweeps of sums before the last sweep reads them */
     for (unsigned sweep = 0;; ++sweep) {
         float s1 = 0.0f;
         float s2 = 0.0f;
         const float d = (xg[0] - pilot) * unit;
         if (sweep == 2) {
-            yg[0] = scale[c0] * rstd * (d - shift) + offset[c0];
+            yg[0] = scale[c0] * (rstd * (d - shift)) + offset[c0];
         } else {
+
             s1 += d;
+
             s2 += d * d;
         }
         if (sweep == 2) {
@@ -88,14 +90,14 @@ static void features_channelwise_job(const float *x, float *y, const float *scal
             float var_u; /* biased variance * unit^2 */
             shift = s1 * FEATURES_CHANNELWISE_INV_GROUP_NUMEL;
             var_u = s2 * FEATURES_CHANNELWISE_INV_GROUP_NUMEL - shift * shift;
-            if (var_u < 0.0f) {
+            if (var_u < 0) {
                 var_u = 0.0f; /* rounding only: the variance is never negative */
             }
             rstd = 1.0f / features_channelwise_sqrt(var_u + epsilon_u);
         }
         if (sweep == 0) {
             pilot += shift; /* the mean */
-            if (s2 - s2 != 0.0f) { /* s2 is infinite (or NaN) */
+            if (s2 - s2 != 0) { /* s2 is infinite (or NaN) */
                 unit = FEATURES_CHANNELWISE_RESCUE_UNIT;
                 epsilon_u = FEATURES_CHANNELWISE_RESCUE_EPSILON;
             }
@@ -121,7 +123,7 @@ static features_channelwise_stats features_channelwise_finish(float s1, float s2
     features_channelwise_stats st;
     const float shift_u = s1 * FEATURES_CHANNELWISE_INV_GROUP_NUMEL; /* (mean - pilot) * unit */
     float var_u = s2 * FEATURES_CHANNELWISE_INV_GROUP_NUMEL - shift_u * shift_u; /* biased variance * unit^2 */
-    if (var_u < 0.0f) {
+    if (var_u < 0) {
         var_u = 0.0f; /* rounding only: the variance is never negative */
     }
     st.shift = shift_u / unit;
@@ -140,7 +142,9 @@ static void features_channelwise_group_sums(const float *xg, float pilot, float 
     float s1 = 0.0f;
     float s2 = 0.0f;
     const float d = xg[0] * unit - pilot_u;
+
     s1 += d;
+
     s2 += d * d;
     sums[0] = s1;
     sums[1] = s2;
@@ -204,6 +208,65 @@ static float features_channelwise_split_mean(float pilot, float shift, float *me
 }
 
 /*
+ * y = scale*(rstd*((x - pilot) - shift)) + offset over one group: x - pilot is exact when the
+ * mean is large, so subtracting shift rounds only once, and the scale comes last, so a scale
+ * too large to fold into scale*rstd still gives the right value (a constant group exactly the
+ * offset).
+ */
+static void features_channelwise_group_apply(const float *xg, float *yg, const float *scale,
+    const float *offset, float pilot, float shift, float rstd)
+{
+    const float s = scale[0];
+    const float o = offset[0];
+    yg[0] = s * (rstd * ((xg[0] - pilot) - shift)) + o;
+}
+
+/* Normalize one (observation, group) with the portable nest. */
+static void features_channelwise_wide_job(const float *x, float *y, const float *scale, const float *offset, size_t job)
+{
+    const size_t c0 = job % FEATURES_CHANNELWISE_NUM_GROUPS * 1;
+    const size_t base = job * 1; /* the groups tile the buffer in job order */
+    const float *xg = x + base;
+    float sums[2];
+
+    /* Two sweeps of sums: the first around the group's first element finds the mean, the
+       second sums around that mean, so s2/N - shift^2 cancels nothing. If the first sweep's
+       squares overflowed (|x| beyond about the square root of the largest value), the second
+       scales d by 2^-80, which is exact. Limit of this nest: the first sweep's
+       sum of x - x[0] must stay finite, |x| * 1 below the largest value. */
+    float pilot = xg[0];
+    float unit = 1.0f;
+    float epsilon_u = FEATURES_CHANNELWISE_EPSILON; /* epsilon * unit^2 */
+    for (unsigned sweep = 1;; ++sweep) {
+        features_channelwise_group_sums(xg, pilot, unit, sums);
+        if (sweep == 2) {
+            break;
+        }
+        pilot += sums[0] * FEATURES_CHANNELWISE_INV_GROUP_NUMEL; /* the mean */
+        if (sums[1] - sums[1] != 0) { /* s2 is infinite (or NaN) */
+            unit = FEATURES_CHANNELWISE_RESCUE_UNIT;
+            epsilon_u = FEATURES_CHANNELWISE_RESCUE_EPSILON;
+        }
+    }
+    const features_channelwise_stats st = features_channelwise_finish(sums[0], sums[1], unit, epsilon_u);
+    features_channelwise_group_apply(xg, y + base, scale + c0, offset + c0, pilot, st.shift, st.rstd);
+}
+
+/* Whether every scale folds into a = scale * rstd without overflow (a NaN does not). */
+static int features_channelwise_scales_fold(const float *scale)
+{
+    /* A variable, not the literal: where float arithmetic is done in double
+       (FLT_EVAL_METHOD 1), comparing with a float literal promotes the other side. */
+    const float limit = FEATURES_CHANNELWISE_SAFE_SCALE;
+    for (size_t c = 0; c < FEATURES_CHANNELWISE_NUM_CHANNELS; ++c) {
+        if (!(scale[c] <= limit && scale[c] >= -limit)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/*
  * Normalize one (observation, group) whose statistics read contiguous runs: 1 independent
  * partial sums per sum, so the compiler vectorizes them without reassociating float additions.
  */
@@ -213,13 +276,13 @@ static void features_channelwise_job(const float *x, float *y, const float *scal
     const size_t base = job * 1; /* the groups tile the buffer in job order */
     const float *xg = x + base;
     float *yg = y + base;
-    float s1[1]; /* lane k sums d over elements k, k + 1, k + 2, ... of each run */
-    float s2[1];
     float sums[2];
     float mean_lo;
 
     /* Statistics around a pilot taken from the group, so a large mean cancels nothing. */
     const float pilot = features_channelwise_pilot(xg, 1);
+    float s1[1]; /* lane k sums d over elements k, k + 1, k + 2, ... of each run */
+    float s2[1];
     s1[0] = 0.0f;
     s2[0] = 0.0f;
     const float *run = xg; /* 1 contiguous elements */
@@ -230,7 +293,7 @@ static void features_channelwise_job(const float *x, float *y, const float *scal
     sums[1] = s2[0];
     float unit = 1.0f;
     float epsilon_u = FEATURES_CHANNELWISE_EPSILON; /* epsilon * unit^2 */
-    if (!(sums[1] <= FEATURES_CHANNELWISE_LARGEST)) {
+    if (sums[1] - sums[1] != 0) { /* s2 is infinite (or NaN) */
         /* The squares overflowed (|x| beyond about the square root of the largest value):
            sum again with d scaled by a power of two, which is exact. */
         unit = FEATURES_CHANNELWISE_RESCUE_UNIT;
@@ -263,6 +326,16 @@ int features_channelwise_predict_with_params(const float *x, float *y, size_t ba
     }
     {
         const size_t jobs = batch * FEATURES_CHANNELWISE_JOBS_PER_OBSERVATION;
+#if !defined(__OPTIMIZE_SIZE__)
+        if (!features_channelwise_scales_fold(scale)) {
+            /* scale * rstd could overflow: every group through the portable nest, which
+               multiplies by the scale last (the compact nest always does). */
+            for (size_t job = 0; job < batch * FEATURES_CHANNELWISE_NUM_GROUPS; ++job) {
+                features_channelwise_wide_job(x, y, scale, offset, job);
+            }
+            return FEATURES_CHANNELWISE_OK;
+        }
+#endif
         for (size_t job = 0; job < jobs; ++job) {
             features_channelwise_job(x, y, scale, offset, job);
         }

@@ -14,8 +14,8 @@
    epsilon scaled alike. */
 #define MATLAB_GN_RESCUE_UNIT 8.271806e-25f /* 2^-80 */
 #define MATLAB_GN_RESCUE_EPSILON 0.0f
-/* The largest finite float (FLT_MAX, without needing <float.h>): sums above it overflowed. */
-#define MATLAB_GN_LARGEST 3.4028235e+38f
+/* Scales up to this fold into a = scale * rstd without overflow (rstd <= 1/sqrt(epsilon)). */
+#define MATLAB_GN_SAFE_SCALE 1.0760661e+36f
 
 /* Learned parameters, one per channel. */
 static const float matlab_gn_scale[20] = {
@@ -71,19 +71,27 @@ static void matlab_gn_job(const float *x, float *y, const float *scale, const fl
     float pilot = xg[0];
     float unit = 1.0f;
     float epsilon_u = MATLAB_GN_EPSILON; /* epsilon * unit^2 */
-    float shift = 0.0f;         /* (mean - pilot) * unit */
-    float rstd = 0.0f;          /* 1/sqrt(variance + epsilon) / unit */
+    float shift; /* (mean - pilot) * unit, and 1/sqrt(variance + epsilon) / unit: */
+    float rstd;  /* both set by the sweeps of sums before the last sweep reads them */
     for (unsigned sweep = 0;; ++sweep) {
         float s1 = 0.0f;
         float s2 = 0.0f;
+        float c2 = 0.0f; /* what s2 lost to rounding (Kahan; s1 sums terms of both signs) */
         for (size_t c = 0; c < 5; ++c) {
             for (size_t i_s2s1 = 0; i_s2s1 < 576; ++i_s2s1) {
                 const float d = (xg[c * 576 + i_s2s1] - pilot) * unit;
                 if (sweep == 2) {
-                    yg[c * 576 + i_s2s1] = scale[c0 + c] * rstd * (d - shift) + offset[c0 + c];
+                    yg[c * 576 + i_s2s1] = scale[c0 + c] * (rstd * (d - shift)) + offset[c0 + c];
                 } else {
+
                     s1 += d;
-                    s2 += d * d;
+
+                    {
+                        const float add = d * d - c2;
+                        const float sum = s2 + add;
+                        c2 = (sum - s2) - add;
+                        s2 = sum;
+                    }
                 }
             }
         }
@@ -94,14 +102,14 @@ static void matlab_gn_job(const float *x, float *y, const float *scale, const fl
             float var_u; /* biased variance * unit^2 */
             shift = s1 * MATLAB_GN_INV_GROUP_NUMEL;
             var_u = s2 * MATLAB_GN_INV_GROUP_NUMEL - shift * shift;
-            if (var_u < 0.0f) {
+            if (var_u < 0) {
                 var_u = 0.0f; /* rounding only: the variance is never negative */
             }
             rstd = 1.0f / matlab_gn_sqrt(var_u + epsilon_u);
         }
         if (sweep == 0) {
             pilot += shift; /* the mean */
-            if (s2 - s2 != 0.0f) { /* s2 is infinite (or NaN) */
+            if (s2 - s2 != 0) { /* s2 is infinite (or NaN) */
                 unit = MATLAB_GN_RESCUE_UNIT;
                 epsilon_u = MATLAB_GN_RESCUE_EPSILON;
             }
@@ -126,7 +134,7 @@ static matlab_gn_stats matlab_gn_finish(float s1, float s2, float unit, float ep
     matlab_gn_stats st;
     const float shift_u = s1 * MATLAB_GN_INV_GROUP_NUMEL; /* (mean - pilot) * unit */
     float var_u = s2 * MATLAB_GN_INV_GROUP_NUMEL - shift_u * shift_u; /* biased variance * unit^2 */
-    if (var_u < 0.0f) {
+    if (var_u < 0) {
         var_u = 0.0f; /* rounding only: the variance is never negative */
     }
     st.shift = shift_u / unit;
@@ -135,7 +143,8 @@ static matlab_gn_stats matlab_gn_finish(float s1, float s2, float unit, float ep
 }
 
 /*
- * Sums of d = (x - pilot) * unit over one group in memory order, with one accumulator each.
+ * Sums of d = (x - pilot) * unit over one group in memory order, with one accumulator each,
+ * s2's compensated (Kahan).
  * The strided nest sums every group with it (twice); the runs and rows kernels only rescue a
  * group whose sum of squares overflowed.
  */
@@ -144,13 +153,21 @@ static void matlab_gn_group_sums(const float *xg, float pilot, float unit, float
     const float pilot_u = pilot * unit;
     float s1 = 0.0f;
     float s2 = 0.0f;
+    float c2 = 0.0f; /* what s2 lost to rounding (Kahan; s1 sums terms of both signs) */
     for (size_t cs2s1 = 0; cs2s1 < 2880; ++cs2s1) {
         const float d = xg[cs2s1] * unit - pilot_u;
+
         s1 += d;
-        s2 += d * d;
+
+        {
+            const float add = d * d - c2;
+            const float sum = s2 + add;
+            c2 = (sum - s2) - add;
+            s2 = sum;
+        }
     }
     sums[0] = s1;
-    sums[1] = s2;
+    sums[1] = s2 - c2;
 }
 
 /*
@@ -215,6 +232,85 @@ static float matlab_gn_split_mean(float pilot, float shift, float *mean_lo)
 }
 
 /*
+ * Add a block's partial sums s[] into the totals t[], compensated (Kahan): c[] keeps what each
+ * addition lost and gives it back to the next, so the totals lose nothing that matters however
+ * many blocks a group has. Clears s[] for the next block.
+ */
+static void matlab_gn_fold(float *s, float *t, float *c, size_t n)
+{
+    for (size_t k = 0; k < n; ++k) {
+        const float add = s[k] - c[k];
+        const float sum = t[k] + add;
+        c[k] = (sum - t[k]) - add;
+        t[k] = sum;
+        s[k] = 0.0f;
+    }
+}
+
+/*
+ * y = scale*(rstd*((x - pilot) - shift)) + offset over one group: x - pilot is exact when the
+ * mean is large, so subtracting shift rounds only once, and the scale comes last, so a scale
+ * too large to fold into scale*rstd still gives the right value (a constant group exactly the
+ * offset).
+ */
+static void matlab_gn_group_apply(const float *xg, float *yg, const float *scale,
+    const float *offset, float pilot, float shift, float rstd)
+{
+    for (size_t c = 0; c < 5; ++c) {
+        const float s = scale[c];
+        const float o = offset[c];
+        for (size_t i_s2s1 = 0; i_s2s1 < 576; ++i_s2s1) {
+            yg[c * 576 + i_s2s1] = s * (rstd * ((xg[c * 576 + i_s2s1] - pilot) - shift)) + o;
+        }
+    }
+}
+
+/* Normalize one (observation, group) with the portable nest. */
+static void matlab_gn_wide_job(const float *x, float *y, const float *scale, const float *offset, size_t job)
+{
+    const size_t c0 = job % MATLAB_GN_NUM_GROUPS * 5;
+    const size_t base = job * 2880; /* the groups tile the buffer in job order */
+    const float *xg = x + base;
+    float sums[2];
+
+    /* Two sweeps of sums: the first around the group's first element finds the mean, the
+       second sums around that mean, so s2/N - shift^2 cancels nothing. If the first sweep's
+       squares overflowed (|x| beyond about the square root of the largest value), the second
+       scales d by 2^-80, which is exact. Limit of this nest: the first sweep's
+       sum of x - x[0] must stay finite, |x| * 2880 below the largest value. */
+    float pilot = xg[0];
+    float unit = 1.0f;
+    float epsilon_u = MATLAB_GN_EPSILON; /* epsilon * unit^2 */
+    for (unsigned sweep = 1;; ++sweep) {
+        matlab_gn_group_sums(xg, pilot, unit, sums);
+        if (sweep == 2) {
+            break;
+        }
+        pilot += sums[0] * MATLAB_GN_INV_GROUP_NUMEL; /* the mean */
+        if (sums[1] - sums[1] != 0) { /* s2 is infinite (or NaN) */
+            unit = MATLAB_GN_RESCUE_UNIT;
+            epsilon_u = MATLAB_GN_RESCUE_EPSILON;
+        }
+    }
+    const matlab_gn_stats st = matlab_gn_finish(sums[0], sums[1], unit, epsilon_u);
+    matlab_gn_group_apply(xg, y + base, scale + c0, offset + c0, pilot, st.shift, st.rstd);
+}
+
+/* Whether every scale folds into a = scale * rstd without overflow (a NaN does not). */
+static int matlab_gn_scales_fold(const float *scale)
+{
+    /* A variable, not the literal: where float arithmetic is done in double
+       (FLT_EVAL_METHOD 1), comparing with a float literal promotes the other side. */
+    const float limit = MATLAB_GN_SAFE_SCALE;
+    for (size_t c = 0; c < MATLAB_GN_NUM_CHANNELS; ++c) {
+        if (!(scale[c] <= limit && scale[c] >= -limit)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/*
  * The job's lane sums of d = x - pilot over one group, for a second pass around the mean
  * when the pilot was far from it: the same lanes and order, so as accurate as the first.
  */
@@ -223,22 +319,45 @@ typedef struct {
 } matlab_gn_sum_pair; /* returned in registers: the job's sums never go through memory */
 static matlab_gn_sum_pair matlab_gn_lane_sums(const float *xg, float pilot)
 {
-    float s1[32];
-    float s2[32];
     float sums[2];
     matlab_gn_sum_pair out;
+    float s1[32]; /* lane k sums d over elements k, k + 32, ... of each run, for one block */
+    float s2[32];
+    float t1[32]; /* ... and over the blocks so far, compensated by c */
+    float t2[32];
+    float c1[32];
+    float c2[32];
     for (size_t k = 0; k < 32; ++k) {
         s1[k] = 0.0f;
         s2[k] = 0.0f;
+        t1[k] = t2[k] = c1[k] = c2[k] = 0.0f;
     }
     const float *run = xg; /* 2880 contiguous elements */
+    for (size_t i0 = 0; i0 < 2048; i0 += 2048) { /* blocks of 2048 */
+        MATLAB_GN_UNROLLED
+        for (size_t i = i0; i < i0 + 2048; i += 32) {
+            for (size_t k = 0; k < 32; ++k) {
+                const float d = run[i + k] - pilot;
+                s1[k] += d;
+                s2[k] = MATLAB_GN_MAC(d, d, s2[k]);
+            }
+        }
+        matlab_gn_fold(s1, t1, c1, 32);
+        matlab_gn_fold(s2, t2, c2, 32);
+    }
     MATLAB_GN_UNROLLED
-    for (size_t i = 0; i < 2880; i += 32) {
+    for (size_t i = 2048; i < 2880; i += 32) {
         for (size_t k = 0; k < 32; ++k) {
             const float d = run[i + k] - pilot;
             s1[k] += d;
             s2[k] = MATLAB_GN_MAC(d, d, s2[k]);
         }
+    }
+    matlab_gn_fold(s1, t1, c1, 32);
+    matlab_gn_fold(s2, t2, c2, 32);
+    for (size_t k = 0; k < 32; ++k) {
+        s1[k] = t1[k] - c1[k];
+        s2[k] = t2[k] - c2[k];
     }
     /* Add the lanes pairwise in a fixed tree: the result does not depend on the compiler. */
     for (size_t k = 0; k < 16; ++k) {
@@ -276,25 +395,48 @@ static void matlab_gn_job(const float *x, float *y, const float *scale, const fl
     const size_t base = job * 2880; /* the groups tile the buffer in job order */
     const float *xg = x + base;
     float *yg = y + base;
-    float s1[32]; /* lane k sums d over elements k, k + 32, k + 64, ... of each run */
-    float s2[32];
     float sums[2];
     float mean_lo;
 
     /* Statistics around a pilot taken from the group, so a large mean cancels nothing. */
     float pilot = matlab_gn_pilot(xg, 1);
+    float s1[32]; /* lane k sums d over elements k, k + 32, ... of each run, for one block */
+    float s2[32];
+    float t1[32]; /* ... and over the blocks so far, compensated by c */
+    float t2[32];
+    float c1[32];
+    float c2[32];
     for (size_t k = 0; k < 32; ++k) {
         s1[k] = 0.0f;
         s2[k] = 0.0f;
+        t1[k] = t2[k] = c1[k] = c2[k] = 0.0f;
     }
     const float *run = xg; /* 2880 contiguous elements */
+    for (size_t i0 = 0; i0 < 2048; i0 += 2048) { /* blocks of 2048 */
+        MATLAB_GN_UNROLLED
+        for (size_t i = i0; i < i0 + 2048; i += 32) {
+            for (size_t k = 0; k < 32; ++k) {
+                const float d = run[i + k] - pilot;
+                s1[k] += d;
+                s2[k] = MATLAB_GN_MAC(d, d, s2[k]);
+            }
+        }
+        matlab_gn_fold(s1, t1, c1, 32);
+        matlab_gn_fold(s2, t2, c2, 32);
+    }
     MATLAB_GN_UNROLLED
-    for (size_t i = 0; i < 2880; i += 32) {
+    for (size_t i = 2048; i < 2880; i += 32) {
         for (size_t k = 0; k < 32; ++k) {
             const float d = run[i + k] - pilot;
             s1[k] += d;
             s2[k] = MATLAB_GN_MAC(d, d, s2[k]);
         }
+    }
+    matlab_gn_fold(s1, t1, c1, 32);
+    matlab_gn_fold(s2, t2, c2, 32);
+    for (size_t k = 0; k < 32; ++k) {
+        s1[k] = t1[k] - c1[k];
+        s2[k] = t2[k] - c2[k];
     }
     /* Add the lanes pairwise in a fixed tree: the result does not depend on the compiler. */
     for (size_t k = 0; k < 16; ++k) {
@@ -319,7 +461,7 @@ static void matlab_gn_job(const float *x, float *y, const float *scale, const fl
     sums[1] = s2[0];
     float unit = 1.0f;
     float epsilon_u = MATLAB_GN_EPSILON; /* epsilon * unit^2 */
-    if (!(sums[1] <= MATLAB_GN_LARGEST)) {
+    if (sums[1] - sums[1] != 0) { /* s2 is infinite (or NaN) */
         /* The squares overflowed (|x| beyond about the square root of the largest value):
            sum again with d scaled by a power of two, which is exact. */
         unit = MATLAB_GN_RESCUE_UNIT;
@@ -333,7 +475,7 @@ static void matlab_gn_job(const float *x, float *y, const float *scale, const fl
                s2/N - shift^2 would cancel: sum again, the same way, around the mean (rare:
                ordinary data never comes here). */
             pilot += shift_u / unit;
-            if (unit == 1.0f) {
+            if (unit == 1) {
                 const matlab_gn_sum_pair again = matlab_gn_lane_sums(xg, pilot);
                 sums[0] = again.s1;
                 sums[1] = again.s2;
@@ -375,6 +517,16 @@ int matlab_gn_predict_with_params(const float *x, float *y, size_t batch,
     }
     {
         const size_t jobs = batch * MATLAB_GN_JOBS_PER_OBSERVATION;
+#if !defined(__OPTIMIZE_SIZE__)
+        if (!matlab_gn_scales_fold(scale)) {
+            /* scale * rstd could overflow: every group through the portable nest, which
+               multiplies by the scale last (the compact nest always does). */
+            for (size_t job = 0; job < batch * MATLAB_GN_NUM_GROUPS; ++job) {
+                matlab_gn_wide_job(x, y, scale, offset, job);
+            }
+            return MATLAB_GN_OK;
+        }
+#endif
         for (size_t job = 0; job < jobs; ++job) {
             matlab_gn_job(x, y, scale, offset, job);
         }

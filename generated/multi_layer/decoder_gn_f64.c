@@ -14,8 +14,8 @@
    epsilon scaled alike. */
 #define DECODER_GN_F64_RESCUE_UNIT 2.6497349136889905e-169 /* 2^-560 */
 #define DECODER_GN_F64_RESCUE_EPSILON 0.0
-/* The largest finite double (DBL_MAX, without needing <float.h>): sums above it overflowed. */
-#define DECODER_GN_F64_LARGEST 1.7976931348623157e+308
+/* Scales up to this fold into a = scale * rstd without overflow (rstd <= 1/sqrt(epsilon)). */
+#define DECODER_GN_F64_SAFE_SCALE 1.7976914204485437e+305
 
 /* Learned parameters, one per channel. */
 static const double decoder_gn_f64_scale[8] = {
@@ -59,8 +59,8 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
     double pilot = xg[0];
     double unit = 1.0;
     double epsilon_u = DECODER_GN_F64_EPSILON; /* epsilon * unit^2 */
-    double shift = 0.0;         /* (mean - pilot) * unit */
-    double rstd = 0.0;          /* 1/sqrt(variance + epsilon) / unit */
+    double shift; /* (mean - pilot) * unit, and 1/sqrt(variance + epsilon) / unit: */
+    double rstd;  /* both set by the sweeps of sums before the last sweep reads them */
     for (unsigned sweep = 0;; ++sweep) {
         double s1 = 0.0;
         double s2 = 0.0;
@@ -68,9 +68,11 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
             for (size_t i_s2s1 = 0; i_s2s1 < 36; ++i_s2s1) {
                 const double d = (xg[c * 36 + i_s2s1] - pilot) * unit;
                 if (sweep == 2) {
-                    yg[c * 36 + i_s2s1] = scale[c0 + c] * rstd * (d - shift) + offset[c0 + c];
+                    yg[c * 36 + i_s2s1] = scale[c0 + c] * (rstd * (d - shift)) + offset[c0 + c];
                 } else {
+
                     s1 += d;
+
                     s2 += d * d;
                 }
             }
@@ -82,14 +84,14 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
             double var_u; /* biased variance * unit^2 */
             shift = s1 * DECODER_GN_F64_INV_GROUP_NUMEL;
             var_u = s2 * DECODER_GN_F64_INV_GROUP_NUMEL - shift * shift;
-            if (var_u < 0.0) {
+            if (var_u < 0) {
                 var_u = 0.0; /* rounding only: the variance is never negative */
             }
             rstd = 1.0 / decoder_gn_f64_sqrt(var_u + epsilon_u);
         }
         if (sweep == 0) {
             pilot += shift; /* the mean */
-            if (s2 - s2 != 0.0) { /* s2 is infinite (or NaN) */
+            if (s2 - s2 != 0) { /* s2 is infinite (or NaN) */
                 unit = DECODER_GN_F64_RESCUE_UNIT;
                 epsilon_u = DECODER_GN_F64_RESCUE_EPSILON;
             }
@@ -115,7 +117,7 @@ static decoder_gn_f64_stats decoder_gn_f64_finish(double s1, double s2, double u
     decoder_gn_f64_stats st;
     const double shift_u = s1 * DECODER_GN_F64_INV_GROUP_NUMEL; /* (mean - pilot) * unit */
     double var_u = s2 * DECODER_GN_F64_INV_GROUP_NUMEL - shift_u * shift_u; /* biased variance * unit^2 */
-    if (var_u < 0.0) {
+    if (var_u < 0) {
         var_u = 0.0; /* rounding only: the variance is never negative */
     }
     st.shift = shift_u / unit;
@@ -135,7 +137,9 @@ static void decoder_gn_f64_group_sums(const double *xg, double pilot, double uni
     double s2 = 0.0;
     for (size_t cs2s1 = 0; cs2s1 < 288; ++cs2s1) {
         const double d = xg[cs2s1] * unit - pilot_u;
+
         s1 += d;
+
         s2 += d * d;
     }
     sums[0] = s1;
@@ -204,6 +208,69 @@ static double decoder_gn_f64_split_mean(double pilot, double shift, double *mean
 }
 
 /*
+ * y = scale*(rstd*((x - pilot) - shift)) + offset over one group: x - pilot is exact when the
+ * mean is large, so subtracting shift rounds only once, and the scale comes last, so a scale
+ * too large to fold into scale*rstd still gives the right value (a constant group exactly the
+ * offset).
+ */
+static void decoder_gn_f64_group_apply(const double *xg, double *yg, const double *scale,
+    const double *offset, double pilot, double shift, double rstd)
+{
+    for (size_t c = 0; c < 8; ++c) {
+        const double s = scale[c];
+        const double o = offset[c];
+        for (size_t i_s2s1 = 0; i_s2s1 < 36; ++i_s2s1) {
+            yg[c * 36 + i_s2s1] = s * (rstd * ((xg[c * 36 + i_s2s1] - pilot) - shift)) + o;
+        }
+    }
+}
+
+/* Normalize one (observation, group) with the portable nest. */
+static void decoder_gn_f64_wide_job(const double *x, double *y, const double *scale, const double *offset, size_t job)
+{
+    const size_t c0 = 0;
+    const size_t base = job * 288; /* the groups tile the buffer in job order */
+    const double *xg = x + base;
+    double sums[2];
+
+    /* Two sweeps of sums: the first around the group's first element finds the mean, the
+       second sums around that mean, so s2/N - shift^2 cancels nothing. If the first sweep's
+       squares overflowed (|x| beyond about the square root of the largest value), the second
+       scales d by 2^-560, which is exact. Limit of this nest: the first sweep's
+       sum of x - x[0] must stay finite, |x| * 288 below the largest value. */
+    double pilot = xg[0];
+    double unit = 1.0;
+    double epsilon_u = DECODER_GN_F64_EPSILON; /* epsilon * unit^2 */
+    for (unsigned sweep = 1;; ++sweep) {
+        decoder_gn_f64_group_sums(xg, pilot, unit, sums);
+        if (sweep == 2) {
+            break;
+        }
+        pilot += sums[0] * DECODER_GN_F64_INV_GROUP_NUMEL; /* the mean */
+        if (sums[1] - sums[1] != 0) { /* s2 is infinite (or NaN) */
+            unit = DECODER_GN_F64_RESCUE_UNIT;
+            epsilon_u = DECODER_GN_F64_RESCUE_EPSILON;
+        }
+    }
+    const decoder_gn_f64_stats st = decoder_gn_f64_finish(sums[0], sums[1], unit, epsilon_u);
+    decoder_gn_f64_group_apply(xg, y + base, scale + c0, offset + c0, pilot, st.shift, st.rstd);
+}
+
+/* Whether every scale folds into a = scale * rstd without overflow (a NaN does not). */
+static int decoder_gn_f64_scales_fold(const double *scale)
+{
+    /* A variable, not the literal: where float arithmetic is done in double
+       (FLT_EVAL_METHOD 1), comparing with a float literal promotes the other side. */
+    const double limit = DECODER_GN_F64_SAFE_SCALE;
+    for (size_t c = 0; c < DECODER_GN_F64_NUM_CHANNELS; ++c) {
+        if (!(scale[c] <= limit && scale[c] >= -limit)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/*
  * The job's lane sums of d = x - pilot over one group, for a second pass around the mean
  * when the pilot was far from it: the same lanes and order, so as accurate as the first.
  */
@@ -212,10 +279,10 @@ typedef struct {
 } decoder_gn_f64_sum_pair; /* returned in registers: the job's sums never go through memory */
 static decoder_gn_f64_sum_pair decoder_gn_f64_lane_sums(const double *xg, double pilot)
 {
-    double s1[32];
-    double s2[32];
     double sums[2];
     decoder_gn_f64_sum_pair out;
+    double s1[32]; /* lane k sums d over elements k, k + 32, k + 64, ... of each run */
+    double s2[32];
     for (size_t k = 0; k < 32; ++k) {
         s1[k] = 0.0;
         s2[k] = 0.0;
@@ -265,13 +332,13 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
     const size_t base = job * 288; /* the groups tile the buffer in job order */
     const double *xg = x + base;
     double *yg = y + base;
-    double s1[32]; /* lane k sums d over elements k, k + 32, k + 64, ... of each run */
-    double s2[32];
     double sums[2];
     double mean_lo;
 
     /* Statistics around a pilot taken from the group, so a large mean cancels nothing. */
     double pilot = decoder_gn_f64_pilot(xg, 1);
+    double s1[32]; /* lane k sums d over elements k, k + 32, k + 64, ... of each run */
+    double s2[32];
     for (size_t k = 0; k < 32; ++k) {
         s1[k] = 0.0;
         s2[k] = 0.0;
@@ -308,7 +375,7 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
     sums[1] = s2[0];
     double unit = 1.0;
     double epsilon_u = DECODER_GN_F64_EPSILON; /* epsilon * unit^2 */
-    if (!(sums[1] <= DECODER_GN_F64_LARGEST)) {
+    if (sums[1] - sums[1] != 0) { /* s2 is infinite (or NaN) */
         /* The squares overflowed (|x| beyond about the square root of the largest value):
            sum again with d scaled by a power of two, which is exact. */
         unit = DECODER_GN_F64_RESCUE_UNIT;
@@ -322,7 +389,7 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
                s2/N - shift^2 would cancel: sum again, the same way, around the mean (rare:
                ordinary data never comes here). */
             pilot += shift_u / unit;
-            if (unit == 1.0) {
+            if (unit == 1) {
                 const decoder_gn_f64_sum_pair again = decoder_gn_f64_lane_sums(xg, pilot);
                 sums[0] = again.s1;
                 sums[1] = again.s2;
@@ -364,6 +431,16 @@ int decoder_gn_f64_predict_with_params(const double *x, double *y, size_t batch,
     }
     {
         const size_t jobs = batch * DECODER_GN_F64_JOBS_PER_OBSERVATION;
+#if !defined(__OPTIMIZE_SIZE__)
+        if (!decoder_gn_f64_scales_fold(scale)) {
+            /* scale * rstd could overflow: every group through the portable nest, which
+               multiplies by the scale last (the compact nest always does). */
+            for (size_t job = 0; job < batch * DECODER_GN_F64_NUM_GROUPS; ++job) {
+                decoder_gn_f64_wide_job(x, y, scale, offset, job);
+            }
+            return DECODER_GN_F64_OK;
+        }
+#endif
         for (size_t job = 0; job < jobs; ++job) {
             decoder_gn_f64_job(x, y, scale, offset, job);
         }

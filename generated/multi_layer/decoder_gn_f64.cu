@@ -26,15 +26,14 @@ constexpr int kChannelsPerGroup = 8;
 constexpr int kGroupNumel = 288; /* elements in one (observation, group) */
 constexpr acc_t kInvGroupNumel = 0.003472222222222222;
 constexpr acc_t kEpsilon = 1.0e-06;
+constexpr acc_t kLargest = DBL_MAX; /* the largest finite acc_t */
 
 /*
  * The overflow rescue: a group whose sum of squares s2 overflows (|x| beyond about the square
  * root of the largest value) is summed again with d scaled by 2^-518, which is exact.
  */
-constexpr acc_t kLargest = DBL_MAX; /* the largest finite acc_t */
 constexpr acc_t kRescueUnit = 0x1p-518; /* 2^-518 */
 constexpr acc_t kRescueEpsilon = 0.0; /* epsilon * (2^-518)^2 */
-
 /* Learned parameters for decoder_gn_f64_cuda_predict, exact in double. */
 __constant__ acc_t c_scale[8] = {
     0.001257302210933933, -0.0013210486329130189, 0.006404226504432821, 0.001049001171530397, -0.005356693731611109, 0.0036159505490948474,
@@ -130,6 +129,7 @@ __device__ __forceinline__ acc_t offset_of(const elem_t *offset, int c)
     return BAKED ? c_offset[c] : to_acc(offset[c]);
 }
 
+
 /* Sum s1 and s2 over WIDTH neighbouring lanes; every lane ends with the same bits. */
 template <int WIDTH>
 __device__ __forceinline__ void warp_sum(acc_t &s1, acc_t &s2)
@@ -158,12 +158,28 @@ __device__ __forceinline__ group_stats finish(acc_t s1, acc_t s2, acc_t unit = 1
     group_stats st;
     const acc_t shift_u = s1 * kInvGroupNumel; /* (mean - pilot) * unit */
     acc_t var_u = s2 * kInvGroupNumel - shift_u * shift_u; /* biased variance * unit^2 */
-    if (var_u < 0.0) {
+    if (var_u < 0) {
         var_u = 0.0; /* rounding only: the variance is never negative */
     }
     st.shift = shift_u / unit;
     st.rstd = unit / sqrt(var_u + epsilon_u);
     return st;
+}
+
+/*
+ * One output of channel c: a*d + b with d = x - pilot, a = scale*rstd and b = offset - shift*a
+ * folded per channel. A scale too large to fold (a overflowed) is applied last instead, as
+ * scale*(rstd*(d - shift)) + offset, which stays right (a constant group gives exactly the
+ * offset); no ordinary layer takes that branch.
+ */
+template <bool BAKED>
+__device__ __forceinline__ acc_t normalized(acc_t a, acc_t b, acc_t d, const elem_t *scale,
+                                            const elem_t *offset, int c, group_stats st)
+{
+    if (fabs(a) <= kLargest) {
+        return fma(a, d, b);
+    }
+    return scale_of<BAKED>(scale, c) * (st.rstd * (d - st.shift)) + offset_of<BAKED>(offset, c);
 }
 
 /* The median of three values: one outlier among them cannot become the pilot. */
@@ -196,6 +212,25 @@ __device__ __forceinline__ void accumulate(const vec_t<W> &v, acc_t pilot, acc_t
         s1 += d;
         s2 = fma(d, d, s2);
     }
+}
+
+/*
+ * The same for the looped kernels, whose threads add thousands of vectors each: the vector's own
+ * sums go into s1 and, compensated, into s2 (Kahan: c2 keeps what s2 lost and gives it back to
+ * the next addition; take s2 - c2 at the end), so a long sum loses nothing that matters.
+ */
+template <int W>
+__device__ __forceinline__ void accumulate_long(const vec_t<W> &v, acc_t pilot, acc_t &s1,
+                                                acc_t &s2, acc_t &c2, acc_t unit = 1.0)
+{
+    acc_t v1 = 0.0;
+    acc_t v2 = 0.0;
+    accumulate(v, pilot, v1, v2, unit);
+    s1 += v1;
+    const acc_t add = v2 - c2;
+    const acc_t sum = s2 + add;
+    c2 = (sum - s2) - add;
+    s2 = sum;
 }
 
 /*
@@ -257,10 +292,11 @@ group_kernel(const elem_t *x, elem_t *y, size_t batch, const elem_t *scale, cons
         }
     } else {
         (void)v;
+        acc_t c2 = 0.0;
         for (int i = first; i < kGroupNumel; i += CLUSTER * kSlab) {
-            accumulate(load_vec<VEC>(xg + element_offset(i, batch)),
-                       pilot, s1, s2);
+            accumulate_long(load_vec<VEC>(xg + element_offset(i, batch)), pilot, s1, s2, c2);
         }
+        s2 -= c2;
     }
 
     team_sum<THREADS, CLUSTER>(s1, s2);
@@ -283,10 +319,12 @@ group_kernel(const elem_t *x, elem_t *y, size_t batch, const elem_t *scale, cons
                 }
             }
         } else {
+            acc_t c2 = 0.0;
             for (int i = first; i < kGroupNumel; i += CLUSTER * kSlab) {
-                accumulate(load_vec<VEC>(xg + element_offset(i, batch)),
-                           pilot_u, s1, s2, kRescueUnit);
+                accumulate_long(load_vec<VEC>(xg + element_offset(i, batch)), pilot_u, s1, s2,
+                                c2, kRescueUnit);
             }
+            s2 -= c2;
         }
         __syncthreads(); /* every warp has read the first warp sums */
         team_sum<THREADS, CLUSTER>(s1, s2);
@@ -314,7 +352,8 @@ group_kernel(const elem_t *x, elem_t *y, size_t batch, const elem_t *scale, cons
                     const int c = channel_of(i + k);
                     const acc_t a = ab[2 * c];
                     const acc_t b = ab[2 * c + 1];
-                    out.v[k] = from_acc(fma(a, to_acc(v[p].v[k]) - pilot, b));
+                    out.v[k] = from_acc(normalized<BAKED>(a, b, to_acc(v[p].v[k]) - pilot, scale, offset,
+                                                          c0 + c, st));
                 }
                 store_vec<VEC>(yg + element_offset(i, batch), out);
             }
@@ -328,7 +367,8 @@ group_kernel(const elem_t *x, elem_t *y, size_t batch, const elem_t *scale, cons
                 const int c = channel_of(i + k);
                 const acc_t a = ab[2 * c];
                 const acc_t b = ab[2 * c + 1];
-                out.v[k] = from_acc(fma(a, to_acc(in.v[k]) - pilot, b));
+                out.v[k] = from_acc(normalized<BAKED>(a, b, to_acc(in.v[k]) - pilot, scale, offset,
+                                                      c0 + c, st));
             }
             store_vec<VEC>(yg + element_offset(i, batch), out);
         }

@@ -14,8 +14,8 @@
    epsilon scaled alike. */
 #define ENCODER_GN_RESCUE_UNIT 8.271806e-25f /* 2^-80 */
 #define ENCODER_GN_RESCUE_EPSILON 0.0f
-/* The largest finite float (FLT_MAX, without needing <float.h>): sums above it overflowed. */
-#define ENCODER_GN_LARGEST 3.4028235e+38f
+/* Scales up to this fold into a = scale * rstd without overflow (rstd <= 1/sqrt(epsilon)). */
+#define ENCODER_GN_SAFE_SCALE 1.0760661e+36f
 
 /* Learned parameters, one per channel. */
 static const float encoder_gn_scale[32] = {
@@ -75,8 +75,8 @@ static void encoder_gn_job(const float *x, float *y, const float *scale, const f
     float pilot = xg[0];
     float unit = 1.0f;
     float epsilon_u = ENCODER_GN_EPSILON; /* epsilon * unit^2 */
-    float shift = 0.0f;         /* (mean - pilot) * unit */
-    float rstd = 0.0f;          /* 1/sqrt(variance + epsilon) / unit */
+    float shift; /* (mean - pilot) * unit, and 1/sqrt(variance + epsilon) / unit: */
+    float rstd;  /* both set by the sweeps of sums before the last sweep reads them */
     for (unsigned sweep = 0;; ++sweep) {
         float s1 = 0.0f;
         float s2 = 0.0f;
@@ -84,9 +84,11 @@ static void encoder_gn_job(const float *x, float *y, const float *scale, const f
             for (size_t i_s1s2 = 0; i_s1s2 < 64; ++i_s1s2) {
                 const float d = (xg[c * 64 + i_s1s2] - pilot) * unit;
                 if (sweep == 2) {
-                    yg[c * 64 + i_s1s2] = scale[c0 + c] * rstd * (d - shift) + offset[c0 + c];
+                    yg[c * 64 + i_s1s2] = scale[c0 + c] * (rstd * (d - shift)) + offset[c0 + c];
                 } else {
+
                     s1 += d;
+
                     s2 += d * d;
                 }
             }
@@ -98,14 +100,14 @@ static void encoder_gn_job(const float *x, float *y, const float *scale, const f
             float var_u; /* biased variance * unit^2 */
             shift = s1 * ENCODER_GN_INV_GROUP_NUMEL;
             var_u = s2 * ENCODER_GN_INV_GROUP_NUMEL - shift * shift;
-            if (var_u < 0.0f) {
+            if (var_u < 0) {
                 var_u = 0.0f; /* rounding only: the variance is never negative */
             }
             rstd = 1.0f / encoder_gn_sqrt(var_u + epsilon_u);
         }
         if (sweep == 0) {
             pilot += shift; /* the mean */
-            if (s2 - s2 != 0.0f) { /* s2 is infinite (or NaN) */
+            if (s2 - s2 != 0) { /* s2 is infinite (or NaN) */
                 unit = ENCODER_GN_RESCUE_UNIT;
                 epsilon_u = ENCODER_GN_RESCUE_EPSILON;
             }
@@ -130,7 +132,7 @@ static encoder_gn_stats encoder_gn_finish(float s1, float s2, float unit, float 
     encoder_gn_stats st;
     const float shift_u = s1 * ENCODER_GN_INV_GROUP_NUMEL; /* (mean - pilot) * unit */
     float var_u = s2 * ENCODER_GN_INV_GROUP_NUMEL - shift_u * shift_u; /* biased variance * unit^2 */
-    if (var_u < 0.0f) {
+    if (var_u < 0) {
         var_u = 0.0f; /* rounding only: the variance is never negative */
     }
     st.shift = shift_u / unit;
@@ -150,7 +152,9 @@ static void encoder_gn_group_sums(const float *xg, float pilot, float unit, floa
     float s2 = 0.0f;
     for (size_t cs1s2 = 0; cs1s2 < 256; ++cs1s2) {
         const float d = xg[cs1s2] * unit - pilot_u;
+
         s1 += d;
+
         s2 += d * d;
     }
     sums[0] = s1;
@@ -219,6 +223,69 @@ static float encoder_gn_split_mean(float pilot, float shift, float *mean_lo)
 }
 
 /*
+ * y = scale*(rstd*((x - pilot) - shift)) + offset over one group: x - pilot is exact when the
+ * mean is large, so subtracting shift rounds only once, and the scale comes last, so a scale
+ * too large to fold into scale*rstd still gives the right value (a constant group exactly the
+ * offset).
+ */
+static void encoder_gn_group_apply(const float *xg, float *yg, const float *scale,
+    const float *offset, float pilot, float shift, float rstd)
+{
+    for (size_t c = 0; c < 4; ++c) {
+        const float s = scale[c];
+        const float o = offset[c];
+        for (size_t i_s1s2 = 0; i_s1s2 < 64; ++i_s1s2) {
+            yg[c * 64 + i_s1s2] = s * (rstd * ((xg[c * 64 + i_s1s2] - pilot) - shift)) + o;
+        }
+    }
+}
+
+/* Normalize one (observation, group) with the portable nest. */
+static void encoder_gn_wide_job(const float *x, float *y, const float *scale, const float *offset, size_t job)
+{
+    const size_t c0 = job % ENCODER_GN_NUM_GROUPS * 4;
+    const size_t base = job * 256; /* the groups tile the buffer in job order */
+    const float *xg = x + base;
+    float sums[2];
+
+    /* Two sweeps of sums: the first around the group's first element finds the mean, the
+       second sums around that mean, so s2/N - shift^2 cancels nothing. If the first sweep's
+       squares overflowed (|x| beyond about the square root of the largest value), the second
+       scales d by 2^-80, which is exact. Limit of this nest: the first sweep's
+       sum of x - x[0] must stay finite, |x| * 256 below the largest value. */
+    float pilot = xg[0];
+    float unit = 1.0f;
+    float epsilon_u = ENCODER_GN_EPSILON; /* epsilon * unit^2 */
+    for (unsigned sweep = 1;; ++sweep) {
+        encoder_gn_group_sums(xg, pilot, unit, sums);
+        if (sweep == 2) {
+            break;
+        }
+        pilot += sums[0] * ENCODER_GN_INV_GROUP_NUMEL; /* the mean */
+        if (sums[1] - sums[1] != 0) { /* s2 is infinite (or NaN) */
+            unit = ENCODER_GN_RESCUE_UNIT;
+            epsilon_u = ENCODER_GN_RESCUE_EPSILON;
+        }
+    }
+    const encoder_gn_stats st = encoder_gn_finish(sums[0], sums[1], unit, epsilon_u);
+    encoder_gn_group_apply(xg, y + base, scale + c0, offset + c0, pilot, st.shift, st.rstd);
+}
+
+/* Whether every scale folds into a = scale * rstd without overflow (a NaN does not). */
+static int encoder_gn_scales_fold(const float *scale)
+{
+    /* A variable, not the literal: where float arithmetic is done in double
+       (FLT_EVAL_METHOD 1), comparing with a float literal promotes the other side. */
+    const float limit = ENCODER_GN_SAFE_SCALE;
+    for (size_t c = 0; c < ENCODER_GN_NUM_CHANNELS; ++c) {
+        if (!(scale[c] <= limit && scale[c] >= -limit)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/*
  * The job's lane sums of d = x - pilot over one group, for a second pass around the mean
  * when the pilot was far from it: the same lanes and order, so as accurate as the first.
  */
@@ -227,10 +294,10 @@ typedef struct {
 } encoder_gn_sum_pair; /* returned in registers: the job's sums never go through memory */
 static encoder_gn_sum_pair encoder_gn_lane_sums(const float *xg, float pilot)
 {
-    float s1[32];
-    float s2[32];
     float sums[2];
     encoder_gn_sum_pair out;
+    float s1[32]; /* lane k sums d over elements k, k + 32, k + 64, ... of each run */
+    float s2[32];
     for (size_t k = 0; k < 32; ++k) {
         s1[k] = 0.0f;
         s2[k] = 0.0f;
@@ -280,13 +347,13 @@ static void encoder_gn_job(const float *x, float *y, const float *scale, const f
     const size_t base = job * 256; /* the groups tile the buffer in job order */
     const float *xg = x + base;
     float *yg = y + base;
-    float s1[32]; /* lane k sums d over elements k, k + 32, k + 64, ... of each run */
-    float s2[32];
     float sums[2];
     float mean_lo;
 
     /* Statistics around a pilot taken from the group, so a large mean cancels nothing. */
     float pilot = encoder_gn_pilot(xg, 1);
+    float s1[32]; /* lane k sums d over elements k, k + 32, k + 64, ... of each run */
+    float s2[32];
     for (size_t k = 0; k < 32; ++k) {
         s1[k] = 0.0f;
         s2[k] = 0.0f;
@@ -323,7 +390,7 @@ static void encoder_gn_job(const float *x, float *y, const float *scale, const f
     sums[1] = s2[0];
     float unit = 1.0f;
     float epsilon_u = ENCODER_GN_EPSILON; /* epsilon * unit^2 */
-    if (!(sums[1] <= ENCODER_GN_LARGEST)) {
+    if (sums[1] - sums[1] != 0) { /* s2 is infinite (or NaN) */
         /* The squares overflowed (|x| beyond about the square root of the largest value):
            sum again with d scaled by a power of two, which is exact. */
         unit = ENCODER_GN_RESCUE_UNIT;
@@ -337,7 +404,7 @@ static void encoder_gn_job(const float *x, float *y, const float *scale, const f
                s2/N - shift^2 would cancel: sum again, the same way, around the mean (rare:
                ordinary data never comes here). */
             pilot += shift_u / unit;
-            if (unit == 1.0f) {
+            if (unit == 1) {
                 const encoder_gn_sum_pair again = encoder_gn_lane_sums(xg, pilot);
                 sums[0] = again.s1;
                 sums[1] = again.s2;
@@ -379,6 +446,16 @@ int encoder_gn_predict_with_params(const float *x, float *y, size_t batch,
     }
     {
         const size_t jobs = batch * ENCODER_GN_JOBS_PER_OBSERVATION;
+#if !defined(__OPTIMIZE_SIZE__)
+        if (!encoder_gn_scales_fold(scale)) {
+            /* scale * rstd could overflow: every group through the portable nest, which
+               multiplies by the scale last (the compact nest always does). */
+            for (size_t job = 0; job < batch * ENCODER_GN_NUM_GROUPS; ++job) {
+                encoder_gn_wide_job(x, y, scale, offset, job);
+            }
+            return ENCODER_GN_OK;
+        }
+#endif
         for (size_t job = 0; job < jobs; ++job) {
             encoder_gn_job(x, y, scale, offset, job);
         }

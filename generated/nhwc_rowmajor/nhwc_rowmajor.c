@@ -14,8 +14,8 @@
    epsilon scaled alike. */
 #define NHWC_ROWMAJOR_RESCUE_UNIT 8.271806e-25f /* 2^-80 */
 #define NHWC_ROWMAJOR_RESCUE_EPSILON 0.0f
-/* The largest finite float (FLT_MAX, without needing <float.h>): sums above it overflowed. */
-#define NHWC_ROWMAJOR_LARGEST 3.4028235e+38f
+/* Scales up to this fold into a = scale * rstd without overflow (rstd <= 1/sqrt(epsilon)). */
+#define NHWC_ROWMAJOR_SAFE_SCALE 1.0760661e+36f
 
 /* Learned parameters, one per channel. */
 static const float nhwc_rowmajor_scale[32] = {
@@ -76,8 +76,8 @@ static void nhwc_rowmajor_job(const float *x, float *y, const float *scale, cons
     float pilot = xg[0];
     float unit = 1.0f;
     float epsilon_u = NHWC_ROWMAJOR_EPSILON; /* epsilon * unit^2 */
-    float shift = 0.0f;         /* (mean - pilot) * unit */
-    float rstd = 0.0f;          /* 1/sqrt(variance + epsilon) / unit */
+    float shift; /* (mean - pilot) * unit, and 1/sqrt(variance + epsilon) / unit: */
+    float rstd;  /* both set by the sweeps of sums before the last sweep reads them */
     for (unsigned sweep = 0;; ++sweep) {
         float s1 = 0.0f;
         float s2 = 0.0f;
@@ -85,9 +85,11 @@ static void nhwc_rowmajor_job(const float *x, float *y, const float *scale, cons
             for (size_t c = 0; c < 4; ++c) {
                 const float d = (xg[i_s1s2 * 32 + c] - pilot) * unit;
                 if (sweep == 2) {
-                    yg[i_s1s2 * 32 + c] = scale[c0 + c] * rstd * (d - shift) + offset[c0 + c];
+                    yg[i_s1s2 * 32 + c] = scale[c0 + c] * (rstd * (d - shift)) + offset[c0 + c];
                 } else {
+
                     s1 += d;
+
                     s2 += d * d;
                 }
             }
@@ -99,14 +101,14 @@ static void nhwc_rowmajor_job(const float *x, float *y, const float *scale, cons
             float var_u; /* biased variance * unit^2 */
             shift = s1 * NHWC_ROWMAJOR_INV_GROUP_NUMEL;
             var_u = s2 * NHWC_ROWMAJOR_INV_GROUP_NUMEL - shift * shift;
-            if (var_u < 0.0f) {
+            if (var_u < 0) {
                 var_u = 0.0f; /* rounding only: the variance is never negative */
             }
             rstd = 1.0f / nhwc_rowmajor_sqrt(var_u + epsilon_u);
         }
         if (sweep == 0) {
             pilot += shift; /* the mean */
-            if (s2 - s2 != 0.0f) { /* s2 is infinite (or NaN) */
+            if (s2 - s2 != 0) { /* s2 is infinite (or NaN) */
                 unit = NHWC_ROWMAJOR_RESCUE_UNIT;
                 epsilon_u = NHWC_ROWMAJOR_RESCUE_EPSILON;
             }
@@ -131,7 +133,7 @@ static nhwc_rowmajor_stats nhwc_rowmajor_finish(float s1, float s2, float unit, 
     nhwc_rowmajor_stats st;
     const float shift_u = s1 * NHWC_ROWMAJOR_INV_GROUP_NUMEL; /* (mean - pilot) * unit */
     float var_u = s2 * NHWC_ROWMAJOR_INV_GROUP_NUMEL - shift_u * shift_u; /* biased variance * unit^2 */
-    if (var_u < 0.0f) {
+    if (var_u < 0) {
         var_u = 0.0f; /* rounding only: the variance is never negative */
     }
     st.shift = shift_u / unit;
@@ -152,7 +154,9 @@ static void nhwc_rowmajor_group_sums(const float *xg, float pilot, float unit, f
     for (size_t i_s1s2 = 0; i_s1s2 < 256; ++i_s1s2) {
         for (size_t c = 0; c < 4; ++c) {
             const float d = xg[i_s1s2 * 32 + c] * unit - pilot_u;
+
             s1 += d;
+
             s2 += d * d;
         }
     }
@@ -222,15 +226,101 @@ static float nhwc_rowmajor_split_mean(float pilot, float shift, float *mean_lo)
 }
 
 /*
+ * Add a block's partial sums s[] into the totals t[], compensated (Kahan): c[] keeps what each
+ * addition lost and gives it back to the next, so the totals lose nothing that matters however
+ * many blocks a group has. Clears s[] for the next block.
+ */
+static void nhwc_rowmajor_fold(float *s, float *t, float *c, size_t n)
+{
+    for (size_t k = 0; k < n; ++k) {
+        const float add = s[k] - c[k];
+        const float sum = t[k] + add;
+        c[k] = (sum - t[k]) - add;
+        t[k] = sum;
+        s[k] = 0.0f;
+    }
+}
+
+/*
+ * y = scale*(rstd*((x - pilot) - shift)) + offset over one group: x - pilot is exact when the
+ * mean is large, so subtracting shift rounds only once, and the scale comes last, so a scale
+ * too large to fold into scale*rstd still gives the right value (a constant group exactly the
+ * offset).
+ */
+static void nhwc_rowmajor_group_apply(const float *xg, float *yg, const float *scale,
+    const float *offset, float pilot, float shift, float rstd)
+{
+    for (size_t i_s1s2 = 0; i_s1s2 < 256; ++i_s1s2) {
+        for (size_t c = 0; c < 4; ++c) {
+            const float s = scale[c];
+            const float o = offset[c];
+            yg[i_s1s2 * 32 + c] = s * (rstd * ((xg[i_s1s2 * 32 + c] - pilot) - shift)) + o;
+        }
+    }
+}
+
+/* Normalize one (observation, group) with the portable nest. */
+static void nhwc_rowmajor_wide_job(const float *x, float *y, const float *scale, const float *offset, size_t job)
+{
+    const size_t n = job / NHWC_ROWMAJOR_NUM_GROUPS;
+    const size_t c0 = job % NHWC_ROWMAJOR_NUM_GROUPS * 4;
+    const size_t base = n * 8192 + c0;
+    const float *xg = x + base;
+    float sums[2];
+
+    /* Two sweeps of sums: the first around the group's first element finds the mean, the
+       second sums around that mean, so s2/N - shift^2 cancels nothing. If the first sweep's
+       squares overflowed (|x| beyond about the square root of the largest value), the second
+       scales d by 2^-80, which is exact. Limit of this nest: the first sweep's
+       sum of x - x[0] must stay finite, |x| * 1024 below the largest value. */
+    float pilot = xg[0];
+    float unit = 1.0f;
+    float epsilon_u = NHWC_ROWMAJOR_EPSILON; /* epsilon * unit^2 */
+    for (unsigned sweep = 1;; ++sweep) {
+        nhwc_rowmajor_group_sums(xg, pilot, unit, sums);
+        if (sweep == 2) {
+            break;
+        }
+        pilot += sums[0] * NHWC_ROWMAJOR_INV_GROUP_NUMEL; /* the mean */
+        if (sums[1] - sums[1] != 0) { /* s2 is infinite (or NaN) */
+            unit = NHWC_ROWMAJOR_RESCUE_UNIT;
+            epsilon_u = NHWC_ROWMAJOR_RESCUE_EPSILON;
+        }
+    }
+    const nhwc_rowmajor_stats st = nhwc_rowmajor_finish(sums[0], sums[1], unit, epsilon_u);
+    nhwc_rowmajor_group_apply(xg, y + base, scale + c0, offset + c0, pilot, st.shift, st.rstd);
+}
+
+/* Whether every scale folds into a = scale * rstd without overflow (a NaN does not). */
+static int nhwc_rowmajor_scales_fold(const float *scale)
+{
+    /* A variable, not the literal: where float arithmetic is done in double
+       (FLT_EVAL_METHOD 1), comparing with a float literal promotes the other side. */
+    const float limit = NHWC_ROWMAJOR_SAFE_SCALE;
+    for (size_t c = 0; c < NHWC_ROWMAJOR_NUM_CHANNELS; ++c) {
+        if (!(scale[c] <= limit && scale[c] >= -limit)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/*
  * The job's per-channel sums of d = x - pilot[c] over one block, for a second pass when a
  * group's pilot was far from its mean: the same order, so every other group's sums come out
  * the same and this group's as accurate as on ordinary data.
  */
 static void nhwc_rowmajor_block_sums(const float *xb, const float *pilot, float *s1, float *s2)
 {
+    float t1[32]; /* the sums over the row blocks so far, compensated by c */
+    float t2[32];
+    float c1[32];
+    float c2[32];
+    unsigned rows = 0; /* since the last fold */
     for (size_t c = 0; c < 32; ++c) {
         s1[c] = 0.0f;
         s2[c] = 0.0f;
+        t1[c] = t2[c] = c1[c] = c2[c] = 0.0f;
     }
     for (size_t i_s1s2 = 0; i_s1s2 < 256; ++i_s1s2) {
         const float *xr = xb + i_s1s2 * 32;
@@ -239,6 +329,17 @@ static void nhwc_rowmajor_block_sums(const float *xb, const float *pilot, float 
             s1[c] += d;
             s2[c] = NHWC_ROWMAJOR_MAC(d, d, s2[c]);
         }
+        if (++rows == 64) {
+            nhwc_rowmajor_fold(s1, t1, c1, 32);
+            nhwc_rowmajor_fold(s2, t2, c2, 32);
+            rows = 0;
+        }
+    }
+    nhwc_rowmajor_fold(s1, t1, c1, 32);
+    nhwc_rowmajor_fold(s2, t2, c2, 32);
+    for (size_t c = 0; c < 32; ++c) {
+        s1[c] = t1[c] - c1[c];
+        s2[c] = t2[c] - c2[c];
     }
 }
 
@@ -267,9 +368,15 @@ static void nhwc_rowmajor_job(const float *x, float *y, const float *scale, cons
             pilot[j * 4 + k] = pj;
         }
     }
+    float t1[32]; /* the sums over the row blocks so far, compensated by c */
+    float t2[32];
+    float c1[32];
+    float c2[32];
+    unsigned rows = 0; /* since the last fold */
     for (size_t c = 0; c < 32; ++c) {
         s1[c] = 0.0f;
         s2[c] = 0.0f;
+        t1[c] = t2[c] = c1[c] = c2[c] = 0.0f;
     }
     for (size_t i_s1s2 = 0; i_s1s2 < 256; ++i_s1s2) {
         const float *xr = xb + i_s1s2 * 32;
@@ -278,6 +385,17 @@ static void nhwc_rowmajor_job(const float *x, float *y, const float *scale, cons
             s1[c] += d;
             s2[c] = NHWC_ROWMAJOR_MAC(d, d, s2[c]);
         }
+        if (++rows == 64) {
+            nhwc_rowmajor_fold(s1, t1, c1, 32);
+            nhwc_rowmajor_fold(s2, t2, c2, 32);
+            rows = 0;
+        }
+    }
+    nhwc_rowmajor_fold(s1, t1, c1, 32);
+    nhwc_rowmajor_fold(s2, t2, c2, 32);
+    for (size_t c = 0; c < 32; ++c) {
+        s1[c] = t1[c] - c1[c];
+        s2[c] = t2[c] - c2[c];
     }
 
     for (size_t j = 0; j < 8; ++j) {
@@ -293,7 +411,7 @@ static void nhwc_rowmajor_job(const float *x, float *y, const float *scale, cons
         }
         float unit = 1.0f;
         float epsilon_u = NHWC_ROWMAJOR_EPSILON; /* epsilon * unit^2 */
-        if (!(sums[1] <= NHWC_ROWMAJOR_LARGEST)) {
+        if (sums[1] - sums[1] != 0) { /* s2 is infinite (or NaN) */
             /* The squares overflowed (|x| beyond about the square root of the largest value):
                sum again with d scaled by a power of two, which is exact. */
             unit = NHWC_ROWMAJOR_RESCUE_UNIT;
@@ -307,7 +425,7 @@ static void nhwc_rowmajor_job(const float *x, float *y, const float *scale, cons
                    s2/N - shift^2 would cancel: sum again, the same way, around the mean (rare:
                    ordinary data never comes here). */
                 group_pilot += shift_u / unit;
-                if (unit == 1.0f) {
+                if (unit == 1) {
                     for (size_t k = 0; k < 4; ++k) {
                         pilot[cj + k] = group_pilot;
                     }
@@ -360,6 +478,16 @@ int nhwc_rowmajor_predict_with_params(const float *x, float *y, size_t batch,
     }
     {
         const size_t jobs = batch * NHWC_ROWMAJOR_JOBS_PER_OBSERVATION;
+#if !defined(__OPTIMIZE_SIZE__)
+        if (!nhwc_rowmajor_scales_fold(scale)) {
+            /* scale * rstd could overflow: every group through the portable nest, which
+               multiplies by the scale last (the compact nest always does). */
+            for (size_t job = 0; job < batch * NHWC_ROWMAJOR_NUM_GROUPS; ++job) {
+                nhwc_rowmajor_wide_job(x, y, scale, offset, job);
+            }
+            return NHWC_ROWMAJOR_OK;
+        }
+#endif
         for (size_t job = 0; job < jobs; ++job) {
             nhwc_rowmajor_job(x, y, scale, offset, job);
         }

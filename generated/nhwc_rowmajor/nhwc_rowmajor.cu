@@ -26,15 +26,14 @@ constexpr int kChannelsPerGroup = 4;
 constexpr int kGroupNumel = 1024; /* elements in one (observation, group) */
 constexpr acc_t kInvGroupNumel = 0.0009765625f;
 constexpr acc_t kEpsilon = 1.0e-05f;
+constexpr acc_t kLargest = FLT_MAX; /* the largest finite acc_t */
 
 /*
  * The overflow rescue: a group whose sum of squares s2 overflows (|x| beyond about the square
  * root of the largest value) is summed again with d scaled by 2^-71, which is exact.
  */
-constexpr acc_t kLargest = FLT_MAX; /* the largest finite acc_t */
 constexpr acc_t kRescueUnit = 0x1p-71f; /* 2^-71 */
 constexpr acc_t kRescueEpsilon = 0.0f; /* epsilon * (2^-71)^2 */
-
 /* Learned parameters for nhwc_rowmajor_cuda_predict, exact in float. */
 __constant__ acc_t c_scale[32] = {
     1.0034193f, 1.1359748f, 1.1224722f, 0.9489693f, 0.97020304f, 0.9472616f,
@@ -139,6 +138,7 @@ __device__ __forceinline__ acc_t offset_of(const elem_t *offset, int c)
     return BAKED ? c_offset[c] : to_acc(offset[c]);
 }
 
+
 /* Sum s1 and s2 over WIDTH neighbouring lanes; every lane ends with the same bits. */
 template <int WIDTH>
 __device__ __forceinline__ void warp_sum(acc_t &s1, acc_t &s2)
@@ -167,12 +167,28 @@ __device__ __forceinline__ group_stats finish(acc_t s1, acc_t s2, acc_t unit = 1
     group_stats st;
     const acc_t shift_u = s1 * kInvGroupNumel; /* (mean - pilot) * unit */
     acc_t var_u = s2 * kInvGroupNumel - shift_u * shift_u; /* biased variance * unit^2 */
-    if (var_u < 0.0f) {
+    if (var_u < 0) {
         var_u = 0.0f; /* rounding only: the variance is never negative */
     }
     st.shift = shift_u / unit;
     st.rstd = unit / sqrtf(var_u + epsilon_u);
     return st;
+}
+
+/*
+ * One output of channel c: a*d + b with d = x - pilot, a = scale*rstd and b = offset - shift*a
+ * folded per channel. A scale too large to fold (a overflowed) is applied last instead, as
+ * scale*(rstd*(d - shift)) + offset, which stays right (a constant group gives exactly the
+ * offset); no ordinary layer takes that branch.
+ */
+template <bool BAKED>
+__device__ __forceinline__ acc_t normalized(acc_t a, acc_t b, acc_t d, const elem_t *scale,
+                                            const elem_t *offset, int c, group_stats st)
+{
+    if (fabsf(a) <= kLargest) {
+        return fmaf(a, d, b);
+    }
+    return scale_of<BAKED>(scale, c) * (st.rstd * (d - st.shift)) + offset_of<BAKED>(offset, c);
 }
 
 /* The median of three values: one outlier among them cannot become the pilot. */
@@ -205,6 +221,25 @@ __device__ __forceinline__ void accumulate(const vec_t<W> &v, acc_t pilot, acc_t
         s1 += d;
         s2 = fmaf(d, d, s2);
     }
+}
+
+/*
+ * The same for the looped kernels, whose threads add thousands of vectors each: the vector's own
+ * sums go into s1 and, compensated, into s2 (Kahan: c2 keeps what s2 lost and gives it back to
+ * the next addition; take s2 - c2 at the end), so a long sum loses nothing that matters.
+ */
+template <int W>
+__device__ __forceinline__ void accumulate_long(const vec_t<W> &v, acc_t pilot, acc_t &s1,
+                                                acc_t &s2, acc_t &c2, acc_t unit = 1.0f)
+{
+    acc_t v1 = 0.0f;
+    acc_t v2 = 0.0f;
+    accumulate(v, pilot, v1, v2, unit);
+    s1 += v1;
+    const acc_t add = v2 - c2;
+    const acc_t sum = s2 + add;
+    c2 = (sum - s2) - add;
+    s2 = sum;
 }
 
 /*
@@ -266,10 +301,11 @@ group_kernel(const elem_t *x, elem_t *y, size_t batch, const elem_t *scale, cons
         }
     } else {
         (void)v;
+        acc_t c2 = 0.0f;
         for (int i = first; i < kGroupNumel; i += CLUSTER * kSlab) {
-            accumulate(load_vec<VEC>(xg + element_offset(i, batch)),
-                       pilot, s1, s2);
+            accumulate_long(load_vec<VEC>(xg + element_offset(i, batch)), pilot, s1, s2, c2);
         }
+        s2 -= c2;
     }
 
     team_sum<THREADS, CLUSTER>(s1, s2);
@@ -292,10 +328,12 @@ group_kernel(const elem_t *x, elem_t *y, size_t batch, const elem_t *scale, cons
                 }
             }
         } else {
+            acc_t c2 = 0.0f;
             for (int i = first; i < kGroupNumel; i += CLUSTER * kSlab) {
-                accumulate(load_vec<VEC>(xg + element_offset(i, batch)),
-                           pilot_u, s1, s2, kRescueUnit);
+                accumulate_long(load_vec<VEC>(xg + element_offset(i, batch)), pilot_u, s1, s2,
+                                c2, kRescueUnit);
             }
+            s2 -= c2;
         }
         __syncthreads(); /* every warp has read the first warp sums */
         team_sum<THREADS, CLUSTER>(s1, s2);
@@ -323,7 +361,8 @@ group_kernel(const elem_t *x, elem_t *y, size_t batch, const elem_t *scale, cons
                     const int c = channel_of(i + k);
                     const acc_t a = ab[2 * c];
                     const acc_t b = ab[2 * c + 1];
-                    out.v[k] = from_acc(fmaf(a, to_acc(v[p].v[k]) - pilot, b));
+                    out.v[k] = from_acc(normalized<BAKED>(a, b, to_acc(v[p].v[k]) - pilot, scale, offset,
+                                                          c0 + c, st));
                 }
                 store_vec<VEC>(yg + element_offset(i, batch), out);
             }
@@ -337,7 +376,8 @@ group_kernel(const elem_t *x, elem_t *y, size_t batch, const elem_t *scale, cons
                 const int c = channel_of(i + k);
                 const acc_t a = ab[2 * c];
                 const acc_t b = ab[2 * c + 1];
-                out.v[k] = from_acc(fmaf(a, to_acc(in.v[k]) - pilot, b));
+                out.v[k] = from_acc(normalized<BAKED>(a, b, to_acc(in.v[k]) - pilot, scale, offset,
+                                                      c0 + c, st));
             }
             store_vec<VEC>(yg + element_offset(i, batch), out);
         }
@@ -359,6 +399,31 @@ __device__ __forceinline__ void accumulate_row(const vec_t<VEC> &v, const acc_t 
         const acc_t d = to_acc(v.v[k]) * unit - pilot[j];
         s1[j] += d;
         s2[j] = fmaf(d, d, s2[j]);
+    }
+}
+
+/* The same for looped teams, compensated like accumulate_long (take s2 - c2 at the end). */
+template <int VEC, int SUMS>
+__device__ __forceinline__ void accumulate_row_long(const vec_t<VEC> &v,
+                                                    const acc_t (&pilot)[SUMS],
+                                                    acc_t (&s1)[SUMS], acc_t (&s2)[SUMS],
+                                                    acc_t (&c2)[SUMS], acc_t unit = 1.0f)
+{
+    acc_t v1[SUMS];
+    acc_t v2[SUMS];
+#pragma unroll
+    for (int j = 0; j < SUMS; ++j) {
+        v1[j] = 0.0f;
+        v2[j] = 0.0f;
+    }
+    accumulate_row<VEC, SUMS>(v, pilot, v1, v2, unit);
+#pragma unroll
+    for (int j = 0; j < SUMS; ++j) {
+        s1[j] += v1[j];
+        const acc_t add = v2[j] - c2[j];
+        const acc_t sum = s2[j] + add;
+        c2[j] = (sum - s2[j]) - add;
+        s2[j] = sum;
     }
 }
 
@@ -429,14 +494,24 @@ __device__ __forceinline__ void rows_group_sums(const acc_t *team_sums, int g, a
     }
 }
 
-/* y = a*(x - pilot) + b for one row vector; ab holds (a, b, pilot) per channel. */
-template <int VEC>
-__device__ __forceinline__ vec_t<VEC> apply_row(const vec_t<VEC> &in, const acc_t *ab)
+/* y = a*(x - pilot) + b for one row vector; ab holds (a, b, pilot) per channel, stats the
+   groups' (shift, rstd, pilot). */
+template <int VEC, bool BAKED>
+__device__ __forceinline__ vec_t<VEC> apply_row(const vec_t<VEC> &in, const acc_t *ab,
+                                                const acc_t *stats, int column,
+                                                const elem_t *scale, const elem_t *offset,
+                                                int c0)
 {
     vec_t<VEC> out;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-        out.v[k] = from_acc(fmaf(ab[3 * k], to_acc(in.v[k]) - ab[3 * k + 2], ab[3 * k + 1]));
+        const acc_t *s = ab + 3 * (column + k);
+        const int g = (column + k) / kChannelsPerGroup;
+        group_stats st;
+        st.shift = stats[3 * g];
+        st.rstd = stats[3 * g + 1];
+        out.v[k] = from_acc(normalized<BAKED>(s[0], s[1], to_acc(in.v[k]) - s[2], scale, offset,
+                                              c0 + column + k, st));
     }
     return out;
 }
@@ -496,10 +571,19 @@ rows_kernel(const elem_t *x, elem_t *y, size_t batch, const elem_t *scale, const
         }
     } else {
         (void)v;
+        acc_t c2[kSums];
+#pragma unroll
+        for (int j = 0; j < kSums; ++j) {
+            c2[j] = 0.0f;
+        }
         for (int i = first; i < kTeamNumel; i += CLUSTER * kSlab) {
-            accumulate_row<VEC, kSums>(
+            accumulate_row_long<VEC, kSums>(
                 load_vec<VEC>(xg + (size_t)(i / kWidth) * row_stride + column),
-                pilot, s1, s2);
+                pilot, s1, s2, c2);
+        }
+#pragma unroll
+        for (int j = 0; j < kSums; ++j) {
+            s2[j] -= c2[j];
         }
     }
 
@@ -543,10 +627,19 @@ rows_kernel(const elem_t *x, elem_t *y, size_t batch, const elem_t *scale, const
                 }
             }
         } else {
+            acc_t c2[kSums];
+#pragma unroll
+            for (int j = 0; j < kSums; ++j) {
+                c2[j] = 0.0f;
+            }
             for (int i = first; i < kTeamNumel; i += CLUSTER * kSlab) {
-                accumulate_row<VEC, kSums>(
+                accumulate_row_long<VEC, kSums>(
                     load_vec<VEC>(xg + (size_t)(i / kWidth) * row_stride + column),
-                    pilot_u, s1, s2, kRescueUnit);
+                    pilot_u, s1, s2, c2, kRescueUnit);
+            }
+#pragma unroll
+            for (int j = 0; j < kSums; ++j) {
+                s2[j] -= c2[j];
             }
         }
         team_sums = rows_team_sums<THREADS, CLUSTER, VEC, kSums>(s1, s2);
@@ -579,13 +672,14 @@ rows_kernel(const elem_t *x, elem_t *y, size_t batch, const elem_t *scale, const
             const int i = first + p * CLUSTER * kSlab;
             if (i < kTeamNumel) {
                 store_vec<VEC>(yg + (size_t)(i / kWidth) * row_stride + column,
-                               apply_row<VEC>(v[p], ab + 3 * column));
+                               apply_row<VEC, BAKED>(v[p], ab, stats, column, scale, offset, c0));
             }
         }
     } else {
         for (int i = first; i < kTeamNumel; i += CLUSTER * kSlab) {
             const size_t at = (size_t)(i / kWidth) * row_stride + column;
-            store_vec<VEC>(yg + at, apply_row<VEC>(load_vec<VEC>(xg + at), ab + 3 * column));
+            store_vec<VEC>(yg + at, apply_row<VEC, BAKED>(load_vec<VEC>(xg + at), ab, stats, column,
+                                                          scale, offset, c0));
         }
     }
 }

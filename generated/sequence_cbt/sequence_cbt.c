@@ -14,8 +14,8 @@
    epsilon scaled alike. */
 #define SEQUENCE_CBT_RESCUE_UNIT 8.271806e-25f /* 2^-80 */
 #define SEQUENCE_CBT_RESCUE_EPSILON 0.0f
-/* The largest finite float (FLT_MAX, without needing <float.h>): sums above it overflowed. */
-#define SEQUENCE_CBT_LARGEST 3.4028235e+38f
+/* Scales up to this fold into a = scale * rstd without overflow (rstd <= 1/sqrt(epsilon)). */
+#define SEQUENCE_CBT_SAFE_SCALE 1.0760661e+36f
 
 /* Learned parameters, one per channel. */
 static const float sequence_cbt_scale[12] = {
@@ -67,8 +67,8 @@ static void sequence_cbt_job(const float *x, float *y, size_t i_t_stride, const 
     float pilot = xg[0];
     float unit = 1.0f;
     float epsilon_u = SEQUENCE_CBT_EPSILON; /* epsilon * unit^2 */
-    float shift = 0.0f;         /* (mean - pilot) * unit */
-    float rstd = 0.0f;          /* 1/sqrt(variance + epsilon) / unit */
+    float shift; /* (mean - pilot) * unit, and 1/sqrt(variance + epsilon) / unit: */
+    float rstd;  /* both set by the sweeps of sums before the last sweep reads them */
     for (unsigned sweep = 0;; ++sweep) {
         float s1 = 0.0f;
         float s2 = 0.0f;
@@ -76,9 +76,11 @@ static void sequence_cbt_job(const float *x, float *y, size_t i_t_stride, const 
             for (size_t c = 0; c < 4; ++c) {
                 const float d = (xg[i_t * i_t_stride + c] - pilot) * unit;
                 if (sweep == 2) {
-                    yg[i_t * i_t_stride + c] = scale[c0 + c] * rstd * (d - shift) + offset[c0 + c];
+                    yg[i_t * i_t_stride + c] = scale[c0 + c] * (rstd * (d - shift)) + offset[c0 + c];
                 } else {
+
                     s1 += d;
+
                     s2 += d * d;
                 }
             }
@@ -90,14 +92,14 @@ static void sequence_cbt_job(const float *x, float *y, size_t i_t_stride, const 
             float var_u; /* biased variance * unit^2 */
             shift = s1 * SEQUENCE_CBT_INV_GROUP_NUMEL;
             var_u = s2 * SEQUENCE_CBT_INV_GROUP_NUMEL - shift * shift;
-            if (var_u < 0.0f) {
+            if (var_u < 0) {
                 var_u = 0.0f; /* rounding only: the variance is never negative */
             }
             rstd = 1.0f / sequence_cbt_sqrt(var_u + epsilon_u);
         }
         if (sweep == 0) {
             pilot += shift; /* the mean */
-            if (s2 - s2 != 0.0f) { /* s2 is infinite (or NaN) */
+            if (s2 - s2 != 0) { /* s2 is infinite (or NaN) */
                 unit = SEQUENCE_CBT_RESCUE_UNIT;
                 epsilon_u = SEQUENCE_CBT_RESCUE_EPSILON;
             }
@@ -122,7 +124,7 @@ static sequence_cbt_stats sequence_cbt_finish(float s1, float s2, float unit, fl
     sequence_cbt_stats st;
     const float shift_u = s1 * SEQUENCE_CBT_INV_GROUP_NUMEL; /* (mean - pilot) * unit */
     float var_u = s2 * SEQUENCE_CBT_INV_GROUP_NUMEL - shift_u * shift_u; /* biased variance * unit^2 */
-    if (var_u < 0.0f) {
+    if (var_u < 0) {
         var_u = 0.0f; /* rounding only: the variance is never negative */
     }
     st.shift = shift_u / unit;
@@ -143,7 +145,9 @@ static void sequence_cbt_group_sums(const float *xg, size_t i_t_stride, float pi
     for (size_t i_t = 0; i_t < 50; ++i_t) {
         for (size_t c = 0; c < 4; ++c) {
             const float d = xg[i_t * i_t_stride + c] * unit - pilot_u;
+
             s1 += d;
+
             s2 += d * d;
         }
     }
@@ -210,6 +214,69 @@ static float sequence_cbt_split_mean(float pilot, float shift, float *mean_lo)
     const float shift_in_mean = mean - pilot;
     *mean_lo = (pilot - (mean - shift_in_mean)) + (shift - shift_in_mean);
     return mean;
+}
+
+/*
+ * y = scale*(rstd*((x - pilot) - shift)) + offset over one group: x - pilot is exact when the
+ * mean is large, so subtracting shift rounds only once, and the scale comes last, so a scale
+ * too large to fold into scale*rstd still gives the right value (a constant group exactly the
+ * offset).
+ */
+static void sequence_cbt_group_apply(const float *xg, float *yg, size_t i_t_stride, const float *scale,
+    const float *offset, float pilot, float shift, float rstd)
+{
+    for (size_t i_t = 0; i_t < 50; ++i_t) {
+        for (size_t c = 0; c < 4; ++c) {
+            const float s = scale[c];
+            const float o = offset[c];
+            yg[i_t * i_t_stride + c] = s * (rstd * ((xg[i_t * i_t_stride + c] - pilot) - shift)) + o;
+        }
+    }
+}
+
+/* Normalize one (observation, group) with the portable nest. */
+static void sequence_cbt_wide_job(const float *x, float *y, size_t i_t_stride, const float *scale, const float *offset, size_t job)
+{
+    const size_t c0 = job % SEQUENCE_CBT_NUM_GROUPS * 4;
+    const size_t base = job * 4; /* the groups tile the buffer in job order */
+    const float *xg = x + base;
+    float sums[2];
+
+    /* Two sweeps of sums: the first around the group's first element finds the mean, the
+       second sums around that mean, so s2/N - shift^2 cancels nothing. If the first sweep's
+       squares overflowed (|x| beyond about the square root of the largest value), the second
+       scales d by 2^-80, which is exact. Limit of this nest: the first sweep's
+       sum of x - x[0] must stay finite, |x| * 200 below the largest value. */
+    float pilot = xg[0];
+    float unit = 1.0f;
+    float epsilon_u = SEQUENCE_CBT_EPSILON; /* epsilon * unit^2 */
+    for (unsigned sweep = 1;; ++sweep) {
+        sequence_cbt_group_sums(xg, i_t_stride, pilot, unit, sums);
+        if (sweep == 2) {
+            break;
+        }
+        pilot += sums[0] * SEQUENCE_CBT_INV_GROUP_NUMEL; /* the mean */
+        if (sums[1] - sums[1] != 0) { /* s2 is infinite (or NaN) */
+            unit = SEQUENCE_CBT_RESCUE_UNIT;
+            epsilon_u = SEQUENCE_CBT_RESCUE_EPSILON;
+        }
+    }
+    const sequence_cbt_stats st = sequence_cbt_finish(sums[0], sums[1], unit, epsilon_u);
+    sequence_cbt_group_apply(xg, y + base, i_t_stride, scale + c0, offset + c0, pilot, st.shift, st.rstd);
+}
+
+/* Whether every scale folds into a = scale * rstd without overflow (a NaN does not). */
+static int sequence_cbt_scales_fold(const float *scale)
+{
+    /* A variable, not the literal: where float arithmetic is done in double
+       (FLT_EVAL_METHOD 1), comparing with a float literal promotes the other side. */
+    const float limit = SEQUENCE_CBT_SAFE_SCALE;
+    for (size_t c = 0; c < SEQUENCE_CBT_NUM_CHANNELS; ++c) {
+        if (!(scale[c] <= limit && scale[c] >= -limit)) {
+            return 0;
+        }
+    }
+    return 1;
 }
 
 /*
@@ -284,7 +351,7 @@ static void sequence_cbt_job(const float *x, float *y, size_t i_t_stride, const 
         }
         float unit = 1.0f;
         float epsilon_u = SEQUENCE_CBT_EPSILON; /* epsilon * unit^2 */
-        if (!(sums[1] <= SEQUENCE_CBT_LARGEST)) {
+        if (sums[1] - sums[1] != 0) { /* s2 is infinite (or NaN) */
             /* The squares overflowed (|x| beyond about the square root of the largest value):
                sum again with d scaled by a power of two, which is exact. */
             unit = SEQUENCE_CBT_RESCUE_UNIT;
@@ -298,7 +365,7 @@ static void sequence_cbt_job(const float *x, float *y, size_t i_t_stride, const 
                    s2/N - shift^2 would cancel: sum again, the same way, around the mean (rare:
                    ordinary data never comes here). */
                 group_pilot += shift_u / unit;
-                if (unit == 1.0f) {
+                if (unit == 1) {
                     for (size_t k = 0; k < 4; ++k) {
                         pilot[cj + k] = group_pilot;
                     }
@@ -352,6 +419,16 @@ int sequence_cbt_predict_with_params(const float *x, float *y, size_t batch,
     {
         const size_t i_t_stride = (size_t)12 * batch; /* T lies beyond B */
         const size_t jobs = batch * SEQUENCE_CBT_JOBS_PER_OBSERVATION;
+#if !defined(__OPTIMIZE_SIZE__)
+        if (!sequence_cbt_scales_fold(scale)) {
+            /* scale * rstd could overflow: every group through the portable nest, which
+               multiplies by the scale last (the compact nest always does). */
+            for (size_t job = 0; job < batch * SEQUENCE_CBT_NUM_GROUPS; ++job) {
+                sequence_cbt_wide_job(x, y, i_t_stride, scale, offset, job);
+            }
+            return SEQUENCE_CBT_OK;
+        }
+#endif
         for (size_t job = 0; job < jobs; ++job) {
             sequence_cbt_job(x, y, i_t_stride, scale, offset, job);
         }

@@ -26,15 +26,14 @@ constexpr int kChannelsPerGroup = 4;
 constexpr int kGroupNumel = 200; /* elements in one (observation, group) */
 constexpr acc_t kInvGroupNumel = 0.005f;
 constexpr acc_t kEpsilon = 1.0e-05f;
+constexpr acc_t kLargest = FLT_MAX; /* the largest finite acc_t */
 
 /*
  * The overflow rescue: a group whose sum of squares s2 overflows (|x| beyond about the square
  * root of the largest value) is summed again with d scaled by 2^-70, which is exact.
  */
-constexpr acc_t kLargest = FLT_MAX; /* the largest finite acc_t */
 constexpr acc_t kRescueUnit = 0x1p-70f; /* 2^-70 */
 constexpr acc_t kRescueEpsilon = 0.0f; /* epsilon * (2^-70)^2 */
-
 /* Learned parameters for sequence_cbt_cuda_predict, exact in float. */
 __constant__ acc_t c_scale[12] = {
     0.020409191f, -0.02555665f, 0.0041809883f, -0.005677696f, -0.004526493f, -0.0021559717f,
@@ -130,6 +129,7 @@ __device__ __forceinline__ acc_t offset_of(const elem_t *offset, int c)
     return BAKED ? c_offset[c] : to_acc(offset[c]);
 }
 
+
 /* Sum s1 and s2 over WIDTH neighbouring lanes; every lane ends with the same bits. */
 template <int WIDTH>
 __device__ __forceinline__ void warp_sum(acc_t &s1, acc_t &s2)
@@ -158,12 +158,28 @@ __device__ __forceinline__ group_stats finish(acc_t s1, acc_t s2, acc_t unit = 1
     group_stats st;
     const acc_t shift_u = s1 * kInvGroupNumel; /* (mean - pilot) * unit */
     acc_t var_u = s2 * kInvGroupNumel - shift_u * shift_u; /* biased variance * unit^2 */
-    if (var_u < 0.0f) {
+    if (var_u < 0) {
         var_u = 0.0f; /* rounding only: the variance is never negative */
     }
     st.shift = shift_u / unit;
     st.rstd = unit / sqrtf(var_u + epsilon_u);
     return st;
+}
+
+/*
+ * One output of channel c: a*d + b with d = x - pilot, a = scale*rstd and b = offset - shift*a
+ * folded per channel. A scale too large to fold (a overflowed) is applied last instead, as
+ * scale*(rstd*(d - shift)) + offset, which stays right (a constant group gives exactly the
+ * offset); no ordinary layer takes that branch.
+ */
+template <bool BAKED>
+__device__ __forceinline__ acc_t normalized(acc_t a, acc_t b, acc_t d, const elem_t *scale,
+                                            const elem_t *offset, int c, group_stats st)
+{
+    if (fabsf(a) <= kLargest) {
+        return fmaf(a, d, b);
+    }
+    return scale_of<BAKED>(scale, c) * (st.rstd * (d - st.shift)) + offset_of<BAKED>(offset, c);
 }
 
 /* The median of three values: one outlier among them cannot become the pilot. */
@@ -196,6 +212,25 @@ __device__ __forceinline__ void accumulate(const vec_t<W> &v, acc_t pilot, acc_t
         s1 += d;
         s2 = fmaf(d, d, s2);
     }
+}
+
+/*
+ * The same for the looped kernels, whose threads add thousands of vectors each: the vector's own
+ * sums go into s1 and, compensated, into s2 (Kahan: c2 keeps what s2 lost and gives it back to
+ * the next addition; take s2 - c2 at the end), so a long sum loses nothing that matters.
+ */
+template <int W>
+__device__ __forceinline__ void accumulate_long(const vec_t<W> &v, acc_t pilot, acc_t &s1,
+                                                acc_t &s2, acc_t &c2, acc_t unit = 1.0f)
+{
+    acc_t v1 = 0.0f;
+    acc_t v2 = 0.0f;
+    accumulate(v, pilot, v1, v2, unit);
+    s1 += v1;
+    const acc_t add = v2 - c2;
+    const acc_t sum = s2 + add;
+    c2 = (sum - s2) - add;
+    s2 = sum;
 }
 
 /*
@@ -264,7 +299,8 @@ warp_kernel(const elem_t *x, elem_t *y, size_t batch, const elem_t *scale, const
                 const int c = c0 + channel_of(i + k);
                 const acc_t a = scale_of<BAKED>(scale, c) * st.rstd;
                 const acc_t b = offset_of<BAKED>(offset, c) - st.shift * a;
-                out.v[k] = from_acc(fmaf(a, to_acc(v[p].v[k]) - pilot, b));
+                out.v[k] = from_acc(normalized<BAKED>(a, b, to_acc(v[p].v[k]) - pilot, scale,
+                                                      offset, c, st));
             }
             store_vec<VEC>(yg + element_offset(i, batch), out);
         }

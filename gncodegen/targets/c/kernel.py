@@ -62,7 +62,9 @@ take the portable job.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from ...fields import parse_int
 from ...options import SpecOption
@@ -90,6 +92,17 @@ SHORT_GROUP = 32
 SHORT_GROUP_SAMPLES = 4
 # Lane blocks per iteration of the statistics loop (a compiler hint): NCHW B 290 -> 245 us.
 STATS_UNROLL = 8
+# Long sums lose accuracy: a float accumulator that adds n terms of one sign loses up to about
+# n/16 ulps in practice (32 lanes over a group of 2^20: 2.2e-4 relative). So every partial sum
+# takes at most BLOCK_TERMS terms, then is folded into the group's total with Kahan's
+# compensation (which loses nothing that matters however many blocks there are); one
+# accumulator alone (the compact and strided nests, the rescue) is compensated once its group
+# has more than PLAIN_TERMS elements.
+# s1 sums terms of both signs, except in a first sweep around a pilot far from the mean (an
+# outlier as a group's first element): past PLAIN_MEAN_TERMS elements it is compensated too.
+BLOCK_TERMS = 64
+PLAIN_TERMS = 1024
+PLAIN_MEAN_TERMS = 1 << 20
 # Calls on fewer elements than this stay on one thread: starting a team costs microseconds.
 PARALLEL_MIN_ELEMENTS = 1 << 16
 # Upper bound on the fast shape's stack arrays, asserted for every plan.
@@ -162,6 +175,10 @@ class CKernel:
     stats_run: Loop | None = None        # the contiguous run (stride 1)
     stats_full: int = 0                  # elements of the run covered by whole lane blocks
     stats_remainder: int = 0             # elements left, added into lanes 0..remainder-1
+    block_elements: int = 0              # lanes * BLOCK_TERMS: folded into the totals after
+                                         # each block (0: the group is one block)
+    blocks_in_run: int = 0               # whole blocks in one run (runs of a block or longer)
+    runs_per_fold: int = 0               # runs per fold (runs shorter than a block)
     apply_outer: tuple[Loop, ...] = ()   # normalize loops outside the innermost one
     apply_run: Loop | None = None        # the innermost normalize loop (stride 1)
     channel_fastest: bool = False        # normalize with per-channel arrays a[], b[]
@@ -169,6 +186,13 @@ class CKernel:
     row_loops: tuple[Loop, ...] = ()     # loops over the rows of a group (channel loop removed)
     block_groups: int = 0                # groups swept together
     block_channels: int = 0              # channels swept together (stack arrays' length)
+    rows_per_fold: int = 0               # rows kernel: rows per fold (0: the group is one block)
+    compensated: bool = False            # one-accumulator sums (compact, strided, rescue) use
+                                         # Kahan's compensation for s2
+    compensated_mean: bool = False       # ... and for s1
+    scale_guard: bool = False            # fast kernels: a scale above safe_scale can make
+    safe_scale_literal: str = ""         # scale * rstd overflow; such calls take the portable
+                                         # nest (the wide job) instead
     stack_bytes: int = 0                 # the fast shape's stack arrays, in bytes
 
 
@@ -273,6 +297,8 @@ def plan_kernel(plan: Plan, threads: int | None = None) -> CKernel:
         recenter_factor_literal=dt.literal((1.0 + RECENTER_LIMIT) / RECENTER_LIMIT),
         fpu_sqrt=FPU_SQRT.get(dtype, ("", 0))[0], fpu_sqrt_flag=FPU_SQRT.get(dtype, ("", 0))[1],
         fma=dt.spelling.fma, fast_fma_macro=dt.spelling.fast_fma_macro,
+        compensated=plan.group_numel > PLAIN_TERMS,
+        compensated_mean=plan.group_numel > PLAIN_MEAN_TERMS,
     )
     cpg = plan.channels_per_group
     stats, group = layout.stats_loops, layout.group_loops
@@ -296,7 +322,12 @@ def plan_kernel(plan: Plan, threads: int | None = None) -> CKernel:
         run, apply_run = stats[-1], group[-1]
         assert apply_run.stride == 1 and not apply_run.per_batch, apply_run
         lanes = min(max_lanes, _pow2_floor(run.extent))
-        stack = 2 * lanes * size + (2 * cpg * size if channel_fastest else 0)
+        block = lanes * BLOCK_TERMS if plan.group_numel > lanes * BLOCK_TERMS else 0
+        full = run.extent // lanes * lanes
+        in_run = full // block if block else 0
+        per_fold = block // run.extent if block and not in_run and stats[:-1] else 0
+        stack = ((6 if block else 2) * lanes * size
+                 + (2 * cpg * size if channel_fastest else 0))
         simd = _simd_groups(plan, channel_fastest, common["group_stride"],
                             bool(stats[:-1] or group[:-1]))
         if simd:
@@ -308,7 +339,8 @@ def plan_kernel(plan: Plan, threads: int | None = None) -> CKernel:
                        else "a and b folded per channel")),
             lanes=lanes, halvings=_halvings(lanes), jobs_per_observation=plan.num_groups,
             stats_outer=tuple(stats[:-1]), stats_run=run,
-            stats_full=run.extent // lanes * lanes, stats_remainder=run.extent % lanes,
+            stats_full=full, stats_remainder=run.extent % lanes,
+            block_elements=block, blocks_in_run=in_run, runs_per_fold=per_fold,
             apply_outer=tuple(group[:-1]), apply_run=apply_run,
             channel_fastest=channel_fastest, stack_bytes=stack, **common)
     elif layout.channels_last and (bk := _block_groups(plan, threads)):
@@ -321,12 +353,18 @@ def plan_kernel(plan: Plan, threads: int | None = None) -> CKernel:
                     f"channels) swept row by row with one accumulator per channel"),
             lanes=1, halvings=(), jobs_per_observation=plan.num_groups // bk,
             row_loops=rows, block_groups=bk, block_channels=block_channels,
-            stack_bytes=6 * block_channels * size, **common)
+            rows_per_fold=BLOCK_TERMS if plan.group_numel // cpg > BLOCK_TERMS else 0,
+            stack_bytes=(10 if plan.group_numel // cpg > BLOCK_TERMS else 6)
+            * block_channels * size, **common)
     else:
         kernel = CKernel(
             kind="strided", reason="strided kernel: the portable nest (no contiguous run)",
             lanes=1, halvings=(), jobs_per_observation=plan.num_groups, **common)
 
+    if kernel.kind != "strided":
+        safe = safe_scale(plan)
+        if safe < dt.accumulator.largest:
+            kernel = replace(kernel, scale_guard=True, safe_scale_literal=dt.literal(safe))
     assert kernel.stack_bytes <= MAX_STACK_BYTES, kernel
     assert kernel.lanes & (kernel.lanes - 1) == 0
     assert kernel.jobs_per_observation * (kernel.block_groups or 1) == plan.num_groups
@@ -336,7 +374,24 @@ def plan_kernel(plan: Plan, threads: int | None = None) -> CKernel:
     if kernel.kind == "runs":
         assert kernel.stats_full + kernel.stats_remainder == kernel.stats_run.extent
         assert kernel.stats_remainder < kernel.lanes
+        if kernel.block_elements:
+            assert (kernel.blocks_in_run > 0) + (kernel.runs_per_fold > 0) == 1, kernel
     return kernel
+
+
+def safe_scale(plan: Plan) -> float:
+    """Return the largest |scale| whose a = scale * rstd cannot overflow the accumulation type.
+
+    rstd = 1/sqrt(var + epsilon) is at most 1/sqrt(epsilon), as the code rounds it; the bound
+    keeps a margin below the quotient and is rounded down into the type.
+    """
+    acc = plan.dtype.accumulator
+    ftype = acc.numpy.type
+    max_rstd = float(ftype(1.0) / ftype(np.sqrt(ftype(plan.layer.epsilon))))
+    bound = acc.largest / max_rstd * (1.0 - 2.0 ** -20)
+    if bound >= acc.largest:
+        return acc.largest
+    return float(np.nextafter(ftype(bound), ftype(0.0)))
 
 
 def kernel_comment(plan: Plan, k: CKernel) -> tuple[str, ...]:

@@ -22,6 +22,9 @@ WARP_TEAM_BLOCK = 256      # threads per block for the warp strategy
 GRID_LIMIT = 2**31 - 1
 SIZE_MAX = 2**64 - 1
 AB_SMEM_BYTES = 16 * 1024  # folded a/b per channel staged in shared memory up to this size
+# Baked parameters go to __constant__ memory up to this size: half the 64 KiB bank, the rest
+# left to the application; larger ones to global memory.
+CONSTANT_PARAM_BYTES = 32 * 1024
 MIN_WAVES = 2              # the wide (or split) variant is used below this many blocks per SM
 SPLIT_RECORD = 4           # accumulators per split chunk record: s1, s2, scaled, pilot
 POOL_DEVICES = 64          # devices that can get the layer's split workspace pool

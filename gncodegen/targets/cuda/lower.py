@@ -54,7 +54,7 @@ from ..cfamily import Style
 from .dispatch import (FEW_BLOCKS, MISALIGNED, SM90, DispatchEnv, Rule, dispatch_rules,
                        evaluate)
 from .options import CUDA_ARCH
-from .geometry import (AB_SMEM_BYTES, GRID_LIMIT, MIN_WAVES, POOL_DEVICES, SIZE_MAX, SPLIT_RECORD,
+from .geometry import (AB_SMEM_BYTES, CONSTANT_PARAM_BYTES, GRID_LIMIT, MIN_WAVES, POOL_DEVICES, SIZE_MAX, SPLIT_RECORD,
                        WARP, CudaOptions, OffsetTerm, Rows, Variant, _channel_index,
                        choose_variants, offset_terms)
 
@@ -122,10 +122,16 @@ class CudaPlan(TargetRecord):
     inv_numel_literal: str
     scale_literals: tuple[str, ...]
     offset_literals: tuple[str, ...]
+    params_in_constant: bool          # baked parameters in __constant__ memory (else global)
     style: Style                      # how the shared numerics are spelled here
     dispatch: tuple[Rule, ...]        # the host code's launch rules, in order
     device_query_at: int              # the first rule that needs the device's attributes
     summary: tuple[str, ...]
+
+    @property
+    def params_space(self) -> str:
+        """Where the baked parameters live: __constant__, or __device__ (global) memory."""
+        return "__constant__" if self.params_in_constant else "__device__"
 
     @property
     def needs_major(self) -> bool:
@@ -237,6 +243,7 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
         assert rows.width * 2 * (8 if sc.acc == "double" else 4) <= AB_SMEM_BYTES
 
     acc = "double" if sc.acc == "double" else "single"
+    sc_acc_bytes = DTYPES[acc].bytes
     rescue = rescue_plan(numel, layer.dtype, sc.acc, layer.epsilon)
     # A looped variant launched with too few blocks to fill the SMs gives way to the split
     # kernels, where the layer has them: it would sweep each group twice, alone.
@@ -279,6 +286,7 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
         inv_numel_literal=c_literal(1.0 / numel, acc),
         scale_literals=tuple(c_literal(v, acc) for v in plan.scale_values),
         offset_literals=tuple(c_literal(v, acc) for v in plan.offset_values),
+        params_in_constant=2 * plan.num_channels * sc_acc_bytes <= CONSTANT_PARAM_BYTES,
         style=Style("__device__ __forceinline__", DTYPES[acc].spelling, "acc_t", "group_stats",
                     "finish", "split_mean", "kInvGroupNumel", "kEpsilon", cpp=True),
         dispatch=rules,

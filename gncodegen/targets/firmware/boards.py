@@ -95,6 +95,7 @@ PACKAGES = {
     "qemu-system-arm": "qemu-system-arm",
     "qemu-aarch64": "qemu-user",
     "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu libc6-dev-arm64-cross",
+    "s390x-linux-gnu-gcc": "gcc-s390x-linux-gnu libc6-dev-s390x-cross",
     "arm-none-eabi-objdump": "binutils-arm-none-eabi",
     "clang": "clang",
     "gcc": "gcc",
