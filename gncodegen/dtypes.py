@@ -127,3 +127,37 @@ def c_literal(value: float, acc: str) -> str:
 def round_to_dtype(values, name: str) -> np.ndarray:
     """Return values as float64 after rounding them to the named dtype's storage type."""
     return DTYPES[name].round(values)
+
+
+def c_literals(values, acc: str) -> tuple[str, ...]:
+    """Return c_literal of every value, fast for many: each distinct value is spelled once,
+    and the round trip is checked on the whole array at once (a million channels take a second,
+    not ten)."""
+    arr = np.asarray(values, dtype=np.float64).ravel()
+    if arr.size == 0:
+        return ()
+    rounded = arr if acc == "double" else arr.astype(np.float32)
+    if not np.all(np.isfinite(rounded)):
+        bad = arr[~np.isfinite(rounded)][0]
+        raise ValueError(f"literal {bad!r} is not finite in {acc}")
+    # Distinct by bit pattern, so that -0.0 keeps its sign.
+    bits, where = np.unique(rounded.view(np.uint64 if acc == "double" else np.uint32),
+                            return_inverse=True)
+    distinct = bits.view(rounded.dtype)
+    spell = repr if acc == "double" else str   # both print the shortest round-trip text
+    texts = []
+    for text in map(spell, distinct.tolist() if acc == "double" else distinct):
+        if "e" not in text:
+            if "." not in text:
+                text += ".0"
+        elif "." not in text.split("e")[0]:
+            mant, exp = text.split("e")
+            text = f"{mant}.0e{exp}"
+        texts.append(text)
+    back = np.array([float(t) for t in texts])
+    if acc != "double":
+        back = back.astype(np.float32)
+    assert np.array_equal(back.view(bits.dtype), bits), "a literal does not read back as its value"
+    suffix = SPELLINGS[acc].suffix
+    spelled = [t + suffix for t in texts]
+    return tuple(spelled[i] for i in where.ravel())

@@ -1,8 +1,8 @@
 """The float64 NumPy reference: group normalization on flat buffers in a spec's memory layout.
 
 It works group by group on views of the caller's buffer and a chunk of a group at a time, so
-it needs the output (8 bytes an element) and a few chunks beside the input, whatever the size
-of an observation.
+it needs a few chunks beside the input and the output (or the buffer it is compared with),
+whatever the size of an observation.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 from .spec import Layer
 
 # Elements of a group converted to float64 at a time.
-CHUNK = 1 << 22
+CHUNK = 1 << 20
 
 
 def logical_shape(layer: Layer, batch: int) -> tuple[int, ...]:
@@ -103,9 +103,13 @@ def _sum(chunks) -> float:
     return math.fsum(parts) if all(math.isfinite(p) for p in parts) else sum(parts)
 
 
-def group_norm_reference(x: np.ndarray, layer: Layer, batch: int,
-                         scale=None, offset=None) -> np.ndarray:
-    """Return y = group_norm(x) in float64 for a flat buffer in the layer's layout.
+def reference_pieces(x: np.ndarray, layer: Layer, batch: int, scale=None, offset=None,
+                     like: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (piece of like, the reference's float64 values for it) over every element.
+
+    like is a flat buffer in the layer's layout (the output to fill, or one to compare); the
+    pieces are views of it, a group or a chunk of one at a time, so the reference never holds
+    more than a chunk in float64 beside the caller's buffers.
 
     Each group's statistics take three passes in float64, relative to its first element (its
     pilot: x - pilot is exact for inputs of a narrower type, so a mean far from zero costs no
@@ -116,8 +120,7 @@ def group_norm_reference(x: np.ndarray, layer: Layer, batch: int,
     scale = np.asarray(layer.scale if scale is None else scale, dtype=np.float64)
     offset = np.asarray(layer.offset if offset is None else offset, dtype=np.float64)
     src = to_logical(np.asarray(x), layer, batch)
-    out = np.empty(src.size, dtype=np.float64)
-    dst = to_logical(out, layer, batch)
+    dst = to_logical(np.empty(src.size) if like is None else np.ravel(like), layer, batch)
     fmt = layer.format
     # The channel axis among a group view's axes (the B axis is indexed away).
     c_axis = fmt.index("C") - (1 if "B" in fmt and fmt.index("B") < fmt.index("C") else 0)
@@ -140,5 +143,14 @@ def group_norm_reference(x: np.ndarray, layer: Layer, batch: int,
             rstd = 1.0 / np.sqrt(np.float64(var) + layer.epsilon)
             pieces = zip(_chunks(view, (s, o)), _chunks(target, ()))
             for (c, (cs, co)), (t, _) in pieces:
-                t[...] = ((shifted(c) - m1) - m2) * rstd * cs + co
+                yield t, ((shifted(c) - m1) - m2) * rstd * cs + co
+
+
+def group_norm_reference(x: np.ndarray, layer: Layer, batch: int,
+                         scale=None, offset=None) -> np.ndarray:
+    """Return y = group_norm(x) in float64 for a flat buffer in the layer's layout (see
+    reference_pieces for how it is computed)."""
+    out = np.empty(np.size(x), dtype=np.float64)
+    for piece, values in reference_pieces(x, layer, batch, scale, offset, like=out):
+        piece[...] = values
     return out

@@ -67,6 +67,13 @@ def product(factors) -> str:
     return " * ".join(kept) if kept else "1"
 
 
+def value_lines(literals, per_line: int) -> str:
+    """Return literals as the body of an initializer: a newline, then per_line a line, each
+    line indented by four spaces and every value but the last followed by a comma."""
+    lines = (", ".join(literals[i:i + per_line]) for i in range(0, len(literals), per_line))
+    return "".join(f"\n    {line}," for line in lines)[:-1] if literals else ""
+
+
 @functools.lru_cache(maxsize=1)
 def environment() -> jinja2.Environment:
     """Return the strict Jinja2 environment shared by every target."""
@@ -83,6 +90,7 @@ def environment() -> jinja2.Environment:
     env.filters["add"] = add
     env.filters["mul"] = mul
     env.filters["dedent"] = dedent
+    env.filters["value_lines"] = value_lines
     env.tests["printed"] = printed
     return env
 

@@ -45,6 +45,10 @@ MAX_SIZE = 2**31 - 1
 # An observation must be addressable with 32-bit int indexing and must fit in memory for
 # verification: 2^28 elements is 1 GiB in single precision.
 MAX_OBSERVATION_NUMEL = 2**28
+# Every channel's scale and offset are compiled into the sources as literals: 2^20 channels
+# make about 20 MB of initializers per target and a few seconds to render; more is no layer
+# anyone trains, and would take minutes and gigabytes to build.
+MAX_CHANNELS = 2**20
 
 # canonical key -> accepted aliases (MATLAB property names)
 KEYS: dict[str, tuple[str, ...]] = {
@@ -316,6 +320,11 @@ def _parse_input_size(value: Any, fld: str, fmt: str) -> tuple[int, ...]:
     if math.prod(sizes) > MAX_OBSERVATION_NUMEL:
         raise SpecError(fld, f"one observation has {math.prod(sizes)} elements, more than the "
                              f"limit {MAX_OBSERVATION_NUMEL} (2^28)")
+    c_index = labels.index("C")
+    if sizes[c_index] > MAX_CHANNELS:
+        raise SpecError(f"{fld}[{c_index}]", f"{sizes[c_index]} channels is more than the limit "
+                                             f"{MAX_CHANNELS} (2^20): every channel's scale and "
+                                             "offset are compiled into the sources")
     return sizes
 
 

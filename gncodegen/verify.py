@@ -4,25 +4,28 @@ with the float64 reference under the dtype's tolerance."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from .dtypes import dtype
-from .reference import canonical, from_canonical, group_norm_reference, to_flat, to_logical
+from .reference import canonical, reference_pieces, to_logical
 from .spec import Layer
 
 # Largest batch the verification uses: bounded so a case stays a few MiB.
 MAX_VERIFY_ELEMENTS = 1 << 21
+# Random values are drawn this many at a time, so a case costs its own bytes and no float64 copy.
+DRAW_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
 class Case:
-    """One verification input: a flat buffer in the layer's layout, already in its dtype."""
+    """One verification input: a flat buffer in the layer's layout."""
 
     name: str
-    x: np.ndarray               # float64 values exactly representable in the dtype
+    x: np.ndarray               # in the layer's storage type (or float64 values exact in it)
     batch: int
     in_place: bool = False
     scale: np.ndarray | None = None   # None: the baked parameters (<name>_predict)
@@ -77,64 +80,126 @@ def verification_batch(layer: Layer, wanted: int) -> int:
     return max(1, min(wanted, MAX_VERIFY_ELEMENTS // layer.observation_numel))
 
 
+def _normal(rng: np.random.Generator, count: int, storage: np.dtype, loc: float = 0.0,
+            sd: float = 1.0) -> np.ndarray:
+    """Return count normal draws rounded to the storage type, drawn a chunk at a time."""
+    out = np.empty(count, dtype=storage)
+    for start in range(0, count, DRAW_CHUNK):
+        stop = min(count, start + DRAW_CHUNK)
+        out[start:stop] = rng.normal(loc, sd, stop - start)
+    return out
+
+
 def _per_group(layer: Layer, batch: int, fill: Callable[[np.random.Generator, int], np.ndarray],
-               rng: np.random.Generator) -> np.ndarray:
-    """Return a flat buffer whose every (observation, group) is filled by fill(rng, count)."""
+               rng: np.random.Generator, storage: np.dtype = np.dtype(np.float64)) -> np.ndarray:
+    """Return a flat buffer (in storage) whose every (observation, group) is filled by
+    fill(rng, count)."""
     n = batch
     c = layer.num_channels
     r = layer.observation_numel // c
     g = layer.num_groups
-    canon = np.empty((n, g, (c // g) * r))
+    out = np.empty(n * c * r, dtype=storage)
+    view = to_logical(out, layer, n)
+    fmt = layer.format
+    c_axis = fmt.index("C") - (1 if "B" in fmt and fmt.index("B") < fmt.index("C") else 0)
+    cpg = c // g
     for i in range(n):
+        obs = view[(slice(None),) * fmt.index("B") + (i,)] if "B" in fmt else view
         for j in range(g):
-            canon[i, j] = fill(rng, canon.shape[2])
-    return to_flat(from_canonical(canon.reshape(n, c, r), layer, batch), layer)
+            sub = obs[(slice(None),) * c_axis + (slice(j * cpg, (j + 1) * cpg),)]
+            canon = np.moveaxis(sub, c_axis, 0)  # (cpg, reduced...), as canonical() orders it
+            canon[...] = np.asarray(fill(rng, sub.size)).reshape(canon.shape)
+    return out
+
+
+def iter_cases(layer: Layer, seed: int = 0, max_batch: int = 4) -> Iterator[Case]:
+    """Yield the verification cases for a layer, one at a time, in its storage type.
+
+    Each case draws from its own stream (seed, case number), so a case is the same whether or
+    not the others were made, and only one case need be in memory at a time.
+    """
+    dt = dtype(layer.dtype)
+    storage = dt.numpy
+    numel = layer.observation_numel
+    bmax = verification_batch(layer, max_batch)
+    big_mean = dt.big_mean
+
+    def stream(k: int) -> np.random.Generator:
+        return np.random.default_rng((seed, k))
+
+    yield Case("random, batch 1", _normal(stream(0), numel, storage), 1)
+    if bmax > 1:
+        yield Case(f"random, batch {bmax}", _normal(stream(1), bmax * numel, storage), bmax)
+    yield Case("random, in place", _normal(stream(2), bmax * numel, storage), bmax, in_place=True)
+    yield Case("constant groups", _per_group(layer, bmax, lambda r, k: np.full(k, r.normal(0, 3)),
+                                             stream(3), storage), bmax)
+    yield Case(f"mean {big_mean:g}, std 1",
+               _normal(stream(4), bmax * numel, storage, big_mean, 1.0), bmax)
+    rng = stream(5)
+    yield Case("caller's scale and offset", _normal(rng, bmax * numel, storage), bmax,
+               scale=dt.round(rng.normal(1.0, 0.5, layer.num_channels)),
+               offset=dt.round(rng.normal(0.0, 0.5, layer.num_channels)))
 
 
 def make_cases(layer: Layer, seed: int = 0, max_batch: int = 4) -> list[Case]:
-    """Return the verification cases for a layer, seeded, rounded to its dtype."""
-    rng = np.random.default_rng(seed)
-    dt = dtype(layer.dtype)
-    numel = layer.observation_numel
+    """Return every verification case for a layer (iter_cases, as a list)."""
+    return list(iter_cases(layer, seed, max_batch))
 
-    def normal(batch, loc=0.0, sd=1.0):
-        return dt.round(rng.normal(loc, sd, batch * numel))
 
-    b1 = 1
-    bmax = verification_batch(layer, max_batch)
-    big_mean = dt.big_mean
-    cases = [
-        Case("random, batch 1", normal(b1), b1),
-        Case("random, in place", normal(bmax), bmax, in_place=True),
-        Case("constant groups", dt.round(
-            _per_group(layer, bmax, lambda r, k: np.full(k, r.normal(0, 3)), rng)), bmax),
-        Case(f"mean {big_mean:g}, std 1", normal(bmax, big_mean, 1.0), bmax),
-        Case("caller's scale and offset", normal(bmax), bmax,
-             scale=dt.round(rng.normal(1.0, 0.5, layer.num_channels)),
-             offset=dt.round(rng.normal(0.0, 0.5, layer.num_channels))),
-    ]
-    if bmax > 1:
-        cases.insert(1, Case(f"random, batch {bmax}", normal(bmax), bmax))
-    return cases
+class _Tally:
+    """The running figures of comparing an output with the reference a piece at a time."""
+
+    def __init__(self) -> None:
+        self.max_abs = 0.0
+        self.ref_max = 0.0
+        self.nan_mismatch = 0
+
+    def add(self, y: np.ndarray, ref: np.ndarray) -> None:
+        """Fold one piece of the output and the same piece of the reference into the figures."""
+        y = np.asarray(y, dtype=np.float64)
+        y_nan, r_nan = np.isnan(y), np.isnan(ref)
+        self.nan_mismatch += int(np.count_nonzero(y_nan != r_nan))
+        finite = ~(y_nan | r_nan)
+        yf, rf = y[finite], ref[finite]
+        same_inf = np.isinf(rf) & (yf == rf)
+        with np.errstate(invalid="ignore"):
+            diff = np.where(same_inf, 0.0, np.abs(yf - rf))
+        if diff.size:
+            self.max_abs = max(self.max_abs, float(diff.max()))
+        ref_finite = np.abs(rf[np.isfinite(rf)])
+        if ref_finite.size:
+            self.ref_max = max(self.ref_max, float(ref_finite.max()))
+
+    def result(self, tolerance: float, name: str) -> CaseResult:
+        """Return the CaseResult of everything added."""
+        if self.ref_max > 0:
+            max_rel = self.max_abs / self.ref_max
+        else:
+            max_rel = 0.0 if self.max_abs == 0 else math.inf
+        passed = self.nan_mismatch == 0 and max_rel <= tolerance
+        return CaseResult(name, self.max_abs, float(max_rel), self.nan_mismatch, passed)
 
 
 def compare(y: np.ndarray, ref: np.ndarray, tolerance: float, name: str) -> CaseResult:
     """Return how y compares with the reference; a NaN the reference lacks always fails."""
-    y = np.asarray(y, dtype=np.float64)
-    y_nan, r_nan = np.isnan(y), np.isnan(ref)
-    nan_mismatch = int(np.count_nonzero(y_nan != r_nan))
-    finite = ~(y_nan | r_nan)
-    same_inf = np.isinf(ref[finite]) & (y[finite] == ref[finite])
-    diff = np.where(same_inf, 0.0, np.abs(y[finite] - ref[finite]))
-    max_abs = float(diff.max()) if diff.size else 0.0
-    ref_finite = np.abs(ref[np.isfinite(ref)])
-    scale = float(ref_finite.max()) if ref_finite.size else 0.0
-    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else np.inf)
-    passed = nan_mismatch == 0 and max_rel <= tolerance
-    return CaseResult(name, max_abs, float(max_rel), nan_mismatch, passed)
+    tally = _Tally()
+    y, ref = np.ravel(y), np.ravel(np.asarray(ref, dtype=np.float64))
+    for start in range(0, max(y.size, ref.size), DRAW_CHUNK):
+        tally.add(y[start:start + DRAW_CHUNK], ref[start:start + DRAW_CHUNK])
+    return tally.result(tolerance, name)
 
 
-# A runner takes (case) and returns the output buffer as float64.
+def compare_with_reference(y: np.ndarray, case: Case, layer: Layer, scale: np.ndarray,
+                           offset: np.ndarray, tolerance: float) -> CaseResult:
+    """Return how a case's output compares with the reference, computed a piece at a time
+    beside it (no float64 copy of the whole output)."""
+    tally = _Tally()
+    for y_piece, ref_piece in reference_pieces(case.x, layer, case.batch, scale, offset, like=y):
+        tally.add(y_piece, ref_piece)
+    return tally.result(tolerance, case.name)
+
+
+# A runner takes (case) and returns the output buffer (in the storage type, or float64).
 Runner = Callable[[Case], np.ndarray]
 
 
@@ -144,13 +209,18 @@ def verify_layer(layer: Layer, target: str, runner_name: str, run: Runner,
     dt = dtype(layer.dtype)
     tol = dt.tolerance
     results = []
-    for case in (make_cases(layer) if cases is None else cases):
+    for case in (iter_cases(layer) if cases is None else cases):
         scale = dt.round(layer.scale) if case.scale is None else case.scale
         offset = dt.round(layer.offset) if case.offset is None else case.offset
-        ref = group_norm_reference(case.x, layer, case.batch, scale, offset)
-        results.append(compare(run(case), ref, tol, case.name))
+        y = run(case)
+        if np.size(y) != np.size(case.x):
+            raise RuntimeError(f"{layer.name}: the {target} run of {case.name!r} returned "
+                               f"{np.size(y)} values for {np.size(case.x)}")
+        results.append(compare_with_reference(y, case, layer, scale, offset, tol))
+        del y, case  # the next case is made while these would still be held
     return Report(layer.name, target, runner_name, tol, tuple(results))
 
 
-__all__ = ["Case", "CaseResult", "Report", "make_cases", "compare", "verify_layer",
+__all__ = ["Case", "CaseResult", "Report", "iter_cases", "make_cases", "compare",
+           "compare_with_reference", "verify_layer",
            "verification_batch", "canonical", "to_logical"]

@@ -230,3 +230,51 @@ def test_initializer_code_that_misbehaves(tmp_path: Path, module: str, words, st
     assert proc.stdout == ""
     after = {k: v for k, v in tree(tmp_path).items() if "__pycache__" not in k}
     assert after == before
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def test_too_many_channels_is_refused_before_any_work(tmp_path: Path):
+    """2^22 channels took 26 s and 1.35 GB to `show`: past 2^20 it is one line, at once."""
+    (tmp_path / "wide.yaml").write_text("num_groups: 1024\nformat: CB\ninput_size: [4194304]\n")
+    for command in ("show", "build"):
+        proc = cli(tmp_path, command, "wide.yaml", timeout=30)
+        refused(proc, "input_size[0]", "4194304 channels", "limit 1048576")
+    assert sorted(os.listdir(tmp_path)) == ["wide.yaml"]
+
+
+@pytest.mark.slow
+def test_the_largest_channel_count_shows_and_stays_small(tmp_path: Path):
+    """2^20 channels: the parameters are spelled once per distinct value and printed by a
+    filter, so `show` holds a few hundred megabytes (it held 1.35 GB at 2^22)."""
+    (tmp_path / "wide.yaml").write_text("num_groups: 1024\nformat: CB\ninput_size: [1048576]\n")
+    proc, peak_kib = peak_of(tmp_path, "show", "wide.yaml")
+    assert proc.returncode == 0, proc.stderr
+    assert peak_kib < 600 * 1024, f"show held {peak_kib} KiB"
+
+
+def peak_of(root: Path, *args: str, timeout: float = 600) -> tuple[subprocess.CompletedProcess, int]:
+    """Run the CLI in a child of a child and return (its process, the peak KiB a child held)."""
+    code = ("import resource, subprocess, sys; "
+            "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+            "sys.stderr.write(p.stderr); "
+            "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    proc = subprocess.run([sys.executable, "-c", code, *CLI, *args], cwd=root,
+                          env=env_for(root), capture_output=True, text=True, timeout=timeout)
+    status, peak_kib = map(int, proc.stdout.split())
+    return subprocess.CompletedProcess(args, status, "", proc.stderr), peak_kib
+
+
+@pytest.mark.slow
+def test_verifying_a_large_observation_holds_about_its_own_bytes(tmp_path: Path):
+    """SSCB 8192x8192x1 took 6.3 GB to verify (~95 bytes an element: every case at once, in
+    float64, and the reference's float64 copies). Cases are now made one at a time in the
+    storage type and compared a chunk at a time: at 2^24 elements, about 16 bytes each."""
+    numel = 4096 * 4096
+    (tmp_path / "big.yaml").write_text("num_groups: 1\nformat: SSCB\n"
+                                       "input_size: [4096, 4096, 1]\n")
+    proc, peak_kib = peak_of(tmp_path, "build", "big.yaml", "--target", "c", "-o", "out")
+    assert proc.returncode == 0, proc.stderr
+    budget_kib = (20 * numel + (96 << 20)) // 1024
+    assert peak_kib < budget_kib, f"verification held {peak_kib} KiB, budget {budget_kib} KiB"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...dtypes import Spelling
+from ...dtypes import Spelling, c_literals
 from ...plan import Plan
 from ..base import TargetRecord
 from ..cfamily import Style
@@ -44,8 +44,8 @@ def lower_c(plan: Plan, threads: int | None = None) -> CRecord:
         epsilon_literal=dt.literal(plan.layer.epsilon),
         inv_group_numel_literal=dt.literal(1.0 / plan.group_numel),
         largest_literal=dt.literal(dt.accumulator.largest),
-        scale_literals=tuple(dt.literal(v) for v in plan.scale_values),
-        offset_literals=tuple(dt.literal(v) for v in plan.offset_values),
+        scale_literals=c_literals(plan.scale_values, dt.acc),
+        offset_literals=c_literals(plan.offset_values, dt.acc),
         kernel=kernel, kernel_comment=comment, batch_rule=batch_rule,
         style=Style("static", dt.spelling, dt.spelling.ctype, f"{plan.prefix}_stats",
                     f"{plan.prefix}_finish", f"{plan.prefix}_split_mean",

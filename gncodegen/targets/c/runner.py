@@ -127,6 +127,6 @@ def c_runner(layer: CRecord | Plan, module) -> Runner:
                               ffi.from_buffer(f"{ctype}[]", o))
         if rc != 0:
             raise RuntimeError(f"{plan.prefix}_predict returned {rc}")
-        return y.astype(np.float64)
+        return y
 
     return run

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...dtypes import DTYPES, c_literal
+from ...dtypes import DTYPES, c_literal, c_literals
 from ...plan import Plan
 from ..base import TargetRecord
 from ..cfamily import Style
@@ -284,8 +284,8 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
         uses_cluster=any(v.cluster > 1 for v in variants),
         epsilon_literal=c_literal(layer.epsilon, acc),
         inv_numel_literal=c_literal(1.0 / numel, acc),
-        scale_literals=tuple(c_literal(v, acc) for v in plan.scale_values),
-        offset_literals=tuple(c_literal(v, acc) for v in plan.offset_values),
+        scale_literals=c_literals(plan.scale_values, acc),
+        offset_literals=c_literals(plan.offset_values, acc),
         params_in_constant=2 * plan.num_channels * sc_acc_bytes <= CONSTANT_PARAM_BYTES,
         style=Style("__device__ __forceinline__", DTYPES[acc].spelling, "acc_t", "group_stats",
                     "finish", "split_mean", "kInvGroupNumel", "kEpsilon", cpp=True),

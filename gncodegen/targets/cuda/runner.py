@@ -114,13 +114,13 @@ def build_harness(plan: Plan, cp: CudaPlan, sources: list[Source], mode: str = "
 
 
 def to_bits(values: np.ndarray, dtype: str) -> bytes:
-    """Return float64 values (already representable in dtype) as the dtype's raw bytes."""
-    return np.asarray(values, dtype=np.float64).astype(DTYPES[dtype].numpy).tobytes()
+    """Return values (already representable in dtype) as the dtype's raw bytes."""
+    return np.ascontiguousarray(values, dtype=DTYPES[dtype].numpy).tobytes()
 
 
 def from_bits(raw: bytes, dtype: str) -> np.ndarray:
-    """Return a dtype's raw bytes as float64 values."""
-    return np.frombuffer(raw, dtype=DTYPES[dtype].numpy).astype(np.float64)
+    """Return a dtype's raw bytes as an array of that dtype (writable)."""
+    return np.frombuffer(bytearray(raw), dtype=DTYPES[dtype].numpy)
 
 
 @dataclass(frozen=True)
