@@ -78,29 +78,26 @@ static void features_channelwise_job(const float *x, float *y, const float *scal
         if (sweep == 2) {
             yg[0] = scale[c0] * (rstd * (d - shift)) + offset[c0];
         } else {
-
             s1 += d;
-
             s2 += d * d;
         }
         if (sweep == 2) {
             break;
         }
-        {
-            float var_u; /* biased variance * unit^2 */
-            shift = s1 * FEATURES_CHANNELWISE_INV_GROUP_NUMEL;
-            var_u = s2 * FEATURES_CHANNELWISE_INV_GROUP_NUMEL - shift * shift;
-            if (var_u < 0) {
-                var_u = 0.0f; /* rounding only: the variance is never negative */
-            }
-            rstd = 1.0f / features_channelwise_sqrt(var_u + epsilon_u);
-        }
+        shift = s1 * FEATURES_CHANNELWISE_INV_GROUP_NUMEL;
         if (sweep == 0) {
             pilot += shift; /* the mean */
             if (s2 - s2 != 0) { /* s2 is infinite (or NaN) */
                 unit = FEATURES_CHANNELWISE_RESCUE_UNIT;
                 epsilon_u = FEATURES_CHANNELWISE_RESCUE_EPSILON;
             }
+        } else {
+            /* The biased variance * unit^2, not clamped at zero: these sums are around the
+               mean within a small fraction of a standard deviation (no element lies more than
+               sqrt(N) of them from the mean, and the first sweep's sums lose a few roundings),
+               so s2/N - shift^2 cancels nothing and stays non-negative. */
+            const float var_u = s2 * FEATURES_CHANNELWISE_INV_GROUP_NUMEL - shift * shift;
+            rstd = 1.0f / features_channelwise_sqrt(var_u + epsilon_u);
         }
     }
 }
@@ -142,9 +139,7 @@ static void features_channelwise_group_sums(const float *xg, float pilot, float 
     float s1 = 0.0f;
     float s2 = 0.0f;
     const float d = xg[0] * unit - pilot_u;
-
     s1 += d;
-
     s2 += d * d;
     sums[0] = s1;
     sums[1] = s2;

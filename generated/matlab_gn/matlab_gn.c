@@ -76,16 +76,20 @@ static void matlab_gn_job(const float *x, float *y, const float *scale, const fl
     for (unsigned sweep = 0;; ++sweep) {
         float s1 = 0.0f;
         float s2 = 0.0f;
-        float c2 = 0.0f; /* what s2 lost to rounding (Kahan; s1 sums terms of both signs) */
+        float c1 = 0.0f; /* what s1 and s2 lost to rounding (Kahan) */
+        float c2 = 0.0f;
         for (size_t c = 0; c < 5; ++c) {
             for (size_t i_s2s1 = 0; i_s2s1 < 576; ++i_s2s1) {
                 const float d = (xg[c * 576 + i_s2s1] - pilot) * unit;
                 if (sweep == 2) {
                     yg[c * 576 + i_s2s1] = scale[c0 + c] * (rstd * (d - shift)) + offset[c0 + c];
                 } else {
-
-                    s1 += d;
-
+                    {
+                        const float add = d - c1;
+                        const float sum = s1 + add;
+                        c1 = (sum - s1) - add;
+                        s1 = sum;
+                    }
                     {
                         const float add = d * d - c2;
                         const float sum = s2 + add;
@@ -98,21 +102,20 @@ static void matlab_gn_job(const float *x, float *y, const float *scale, const fl
         if (sweep == 2) {
             break;
         }
-        {
-            float var_u; /* biased variance * unit^2 */
-            shift = s1 * MATLAB_GN_INV_GROUP_NUMEL;
-            var_u = s2 * MATLAB_GN_INV_GROUP_NUMEL - shift * shift;
-            if (var_u < 0) {
-                var_u = 0.0f; /* rounding only: the variance is never negative */
-            }
-            rstd = 1.0f / matlab_gn_sqrt(var_u + epsilon_u);
-        }
+        shift = s1 * MATLAB_GN_INV_GROUP_NUMEL;
         if (sweep == 0) {
             pilot += shift; /* the mean */
             if (s2 - s2 != 0) { /* s2 is infinite (or NaN) */
                 unit = MATLAB_GN_RESCUE_UNIT;
                 epsilon_u = MATLAB_GN_RESCUE_EPSILON;
             }
+        } else {
+            /* The biased variance * unit^2, not clamped at zero: these sums are around the
+               mean within a small fraction of a standard deviation (no element lies more than
+               sqrt(N) of them from the mean, and the first sweep's sums lose a few roundings),
+               so s2/N - shift^2 cancels nothing and stays non-negative. */
+            const float var_u = s2 * MATLAB_GN_INV_GROUP_NUMEL - shift * shift;
+            rstd = 1.0f / matlab_gn_sqrt(var_u + epsilon_u);
         }
     }
 }
@@ -153,12 +156,16 @@ static void matlab_gn_group_sums(const float *xg, float pilot, float unit, float
     const float pilot_u = pilot * unit;
     float s1 = 0.0f;
     float s2 = 0.0f;
-    float c2 = 0.0f; /* what s2 lost to rounding (Kahan; s1 sums terms of both signs) */
+    float c1 = 0.0f; /* what s1 and s2 lost to rounding (Kahan) */
+    float c2 = 0.0f;
     for (size_t cs2s1 = 0; cs2s1 < 2880; ++cs2s1) {
         const float d = xg[cs2s1] * unit - pilot_u;
-
-        s1 += d;
-
+        {
+            const float add = d - c1;
+            const float sum = s1 + add;
+            c1 = (sum - s1) - add;
+            s1 = sum;
+        }
         {
             const float add = d * d - c2;
             const float sum = s2 + add;
@@ -166,7 +173,7 @@ static void matlab_gn_group_sums(const float *xg, float pilot, float unit, float
             s2 = sum;
         }
     }
-    sums[0] = s1;
+    sums[0] = s1 - c1;
     sums[1] = s2 - c2;
 }
 

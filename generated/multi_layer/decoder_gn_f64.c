@@ -70,9 +70,7 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
                 if (sweep == 2) {
                     yg[c * 36 + i_s2s1] = scale[c0 + c] * (rstd * (d - shift)) + offset[c0 + c];
                 } else {
-
                     s1 += d;
-
                     s2 += d * d;
                 }
             }
@@ -80,21 +78,20 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
         if (sweep == 2) {
             break;
         }
-        {
-            double var_u; /* biased variance * unit^2 */
-            shift = s1 * DECODER_GN_F64_INV_GROUP_NUMEL;
-            var_u = s2 * DECODER_GN_F64_INV_GROUP_NUMEL - shift * shift;
-            if (var_u < 0) {
-                var_u = 0.0; /* rounding only: the variance is never negative */
-            }
-            rstd = 1.0 / decoder_gn_f64_sqrt(var_u + epsilon_u);
-        }
+        shift = s1 * DECODER_GN_F64_INV_GROUP_NUMEL;
         if (sweep == 0) {
             pilot += shift; /* the mean */
             if (s2 - s2 != 0) { /* s2 is infinite (or NaN) */
                 unit = DECODER_GN_F64_RESCUE_UNIT;
                 epsilon_u = DECODER_GN_F64_RESCUE_EPSILON;
             }
+        } else {
+            /* The biased variance * unit^2, not clamped at zero: these sums are around the
+               mean within a small fraction of a standard deviation (no element lies more than
+               sqrt(N) of them from the mean, and the first sweep's sums lose a few roundings),
+               so s2/N - shift^2 cancels nothing and stays non-negative. */
+            const double var_u = s2 * DECODER_GN_F64_INV_GROUP_NUMEL - shift * shift;
+            rstd = 1.0 / decoder_gn_f64_sqrt(var_u + epsilon_u);
         }
     }
 }
@@ -137,9 +134,7 @@ static void decoder_gn_f64_group_sums(const double *xg, double pilot, double uni
     double s2 = 0.0;
     for (size_t cs2s1 = 0; cs2s1 < 288; ++cs2s1) {
         const double d = xg[cs2s1] * unit - pilot_u;
-
         s1 += d;
-
         s2 += d * d;
     }
     sums[0] = s1;

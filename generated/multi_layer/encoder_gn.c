@@ -86,9 +86,7 @@ static void encoder_gn_job(const float *x, float *y, const float *scale, const f
                 if (sweep == 2) {
                     yg[c * 64 + i_s1s2] = scale[c0 + c] * (rstd * (d - shift)) + offset[c0 + c];
                 } else {
-
                     s1 += d;
-
                     s2 += d * d;
                 }
             }
@@ -96,21 +94,20 @@ static void encoder_gn_job(const float *x, float *y, const float *scale, const f
         if (sweep == 2) {
             break;
         }
-        {
-            float var_u; /* biased variance * unit^2 */
-            shift = s1 * ENCODER_GN_INV_GROUP_NUMEL;
-            var_u = s2 * ENCODER_GN_INV_GROUP_NUMEL - shift * shift;
-            if (var_u < 0) {
-                var_u = 0.0f; /* rounding only: the variance is never negative */
-            }
-            rstd = 1.0f / encoder_gn_sqrt(var_u + epsilon_u);
-        }
+        shift = s1 * ENCODER_GN_INV_GROUP_NUMEL;
         if (sweep == 0) {
             pilot += shift; /* the mean */
             if (s2 - s2 != 0) { /* s2 is infinite (or NaN) */
                 unit = ENCODER_GN_RESCUE_UNIT;
                 epsilon_u = ENCODER_GN_RESCUE_EPSILON;
             }
+        } else {
+            /* The biased variance * unit^2, not clamped at zero: these sums are around the
+               mean within a small fraction of a standard deviation (no element lies more than
+               sqrt(N) of them from the mean, and the first sweep's sums lose a few roundings),
+               so s2/N - shift^2 cancels nothing and stays non-negative. */
+            const float var_u = s2 * ENCODER_GN_INV_GROUP_NUMEL - shift * shift;
+            rstd = 1.0f / encoder_gn_sqrt(var_u + epsilon_u);
         }
     }
 }
@@ -152,9 +149,7 @@ static void encoder_gn_group_sums(const float *xg, float pilot, float unit, floa
     float s2 = 0.0f;
     for (size_t cs1s2 = 0; cs1s2 < 256; ++cs1s2) {
         const float d = xg[cs1s2] * unit - pilot_u;
-
         s1 += d;
-
         s2 += d * d;
     }
     sums[0] = s1;

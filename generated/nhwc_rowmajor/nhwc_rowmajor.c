@@ -87,9 +87,7 @@ static void nhwc_rowmajor_job(const float *x, float *y, const float *scale, cons
                 if (sweep == 2) {
                     yg[i_s1s2 * 32 + c] = scale[c0 + c] * (rstd * (d - shift)) + offset[c0 + c];
                 } else {
-
                     s1 += d;
-
                     s2 += d * d;
                 }
             }
@@ -97,21 +95,20 @@ static void nhwc_rowmajor_job(const float *x, float *y, const float *scale, cons
         if (sweep == 2) {
             break;
         }
-        {
-            float var_u; /* biased variance * unit^2 */
-            shift = s1 * NHWC_ROWMAJOR_INV_GROUP_NUMEL;
-            var_u = s2 * NHWC_ROWMAJOR_INV_GROUP_NUMEL - shift * shift;
-            if (var_u < 0) {
-                var_u = 0.0f; /* rounding only: the variance is never negative */
-            }
-            rstd = 1.0f / nhwc_rowmajor_sqrt(var_u + epsilon_u);
-        }
+        shift = s1 * NHWC_ROWMAJOR_INV_GROUP_NUMEL;
         if (sweep == 0) {
             pilot += shift; /* the mean */
             if (s2 - s2 != 0) { /* s2 is infinite (or NaN) */
                 unit = NHWC_ROWMAJOR_RESCUE_UNIT;
                 epsilon_u = NHWC_ROWMAJOR_RESCUE_EPSILON;
             }
+        } else {
+            /* The biased variance * unit^2, not clamped at zero: these sums are around the
+               mean within a small fraction of a standard deviation (no element lies more than
+               sqrt(N) of them from the mean, and the first sweep's sums lose a few roundings),
+               so s2/N - shift^2 cancels nothing and stays non-negative. */
+            const float var_u = s2 * NHWC_ROWMAJOR_INV_GROUP_NUMEL - shift * shift;
+            rstd = 1.0f / nhwc_rowmajor_sqrt(var_u + epsilon_u);
         }
     }
 }
@@ -154,9 +151,7 @@ static void nhwc_rowmajor_group_sums(const float *xg, float pilot, float unit, f
     for (size_t i_s1s2 = 0; i_s1s2 < 256; ++i_s1s2) {
         for (size_t c = 0; c < 4; ++c) {
             const float d = xg[i_s1s2 * 32 + c] * unit - pilot_u;
-
             s1 += d;
-
             s2 += d * d;
         }
     }

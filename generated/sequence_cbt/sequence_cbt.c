@@ -78,9 +78,7 @@ static void sequence_cbt_job(const float *x, float *y, size_t i_t_stride, const 
                 if (sweep == 2) {
                     yg[i_t * i_t_stride + c] = scale[c0 + c] * (rstd * (d - shift)) + offset[c0 + c];
                 } else {
-
                     s1 += d;
-
                     s2 += d * d;
                 }
             }
@@ -88,21 +86,20 @@ static void sequence_cbt_job(const float *x, float *y, size_t i_t_stride, const 
         if (sweep == 2) {
             break;
         }
-        {
-            float var_u; /* biased variance * unit^2 */
-            shift = s1 * SEQUENCE_CBT_INV_GROUP_NUMEL;
-            var_u = s2 * SEQUENCE_CBT_INV_GROUP_NUMEL - shift * shift;
-            if (var_u < 0) {
-                var_u = 0.0f; /* rounding only: the variance is never negative */
-            }
-            rstd = 1.0f / sequence_cbt_sqrt(var_u + epsilon_u);
-        }
+        shift = s1 * SEQUENCE_CBT_INV_GROUP_NUMEL;
         if (sweep == 0) {
             pilot += shift; /* the mean */
             if (s2 - s2 != 0) { /* s2 is infinite (or NaN) */
                 unit = SEQUENCE_CBT_RESCUE_UNIT;
                 epsilon_u = SEQUENCE_CBT_RESCUE_EPSILON;
             }
+        } else {
+            /* The biased variance * unit^2, not clamped at zero: these sums are around the
+               mean within a small fraction of a standard deviation (no element lies more than
+               sqrt(N) of them from the mean, and the first sweep's sums lose a few roundings),
+               so s2/N - shift^2 cancels nothing and stays non-negative. */
+            const float var_u = s2 * SEQUENCE_CBT_INV_GROUP_NUMEL - shift * shift;
+            rstd = 1.0f / sequence_cbt_sqrt(var_u + epsilon_u);
         }
     }
 }
@@ -145,9 +142,7 @@ static void sequence_cbt_group_sums(const float *xg, size_t i_t_stride, float pi
     for (size_t i_t = 0; i_t < 50; ++i_t) {
         for (size_t c = 0; c < 4; ++c) {
             const float d = xg[i_t * i_t_stride + c] * unit - pilot_u;
-
             s1 += d;
-
             s2 += d * d;
         }
     }
