@@ -40,6 +40,10 @@ class Board:
     stack_size: int = 16 * KiB
     vectors: Region | None = None    # where the vector table goes when not at FLASH's start
     tools_prefix: str = ""           # binutils prefix (arm-none-eabi-)
+    # What the test image links besides the generated code and the harness: start-up and I/O
+    # files from runtime/, and the linker script's template ("" for a hosted program).
+    support: tuple[str, ...] = ("fw_io.h", "hosted_io.c")
+    linker_template: str = ""
 
     @property
     def bare_metal(self) -> bool:
@@ -57,6 +61,9 @@ class Board:
 M4_FLAGS = ("-mcpu=cortex-m4", "-mthumb", "-mfpu=fpv4-sp-d16", "-mfloat-abi=hard")
 M7_FLAGS = ("-mcpu=cortex-m7", "-mthumb", "-mfpu=fpv5-d16", "-mfloat-abi=hard")
 M55_FLAGS = ("-mcpu=cortex-m55", "-mthumb", "-mfloat-abi=hard")
+# A Cortex-M image: the vector table and reset code, and output through semihosting.
+CORTEX_M_SUPPORT = ("fw_io.h", "startup_cortex_m.c", "semihosting.c")
+CORTEX_M_LINKER = "firmware/link.ld.j2"
 
 # Memory maps of QEMU's boards (hw/arm/mps2.c, hw/arm/mps2-tz.c). The M-profile core fetches
 # its initial stack pointer and reset vector from address 0.
@@ -67,19 +74,22 @@ BOARDS: dict[str, Board] = {
         Board("cortex-m4", "Cortex-M4F (qemu mps2-an386)", "arm-none-eabi-gcc",
                        M4_FLAGS, "-Os", "qemu-system-arm", "mps2-an386",
                        Region(0x00000000, 4 * MiB), Region(0x20000000, 4 * MiB),
-                       tools_prefix="arm-none-eabi-"),
+                       tools_prefix="arm-none-eabi-", support=CORTEX_M_SUPPORT,
+                       linker_template=CORTEX_M_LINKER),
         # AN500: the same SSRAM layout as AN386 with a Cortex-M7 and its double-precision FPU.
         Board("cortex-m7", "Cortex-M7 (qemu mps2-an500)", "arm-none-eabi-gcc",
                        M7_FLAGS, "-O2", "qemu-system-arm", "mps2-an500",
                        Region(0x00000000, 4 * MiB), Region(0x20000000, 4 * MiB),
-                       tools_prefix="arm-none-eabi-"),
+                       tools_prefix="arm-none-eabi-", support=CORTEX_M_SUPPORT,
+                       linker_template=CORTEX_M_LINKER),
         # AN547: the vector table in the ITCM at 0, code and constants in the 2 MiB SRAM at
         # 0x01000000, data and stack in the 512 KiB DTCM at 0x20000000.
         # -O3: lets gcc vectorize with MVE (Helium), the path this core exists for.
         Board("cortex-m55", "Cortex-M55 with MVE (qemu mps3-an547)",
                        "arm-none-eabi-gcc", M55_FLAGS, "-O3", "qemu-system-arm", "mps3-an547",
                        Region(0x01000000, 2 * MiB), Region(0x20000000, 512 * KiB),
-                       tools_prefix="arm-none-eabi-", vectors=Region(0x00000000, 1 * KiB)),
+                       tools_prefix="arm-none-eabi-", vectors=Region(0x00000000, 1 * KiB),
+                       support=CORTEX_M_SUPPORT, linker_template=CORTEX_M_LINKER),
         # A Linux program run by qemu-aarch64 in user mode; -O3 vectorizes with NEON.
         Board("aarch64-linux", "AArch64 Linux (qemu-aarch64 user mode)",
                        "aarch64-linux-gnu-gcc", (), "-O3", "qemu-aarch64",

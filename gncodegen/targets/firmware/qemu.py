@@ -21,15 +21,13 @@ RUNTIME = Path(__file__).resolve().parent / "runtime"
 
 def render_linker_script(board: Board) -> Source:
     """Return the linker script of a bare-metal target's board."""
-    return Source("image.ld", render_template("firmware/link.ld.j2", board=board,
+    return Source("image.ld", render_template(board.linker_template, board=board,
                                               generator=f"gncodegen {__version__}"))
 
 
 def support_sources(board: Board) -> list[Source]:
     """Return the start-up and I/O sources a target's image links besides the harness."""
-    names = (["fw_io.h", "startup_cortex_m.c", "semihosting.c"] if board.bare_metal
-             else ["fw_io.h", "hosted_io.c"])
-    return [Source(n, (RUNTIME / n).read_text()) for n in names]
+    return [Source(n, (RUNTIME / n).read_text()) for n in board.support]
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,7 @@ def build_image(board: Board, plan: Plan, layer_sources: list[Source],
     require_tool(board.cc)
     version = compiler_version(board.cc)
     support = support_sources(board)
-    extra = [render_linker_script(board)] if board.bare_metal else []
+    extra = [render_linker_script(board)] if board.linker_template else []
     flags = image_flags(board)
     support_flags = ("-std=gnu99", *[f for f in flags if f not in ("-std=c99", "-Wpedantic")])
     if board.bare_metal:
