@@ -76,3 +76,38 @@ def test_rendering_is_deterministic():
     a = render_c(lower(make_layer(name="my_gn", **LAYERS["nchw"])), "s.yaml")
     b = render_c(lower(make_layer(name="my_gn", **LAYERS["nchw"])), "s.yaml")
     assert a == b
+
+
+# Shapes on both sides of the C kernels' block and fold thresholds, and a CUDA spread.
+LOOP_SHAPES = [
+    dict(format="SSCB", input_size=[24, 24, 20], num_groups=4),      # groups of 2880: one block
+    dict(format="SSCB", input_size=[48, 48, 20], num_groups=4),      # several blocks
+    dict(format="SSCB", input_size=[8, 8, 64], num_groups=1),        # one run, folded once
+    dict(format="BSSC", layout="row-major", input_size=[9, 9, 64], num_groups=32),
+    dict(format="BSSC", layout="row-major", input_size=[64, 64, 8], num_groups=2),
+    dict(format="CBT", input_size=[6, 17], num_groups=2),
+    dict(format="CB", input_size=[1024], num_groups=32),
+    dict(format="BSC", input_size=[300, 4], num_groups=1),
+]
+_LITERAL_LOOP = re.compile(r"for \((?:size_t|unsigned|int) (\w+) = (\d+); \1 < (\d+); "
+                           r"(?:\+\+\1|\1\+\+|\1 \+= (\d+))\)")
+
+
+@pytest.mark.parametrize("shape", LOOP_SHAPES, ids=[f"{s['format']}-{s['input_size']}"
+                                                    for s in LOOP_SHAPES])
+def test_no_loop_of_one_iteration_and_no_stray_blank_lines(shape):
+    """A loop whose bounds say it runs once is printed as its body; a macro leaves no empty
+    line where it printed nothing."""
+    from gncodegen.targets.cuda.render import render_cuda
+
+    for dtype in ("single", "double"):
+        plan = lower(make_layer(name="loops", dtype=dtype, **shape))
+        sources = [*render_c(plan, "spec.yaml"), *render_cuda(plan, "spec.yaml")]
+        for src in sources:
+            for m in _LITERAL_LOOP.finditer(src.text):
+                start, stop, step = int(m[2]), int(m[3]), int(m[4] or 1)
+                assert stop - start > step, (src.name, m[0])
+            assert "\n\n\n" not in src.text, src.name
+            for a, b in zip(src.text.split("\n"), src.text.split("\n")[1:]):
+                opens_block = a.rstrip().endswith("{") and not a.startswith("namespace")
+                assert not (opens_block and b == ""), (src.name, a)

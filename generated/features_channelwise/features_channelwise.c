@@ -262,6 +262,32 @@ static int features_channelwise_scales_fold(const float *scale)
 }
 
 /*
+ * The lane sums of d = x - pilot over one group: the job's, and (with the same lanes and
+ * order, so as accurate) the second pass around the mean when the pilot was far from it.
+ */
+typedef struct {
+    float s1, s2;
+} features_channelwise_sum_pair; /* returned in registers: the sums never go through memory */
+static features_channelwise_sum_pair features_channelwise_lane_sums(const float *xg, float pilot)
+{
+    float sums[2];
+    features_channelwise_sum_pair out;
+    float s1[1]; /* lane k sums d over elements k, k + 1, k + 2, ... of each run */
+    float s2[1];
+    s1[0] = 0.0f;
+    s2[0] = 0.0f;
+    const float *run = xg; /* 1 contiguous elements */
+    const float d = run[0] - pilot;
+    s1[0] += d;
+    s2[0] = FEATURES_CHANNELWISE_MAC(d, d, s2[0]);
+    sums[0] = s1[0];
+    sums[1] = s2[0];
+    out.s1 = sums[0];
+    out.s2 = sums[1];
+    return out;
+}
+
+/*
  * Normalize one (observation, group) whose statistics read contiguous runs: 1 independent
  * partial sums per sum, so the compiler vectorizes them without reassociating float additions.
  */
@@ -276,16 +302,11 @@ static void features_channelwise_job(const float *x, float *y, const float *scal
 
     /* Statistics around a pilot taken from the group, so a large mean cancels nothing. */
     const float pilot = features_channelwise_pilot(xg, 1);
-    float s1[1]; /* lane k sums d over elements k, k + 1, k + 2, ... of each run */
-    float s2[1];
-    s1[0] = 0.0f;
-    s2[0] = 0.0f;
-    const float *run = xg; /* 1 contiguous elements */
-    const float d = run[0] - pilot;
-    s1[0] += d;
-    s2[0] = FEATURES_CHANNELWISE_MAC(d, d, s2[0]);
-    sums[0] = s1[0];
-    sums[1] = s2[0];
+    {
+        const features_channelwise_sum_pair first = features_channelwise_lane_sums(xg, pilot);
+        sums[0] = first.s1;
+        sums[1] = first.s2;
+    }
     float unit = 1.0f;
     float epsilon_u = FEATURES_CHANNELWISE_EPSILON; /* epsilon * unit^2 */
     if (sums[1] - sums[1] != 0) { /* s2 is infinite (or NaN) */

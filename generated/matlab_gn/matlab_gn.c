@@ -318,12 +318,12 @@ static int matlab_gn_scales_fold(const float *scale)
 }
 
 /*
- * The job's lane sums of d = x - pilot over one group, for a second pass around the mean
- * when the pilot was far from it: the same lanes and order, so as accurate as the first.
+ * The lane sums of d = x - pilot over one group: the job's, and (with the same lanes and
+ * order, so as accurate) the second pass around the mean when the pilot was far from it.
  */
 typedef struct {
     float s1, s2;
-} matlab_gn_sum_pair; /* returned in registers: the job's sums never go through memory */
+} matlab_gn_sum_pair; /* returned in registers: the sums never go through memory */
 static matlab_gn_sum_pair matlab_gn_lane_sums(const float *xg, float pilot)
 {
     float sums[2];
@@ -340,18 +340,16 @@ static matlab_gn_sum_pair matlab_gn_lane_sums(const float *xg, float pilot)
         t1[k] = t2[k] = c1[k] = c2[k] = 0.0f;
     }
     const float *run = xg; /* 2880 contiguous elements */
-    for (size_t i0 = 0; i0 < 2048; i0 += 2048) { /* blocks of 2048 */
-        MATLAB_GN_UNROLLED
-        for (size_t i = i0; i < i0 + 2048; i += 32) {
-            for (size_t k = 0; k < 32; ++k) {
-                const float d = run[i + k] - pilot;
-                s1[k] += d;
-                s2[k] = MATLAB_GN_MAC(d, d, s2[k]);
-            }
+    MATLAB_GN_UNROLLED
+    for (size_t i = 0; i < 2048; i += 32) { /* one block of 2048 */
+        for (size_t k = 0; k < 32; ++k) {
+            const float d = run[i + k] - pilot;
+            s1[k] += d;
+            s2[k] = MATLAB_GN_MAC(d, d, s2[k]);
         }
-        matlab_gn_fold(s1, t1, c1, 32);
-        matlab_gn_fold(s2, t2, c2, 32);
     }
+    matlab_gn_fold(s1, t1, c1, 32);
+    matlab_gn_fold(s2, t2, c2, 32);
     MATLAB_GN_UNROLLED
     for (size_t i = 2048; i < 2880; i += 32) {
         for (size_t k = 0; k < 32; ++k) {
@@ -407,65 +405,11 @@ static void matlab_gn_job(const float *x, float *y, const float *scale, const fl
 
     /* Statistics around a pilot taken from the group, so a large mean cancels nothing. */
     float pilot = matlab_gn_pilot(xg, 1);
-    float s1[32]; /* lane k sums d over elements k, k + 32, ... of each run, for one block */
-    float s2[32];
-    float t1[32]; /* ... and over the blocks so far, compensated by c */
-    float t2[32];
-    float c1[32];
-    float c2[32];
-    for (size_t k = 0; k < 32; ++k) {
-        s1[k] = 0.0f;
-        s2[k] = 0.0f;
-        t1[k] = t2[k] = c1[k] = c2[k] = 0.0f;
+    {
+        const matlab_gn_sum_pair first = matlab_gn_lane_sums(xg, pilot);
+        sums[0] = first.s1;
+        sums[1] = first.s2;
     }
-    const float *run = xg; /* 2880 contiguous elements */
-    for (size_t i0 = 0; i0 < 2048; i0 += 2048) { /* blocks of 2048 */
-        MATLAB_GN_UNROLLED
-        for (size_t i = i0; i < i0 + 2048; i += 32) {
-            for (size_t k = 0; k < 32; ++k) {
-                const float d = run[i + k] - pilot;
-                s1[k] += d;
-                s2[k] = MATLAB_GN_MAC(d, d, s2[k]);
-            }
-        }
-        matlab_gn_fold(s1, t1, c1, 32);
-        matlab_gn_fold(s2, t2, c2, 32);
-    }
-    MATLAB_GN_UNROLLED
-    for (size_t i = 2048; i < 2880; i += 32) {
-        for (size_t k = 0; k < 32; ++k) {
-            const float d = run[i + k] - pilot;
-            s1[k] += d;
-            s2[k] = MATLAB_GN_MAC(d, d, s2[k]);
-        }
-    }
-    matlab_gn_fold(s1, t1, c1, 32);
-    matlab_gn_fold(s2, t2, c2, 32);
-    for (size_t k = 0; k < 32; ++k) {
-        s1[k] = t1[k] - c1[k];
-        s2[k] = t2[k] - c2[k];
-    }
-    /* Add the lanes pairwise in a fixed tree: the result does not depend on the compiler. */
-    for (size_t k = 0; k < 16; ++k) {
-        s1[k] += s1[k + 16];
-        s2[k] += s2[k + 16];
-    }
-    for (size_t k = 0; k < 8; ++k) {
-        s1[k] += s1[k + 8];
-        s2[k] += s2[k + 8];
-    }
-    for (size_t k = 0; k < 4; ++k) {
-        s1[k] += s1[k + 4];
-        s2[k] += s2[k + 4];
-    }
-    for (size_t k = 0; k < 2; ++k) {
-        s1[k] += s1[k + 2];
-        s2[k] += s2[k + 2];
-    }
-    s1[0] += s1[1];
-    s2[0] += s2[1];
-    sums[0] = s1[0];
-    sums[1] = s2[0];
     float unit = 1.0f;
     float epsilon_u = MATLAB_GN_EPSILON; /* epsilon * unit^2 */
     if (sums[1] - sums[1] != 0) { /* s2 is infinite (or NaN) */

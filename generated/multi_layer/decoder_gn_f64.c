@@ -266,12 +266,12 @@ static int decoder_gn_f64_scales_fold(const double *scale)
 }
 
 /*
- * The job's lane sums of d = x - pilot over one group, for a second pass around the mean
- * when the pilot was far from it: the same lanes and order, so as accurate as the first.
+ * The lane sums of d = x - pilot over one group: the job's, and (with the same lanes and
+ * order, so as accurate) the second pass around the mean when the pilot was far from it.
  */
 typedef struct {
     double s1, s2;
-} decoder_gn_f64_sum_pair; /* returned in registers: the job's sums never go through memory */
+} decoder_gn_f64_sum_pair; /* returned in registers: the sums never go through memory */
 static decoder_gn_f64_sum_pair decoder_gn_f64_lane_sums(const double *xg, double pilot)
 {
     double sums[2];
@@ -332,42 +332,11 @@ static void decoder_gn_f64_job(const double *x, double *y, const double *scale, 
 
     /* Statistics around a pilot taken from the group, so a large mean cancels nothing. */
     double pilot = decoder_gn_f64_pilot(xg, 1);
-    double s1[32]; /* lane k sums d over elements k, k + 32, k + 64, ... of each run */
-    double s2[32];
-    for (size_t k = 0; k < 32; ++k) {
-        s1[k] = 0.0;
-        s2[k] = 0.0;
+    {
+        const decoder_gn_f64_sum_pair first = decoder_gn_f64_lane_sums(xg, pilot);
+        sums[0] = first.s1;
+        sums[1] = first.s2;
     }
-    const double *run = xg; /* 288 contiguous elements */
-    DECODER_GN_F64_UNROLLED
-    for (size_t i = 0; i < 288; i += 32) {
-        for (size_t k = 0; k < 32; ++k) {
-            const double d = run[i + k] - pilot;
-            s1[k] += d;
-            s2[k] = DECODER_GN_F64_MAC(d, d, s2[k]);
-        }
-    }
-    /* Add the lanes pairwise in a fixed tree: the result does not depend on the compiler. */
-    for (size_t k = 0; k < 16; ++k) {
-        s1[k] += s1[k + 16];
-        s2[k] += s2[k + 16];
-    }
-    for (size_t k = 0; k < 8; ++k) {
-        s1[k] += s1[k + 8];
-        s2[k] += s2[k + 8];
-    }
-    for (size_t k = 0; k < 4; ++k) {
-        s1[k] += s1[k + 4];
-        s2[k] += s2[k + 4];
-    }
-    for (size_t k = 0; k < 2; ++k) {
-        s1[k] += s1[k + 2];
-        s2[k] += s2[k + 2];
-    }
-    s1[0] += s1[1];
-    s2[0] += s2[1];
-    sums[0] = s1[0];
-    sums[1] = s2[0];
     double unit = 1.0;
     double epsilon_u = DECODER_GN_F64_EPSILON; /* epsilon * unit^2 */
     if (sums[1] - sums[1] != 0) { /* s2 is infinite (or NaN) */

@@ -281,12 +281,12 @@ static int encoder_gn_scales_fold(const float *scale)
 }
 
 /*
- * The job's lane sums of d = x - pilot over one group, for a second pass around the mean
- * when the pilot was far from it: the same lanes and order, so as accurate as the first.
+ * The lane sums of d = x - pilot over one group: the job's, and (with the same lanes and
+ * order, so as accurate) the second pass around the mean when the pilot was far from it.
  */
 typedef struct {
     float s1, s2;
-} encoder_gn_sum_pair; /* returned in registers: the job's sums never go through memory */
+} encoder_gn_sum_pair; /* returned in registers: the sums never go through memory */
 static encoder_gn_sum_pair encoder_gn_lane_sums(const float *xg, float pilot)
 {
     float sums[2];
@@ -347,42 +347,11 @@ static void encoder_gn_job(const float *x, float *y, const float *scale, const f
 
     /* Statistics around a pilot taken from the group, so a large mean cancels nothing. */
     float pilot = encoder_gn_pilot(xg, 1);
-    float s1[32]; /* lane k sums d over elements k, k + 32, k + 64, ... of each run */
-    float s2[32];
-    for (size_t k = 0; k < 32; ++k) {
-        s1[k] = 0.0f;
-        s2[k] = 0.0f;
+    {
+        const encoder_gn_sum_pair first = encoder_gn_lane_sums(xg, pilot);
+        sums[0] = first.s1;
+        sums[1] = first.s2;
     }
-    const float *run = xg; /* 256 contiguous elements */
-    ENCODER_GN_UNROLLED
-    for (size_t i = 0; i < 256; i += 32) {
-        for (size_t k = 0; k < 32; ++k) {
-            const float d = run[i + k] - pilot;
-            s1[k] += d;
-            s2[k] = ENCODER_GN_MAC(d, d, s2[k]);
-        }
-    }
-    /* Add the lanes pairwise in a fixed tree: the result does not depend on the compiler. */
-    for (size_t k = 0; k < 16; ++k) {
-        s1[k] += s1[k + 16];
-        s2[k] += s2[k + 16];
-    }
-    for (size_t k = 0; k < 8; ++k) {
-        s1[k] += s1[k + 8];
-        s2[k] += s2[k + 8];
-    }
-    for (size_t k = 0; k < 4; ++k) {
-        s1[k] += s1[k + 4];
-        s2[k] += s2[k + 4];
-    }
-    for (size_t k = 0; k < 2; ++k) {
-        s1[k] += s1[k + 2];
-        s2[k] += s2[k + 2];
-    }
-    s1[0] += s1[1];
-    s2[0] += s2[1];
-    sums[0] = s1[0];
-    sums[1] = s2[0];
     float unit = 1.0f;
     float epsilon_u = ENCODER_GN_EPSILON; /* epsilon * unit^2 */
     if (sums[1] - sums[1] != 0) { /* s2 is infinite (or NaN) */

@@ -137,7 +137,6 @@ __device__ __forceinline__ acc_t offset_of(const elem_t *offset, int c)
     return BAKED ? c_offset[c] : to_acc(offset[c]);
 }
 
-
 /* Sum s1 and s2 over WIDTH neighbouring lanes; every lane ends with the same bits. */
 template <int WIDTH>
 __device__ __forceinline__ void warp_sum(acc_t &s1, acc_t &s2)
