@@ -102,15 +102,18 @@ keep_option = click.option("--keep", is_flag=True, help="Print where the build f
 def target_options(func):
     """Add every target's own options (e.g. --cuda-runner) to a command."""
     for opt in reversed(cli_options()):
-        func = click.option(opt.flag, opt.name, default=opt.default, show_default=True,
-                            type=click.Choice(opt.choices, case_sensitive=False),
-                            help=opt.help)(func)
+        kind = click.Choice(opt.choices, case_sensitive=False) if opt.choices else str
+        func = click.option(opt.flag, opt.name, default=opt.default,
+                            show_default=bool(opt.default), type=kind, help=opt.help)(func)
     return func
 
 
 def run_options(keep: bool, values: dict[str, str]) -> RunOptions:
-    """Return the RunOptions of a command's shared and target options."""
-    return RunOptions(keep, tuple(sorted((k, v.lower()) for k, v in values.items())))
+    """Return the RunOptions of a command's shared and target options (a choice as typed in
+    any case; free text, such as compiler flags, exactly as given)."""
+    choices = {opt.name for opt in cli_options() if opt.choices}
+    return RunOptions(keep, tuple(sorted((k, v.lower() if k in choices else v)
+                                         for k, v in values.items())))
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})

@@ -52,6 +52,7 @@ class Report:
     runner: str                 # how it ran: host, host-emulation, gpu, qemu-..., ...
     tolerance: float
     cases: tuple[CaseResult, ...]
+    build: tuple[tuple[str, str], ...] = ()   # how what ran was built: compiler, flags, ...
 
     @property
     def passed(self) -> bool:
@@ -70,6 +71,7 @@ class Report:
             "tolerance": self.tolerance, "passed": self.passed,
             "max_rel_error": float(f"{self.max_rel:.3g}"),
             "cases": {c.case: float(f"{c.max_rel:.3g}") for c in self.cases},
+            **({"build": dict(self.build)} if self.build else {}),
         }
 
 

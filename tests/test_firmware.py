@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -113,7 +114,9 @@ def test_layer_matches_reference_on_target(target, key):
     report = run.report
     failed = [(c.case, c.max_rel, c.nan_mismatch) for c in report.cases if not c.passed]
     assert report.passed, f"{target}/{key}: {failed}"
-    assert report.runner == fw.BOARDS[target].runner_name
+    board = fw.BOARDS[target]
+    assert report.runner == f"{board.runner_name} {board.opt}"
+    assert dict(report.build)["flags"].split().count(board.opt) == 1
     names = [c.case for c in report.cases]
     # The verification cases: random, constant groups, mean 1e4 std 1, in place, batch 1 and > 1.
     assert "random, batch 1" in names and "random, in place" in names
@@ -388,6 +391,26 @@ def test_double_arithmetic_in_single_code_is_caught():
     assert "sqrt" in bad and any(s.startswith("__aeabi_") for s in bad), bad
 
 
+def test_a_core_without_fpu_may_call_the_float_helpers_only():
+    """On the Cortex-M3 (soft float) single precision calls the run-time ABI's float helpers,
+    which the object check allows there, while a double helper is still caught."""
+    plan = lower(_layer("sscb"))
+    board = fw.BOARDS["cortex-m3"]
+    assert board.soft_float and not fw.BOARDS["cortex-m4"].soft_float
+    run = fw.verify_layer_on(board, plan, _sources(plan))
+    assert run.report.passed
+    calls = run.footprint.calls
+    assert any(c.startswith("__aeabi_f") for c in calls), calls
+    assert fw.check_object_calls(run.footprint, "single", soft_float=True) == []
+    assert fw.check_object_calls(run.footprint, "single") != []     # on an FPU core: caught
+    promoted = replace(run.footprint, calls=(*calls, "__aeabi_f2d", "__aeabi_dmul"))
+    assert fw.check_object_calls(promoted, "single", soft_float=True) == ["__aeabi_f2d",
+                                                                          "__aeabi_dmul"]
+    # The text and stack budgets are the Cortex-M4's at -Os, not a soft-float core's.
+    assert run.footprint.over_budget("single") == []
+    assert replace(run.footprint, cpu="cortex-m4").over_budget("single") != []
+
+
 def test_heap_and_mutable_state_are_caught():
     plan = lower(_layer("sscb"))
     header, source = _sources(plan)
@@ -426,8 +449,10 @@ def test_cli_verify_prints_results_and_footprint_table():
                                        "--target", "cortex-m4"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert re.search(r"matlab_gn\s+cortex-m4\s+qemu mps2-an386\s+yes\s+\S+\s+1e-05\s+pass",
-                     result.output)
+    # Both kernels a build can select ran on the core: the compact nest (-Os), the fast (-O2).
+    for opt in ("-Os", "-O2"):
+        assert re.search(rf"matlab_gn\s+cortex-m4\s+qemu mps2-an386 {opt}\s+yes\s+\S+\s+1e-05"
+                         r"\s+pass", result.output), opt
     header = next(i for i, ln in enumerate(lines) if ln.startswith("layer ") and "stack" in ln)
     row = lines[header + 1].split()
     assert row[:3] == ["matlab_gn", "cortex-m4", "-Os"] and row[-1] == "-"   # no outside calls
@@ -447,7 +472,37 @@ def test_cli_build_records_footprint_in_manifest(tmp_path):
                        "calls"}
     assert fp["stack_measured"] > 0
     assert fp["text"] <= fw.TEXT_BUDGET and fp["stack"] <= fw.STACK_BUDGET
-    assert [v["target"] for v in doc["verification"]] == ["cortex-m4"]
+    runs = doc["verification"]
+    assert [(v["target"], v["runner"]) for v in runs] == [("cortex-m4", "qemu mps2-an386 -Os"),
+                                                          ("cortex-m4", "qemu mps2-an386 -O2")]
+    for run, opt in zip(runs, ("-Os", "-O2")):
+        assert run["build"]["compiler"].startswith("arm-none-eabi-gcc")
+        assert opt in run["build"]["flags"].split() and "-mcpu=cortex-m4" in run["build"]["flags"]
+
+
+def test_cli_verifies_the_users_own_flags(tmp_path):
+    """--cflags: the generated code compiled with exactly the user's flags (after the core's)
+    runs on the core too, and the manifest says so; a flag that is not one is refused."""
+    spec = tmp_path / "matlab_gn.yaml"
+    shutil.copy(EXAMPLES / "matlab_gn.yaml", spec)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["build", str(spec), "--target", "cortex-m4", "-o", str(out),
+                                       "--cflags", "-O1 -fno-inline -ffunction-sections"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"matlab_gn\s+cortex-m4\s+qemu mps2-an386 --cflags\s+yes.*pass",
+                     result.output), result.output
+    runs = json.loads((out / "manifest.json").read_text())["verification"]
+    assert runs[-1]["build"]["flags"] == ("-mcpu=cortex-m4 -mthumb -mfpu=fpv4-sp-d16 "
+                                          "-mfloat-abi=hard -O1 -fno-inline -ffunction-sections")
+    for bad, words in (("-O2 -o elsewhere", "'-o' is not a compile flag"),
+                       ("main.c", "'main.c' is not a compile flag"),
+                       ("-O2 '", "cannot be split")):
+        proc = subprocess.run([sys.executable, "-m", "gncodegen", "verify", str(spec),
+                               "--target", "cortex-m4", "--cflags", bad],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith("error: --cflags: ") and words in proc.stderr, proc.stderr
+        assert len(proc.stderr.splitlines()) == 1
 
 
 def test_cli_firmware_group_runs_every_target():

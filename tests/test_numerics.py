@@ -123,18 +123,13 @@ CLASSES = [
 CLASS_IDS = ["normal", "mean1e4", "tinystd", "overflow", "constant", "denormal", "outlier",
              "nan", "inf", "neginf-pilot"]
 
-# Classes the kernels fail today, kept out of the CI matrix (so CI stays green) and reported to
-# the kernels' owners with these figures (2026-11-25). Delete an entry to put it back; the
-# tests for it are otherwise complete. KEPT_OUT takes a whole class off a target; KEPT_OUT_CASES
-# one (variant, class, dtype, layer) of the C matrix, skipped with its figures as the reason.
-KEPT_OUT: dict[tuple[str, str], str] = {}
-KEPT_OUT_CASES: dict[tuple[str, str, str, str], str] = {}
+# Every class runs on every target: none is kept out of the matrix.
 
 
 def classes_for(target: str) -> list:
-    """Return pytest params of the input classes run on target (KEPT_OUT left out)."""
-    return [pytest.param(c, id=i) for c, i in zip(CLASSES, CLASS_IDS)
-            if (target, i) not in KEPT_OUT]
+    """Return pytest params of the input classes run on a target: all of them."""
+    del target
+    return [pytest.param(c, id=i) for c, i in zip(CLASSES, CLASS_IDS)]
 
 
 def make_input(layer, cls: InputClass, seed: int) -> np.ndarray:
@@ -260,10 +255,6 @@ def c_module(dtype: str, flags: tuple[str, ...]):
 @pytest.mark.parametrize("dtype", ["single", "double"])
 def test_c_input_class(dtype, flags, layer_name, cls):
     """The generated C on one input class: reference NaN pattern, no worse than torch."""
-    kept_out = ("c-compact" if flags == SIZE_FLAGS else "c-fast",
-                CLASS_IDS[CLASSES.index(cls)], dtype, layer_name)
-    if kept_out in KEPT_OUT_CASES:
-        pytest.skip(f"kept out: {KEPT_OUT_CASES[kept_out]}")
     layer, run = c_module(dtype, flags)[layer_name]
     x = make_input(layer, cls, seed=zlib.crc32(f"{layer_name}/{cls.name}".encode()))
     scale, offset = params(layer, seed=7)
@@ -351,20 +342,25 @@ def test_c_constant_groups_exactly_offset(dtype, flags, group_numel):
 # --------------------------------------------------------------------------- firmware targets
 
 # (target, dtype): every firmware target with the dtypes its FPU computes in hardware.
-FIRMWARE = [("cortex-m4", "single"), ("cortex-m7", "single"), ("cortex-m7", "double"),
-            ("cortex-m55", "single"), ("aarch64-linux", "single"), ("aarch64-linux", "double")]
+FIRMWARE = [("cortex-m3", "single"), ("cortex-m4", "single"), ("cortex-m7", "single"),
+            ("cortex-m7", "double"), ("cortex-m33", "single"), ("cortex-m55", "single"),
+            ("aarch64-linux", "single"), ("aarch64-linux", "double")]
 
 
+@pytest.mark.parametrize("opt_side", [0, 1], ids=["board-opt", "other-kernel"])
 @pytest.mark.parametrize("target_name,dtype", FIRMWARE, ids=[f"{t}-{d}" for t, d in FIRMWARE])
-def test_firmware_input_classes(target_name: str, dtype: str):
-    """Every input class in one image on a firmware target (QEMU): the same checks as above."""
+def test_firmware_input_classes(target_name: str, dtype: str, opt_side: int):
+    """Every input class in one image on a firmware target (QEMU): the same checks as above,
+    at each optimization level the target verifies (its own, and the other side of
+    __OPTIMIZE_SIZE__: the compact nest and the fast kernels both run on every core)."""
     from gncodegen.targets.firmware import BOARDS, verify_layer_on
+
+    opt = BOARDS[target_name].verified_opts[opt_side]
 
     layer = layer_for("sscb_g4_126", dtype)
     plan = lower(layer)
     scale, offset = params(layer, seed=7)
-    chosen = [(c, i) for c, i in zip(CLASSES, CLASS_IDS)
-              if ("c", i) not in KEPT_OUT]
+    chosen = list(zip(CLASSES, CLASS_IDS))
     inputs = {c.name: make_input(layer, c, seed=zlib.crc32(f"firmware/{c.name}".encode()))
               for c, _ in chosen}
     cases = [Case(c.name, inputs[c.name], BATCH, scale=scale, offset=offset) for c, _ in chosen]
@@ -375,12 +371,12 @@ def test_firmware_input_classes(target_name: str, dtype: str):
         return parsed
 
     verify_layer_on(BOARDS[target_name], plan, list(render_c(plan, "numerics.yaml")),
-                    cases=cases, corrupt=capture)
+                    cases=cases, corrupt=capture, opt=opt)
     failures = []
     for cls, _ in chosen:
         try:
             judge(layer, cls, np.asarray(outputs[cls.name], dtype=np.float64), inputs[cls.name],
-                  scale, offset, f"{target_name} {dtype} / {cls.name}")
+                  scale, offset, f"{target_name} {opt} {dtype} / {cls.name}")
         except AssertionError as exc:
             failures.append(str(exc).splitlines()[0])
     assert not failures, "\n".join(failures)
@@ -517,8 +513,9 @@ def largest_group_on(board, dtype: str) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("opt_side", [0, 1], ids=["board-opt", "other-kernel"])
 @pytest.mark.parametrize("target_name,dtype", FIRMWARE, ids=[f"{t}-{d}" for t, d in FIRMWARE])
-def test_firmware_largest_group_stays_accurate(target_name: str, dtype: str):
+def test_firmware_largest_group_stays_accurate(target_name: str, dtype: str, opt_side: int):
     """The largest group each board's image holds (65536 elements and more on the Cortex-M
     boards), on the classes that long sums get wrong: mean 1e4 std 1 (a Cortex-M4 -Os build
     was 1.1e-5 off with plain sums), an outlier as pilot, normal data."""
@@ -536,7 +533,8 @@ def test_firmware_largest_group_stays_accurate(target_name: str, dtype: str):
         x = round_to_dtype(cls.fill(np.random.default_rng(n), n, dtype), dtype)
         x = to_flat(from_canonical(x.reshape(1, 4, -1), layer, 1), layer)
         cases.append(Case(cls.name, x, 1, scale=ones, offset=zeros))
-    run = verify_layer_on(board, plan, list(render_c(plan, "numerics.yaml")), cases=cases)
+    run = verify_layer_on(board, plan, list(render_c(plan, "numerics.yaml")), cases=cases,
+                          opt=board.verified_opts[opt_side])
     assert run.report.passed, [(c.case, c.max_rel) for c in run.report.cases if not c.passed]
     assert run.report.max_rel <= DTYPES[dtype].tolerance / 10, run.report.max_rel
 

@@ -33,7 +33,7 @@ class CliOption:
     """A command-line option a target declares; `build` and `verify` take it as --<flag>."""
 
     name: str                        # the keyword: cuda_runner
-    choices: tuple[str, ...]
+    choices: tuple[str, ...]         # () for free text
     default: str
     help: str
 

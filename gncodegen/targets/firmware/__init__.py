@@ -14,15 +14,16 @@ heap calls, holds no mutable state and does not recurse; and it measures the foo
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ...errors import TargetUnavailable, VerificationError
+from ...errors import SpecError, TargetUnavailable, VerificationError
 from ...plan import Plan
 from ...render import Source
 from ...spec import Spec
 from ...verify import Case, Report, verify_layer
-from ..base import Outcome, RunOptions, Target
+from ..base import CliOption, Outcome, RunOptions, Target
 from ..c import CTarget
 from ..c.record import CRecord, as_record
 from .boards import BOARDS, STACK_BUDGET, TEXT_BUDGET, Board, require_tool
@@ -32,6 +33,25 @@ from .harness import (firmware_cases, harness_for, hex_literal, measured_stack, 
                       render_harness)
 from .qemu import build_image, render_linker_script, run_image, support_sources
 from .strict import STRICT_CONFIGS, STRICT_OPTS, check_strict
+
+
+CFLAGS = CliOption(
+    "cflags", (), "",
+    "Firmware targets: also verify the generated code compiled with exactly these flags "
+    "(after the core's CPU flags), e.g. \"-O2 -ffunction-sections\".")
+
+
+def parse_cflags(text: str) -> tuple[str, ...]:
+    """Return a --cflags value as arguments, or raise SpecError naming the option."""
+    try:
+        args = tuple(shlex.split(text))
+    except ValueError as exc:
+        raise SpecError("--cflags", f"cannot be split into arguments ({exc})") from None
+    for arg in args:
+        if not arg.startswith("-") or arg in ("-o", "-c", "-E", "-S") or arg.startswith("-o"):
+            raise SpecError("--cflags", f"'{arg}' is not a compile flag (the build names the "
+                                        "files, the output and the stage itself)")
+    return args
 
 
 @dataclass(frozen=True)
@@ -46,8 +66,10 @@ class LayerRun:
 
 def verify_layer_on(board: Board, layer: CRecord | Plan, layer_sources: list[Source],
                     keep: bool = False, cases: list[Case] | None = None,
-                    corrupt=None) -> LayerRun:
-    """Return the verification of one layer on a firmware board.
+                    corrupt=None, opt: str | None = None,
+                    cflags: tuple[str, ...] | None = None) -> LayerRun:
+    """Return the verification of one layer on a firmware board, built at opt (the board's
+    own level unless given) or, with cflags, with exactly a user's flags.
 
     corrupt, when given, edits the parsed outputs before the comparison (tests use it to see
     a wrong value fail).
@@ -55,34 +77,40 @@ def verify_layer_on(board: Board, layer: CRecord | Plan, layer_sources: list[Sou
     rec = as_record(layer)
     plan = rec.plan
     layer = plan.layer
-    for config in STRICT_CONFIGS:
-        if config.label == board.name or (board.name == "aarch64-linux"
-                                           and config.label == "aarch64"):
-            check_strict(layer_sources, config, board.opt)
+    opt = opt or board.opt
+    if cflags is None:
+        for config in STRICT_CONFIGS:
+            if config.label == board.name or (board.name == "aarch64-linux"
+                                               and config.label == "aarch64"):
+                check_strict(layer_sources, config, opt)
     cases = cases if cases is not None else firmware_cases(layer, board)
     if not board.runner:
         raise TargetUnavailable(f"{board.name}: no emulator to run on")
     image = build_image(board, plan, layer_sources,
-                        render_harness(rec, harness_for(plan, board, cases)), keep)
+                        render_harness(rec, harness_for(plan, board, cases)), keep, opt, cflags)
     printout = run_image(image)
     outputs = parse_output(printout, plan, cases)
     if corrupt is not None:
         outputs = corrupt(outputs)
-    report = verify_layer(layer, board.name, board.runner_name,
+    label = opt if cflags is None else "--cflags"
+    report = verify_layer(layer, board.name, f"{board.runner_name} {label}",
                           lambda case: outputs[case.name], cases)
+    report = replace(report, build=(("compiler", image.compiler),
+                                    ("flags", " ".join(image.layer_flags))))
     footprint = None
     if board.bare_metal:
         header, source = _layer_pair(plan, layer_sources)
         footprint = measure_footprint(plan, source, header, board)
-        if board.opt == footprint.opt:
+        if cflags is None and opt == footprint.opt:
             # The image ran the very code measured: add what its calls really used.
             footprint = replace(footprint, stack_measured=measured_stack(printout))
-        bad = check_object_calls(footprint, layer.dtype)
+        bad = check_object_calls(footprint, layer.dtype, board.soft_float)
         if bad:
             raise VerificationError(
                 f"{plan.prefix}: the {board.name} object calls {', '.join(bad)}; "
                 f"{layer.dtype} precision may call only "
-                f"{', '.join(sorted(ALLOWED_CALLS[layer.dtype]))}")
+                f"{', '.join(sorted(ALLOWED_CALLS[layer.dtype]))}"
+                f"{' and the float helpers' if board.soft_float else ''}")
     return LayerRun(report, footprint, image.path, measured_stack(printout))
 
 
@@ -99,17 +127,28 @@ class FirmwareTarget(CTarget):
         self.name = board.name
         self.description = board.description
 
+    cli_options = (CFLAGS,)
+
     def verify(self, spec: Spec, records: tuple[CRecord, ...], sources: list[Source],
                options: RunOptions) -> Outcome:
         reports, footprints, manifest = [], [], {}
+        cflags = parse_cflags(options.get(CFLAGS))
         for rec in records:
             plan = rec.plan
             layer_sources = list(_layer_pair(plan, sources))
-            run = verify_layer_on(self.board, rec, layer_sources, keep=options.keep)
-            reports.append(run.report)
+            fp = None
+            for opt in self.board.verified_opts:
+                run = verify_layer_on(self.board, rec, layer_sources, keep=options.keep, opt=opt)
+                reports.append(run.report)
+                if run.footprint is not None and (fp is None or run.footprint.stack_measured):
+                    fp = run.footprint     # the one the -Os image also measured, where it ran
+            if cflags:
+                run = verify_layer_on(self.board, rec, layer_sources, keep=options.keep,
+                                      cflags=cflags)
+                reports.append(run.report)
             # Each Cortex-M reports its own footprint at -Os; a Linux build reports the
             # Cortex-M4's, the core the budgets are set for.
-            fp = run.footprint or measure_footprint(plan, layer_sources[1], layer_sources[0])
+            fp = fp or measure_footprint(plan, layer_sources[1], layer_sources[0])
             footprints.append(fp)
             manifest[plan.prefix] = fp.as_dict()
         notes = footprint_table(footprints)

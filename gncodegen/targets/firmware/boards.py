@@ -51,6 +51,18 @@ class Board:
         return self.machine != ""
 
     @property
+    def verified_opts(self) -> tuple[str, ...]:
+        """The optimization levels a layer is verified at: the board's own and the other side
+        of __OPTIMIZE_SIZE__ (the -Os build compiles the compact nest, any other the fast
+        kernels), so whichever a user's flags select has run on this core."""
+        return (self.opt, "-O2" if self.opt == "-Os" else "-Os")
+
+    @property
+    def soft_float(self) -> bool:
+        """True for a core without an FPU: float arithmetic calls the run-time ABI's helpers."""
+        return "-mfloat-abi=soft" in self.cpu_flags
+
+    @property
     def runner_name(self) -> str:
         """How the verification ran, for reports."""
         if not self.runner:
@@ -58,8 +70,10 @@ class Board:
         return f"qemu {self.machine}" if self.machine else self.runner
 
 
+M3_FLAGS = ("-mcpu=cortex-m3", "-mthumb", "-mfloat-abi=soft")
 M4_FLAGS = ("-mcpu=cortex-m4", "-mthumb", "-mfpu=fpv4-sp-d16", "-mfloat-abi=hard")
 M7_FLAGS = ("-mcpu=cortex-m7", "-mthumb", "-mfpu=fpv5-d16", "-mfloat-abi=hard")
+M33_FLAGS = ("-mcpu=cortex-m33", "-mthumb", "-mfpu=fpv5-sp-d16", "-mfloat-abi=hard")
 M55_FLAGS = ("-mcpu=cortex-m55", "-mthumb", "-mfloat-abi=hard")
 # A Cortex-M image: the vector table and reset code, and output through semihosting.
 CORTEX_M_SUPPORT = ("fw_io.h", "startup_cortex_m.c", "semihosting.c")
@@ -69,6 +83,13 @@ CORTEX_M_LINKER = "firmware/link.ld.j2"
 # its initial stack pointer and reset vector from address 0.
 BOARDS: dict[str, Board] = {
     t.name: t for t in (
+        # AN385: a Cortex-M3 without an FPU (float in software, as on many products), the
+        # same SSRAM layout as AN386. -Os: what such firmware ships with.
+        Board("cortex-m3", "Cortex-M3, soft float (qemu mps2-an385)", "arm-none-eabi-gcc",
+                       M3_FLAGS, "-Os", "qemu-system-arm", "mps2-an385",
+                       Region(0x00000000, 4 * MiB), Region(0x20000000, 4 * MiB),
+                       tools_prefix="arm-none-eabi-", support=CORTEX_M_SUPPORT,
+                       linker_template=CORTEX_M_LINKER),
         # AN386: 4 MiB SSRAM1 at 0 stands in for flash, 4 MiB SSRAM2/3 at 0x20000000 for RAM.
         # -Os: what a Cortex-M4 firmware ships with.
         Board("cortex-m4", "Cortex-M4F (qemu mps2-an386)", "arm-none-eabi-gcc",
@@ -80,6 +101,15 @@ BOARDS: dict[str, Board] = {
         Board("cortex-m7", "Cortex-M7 (qemu mps2-an500)", "arm-none-eabi-gcc",
                        M7_FLAGS, "-O2", "qemu-system-arm", "mps2-an500",
                        Region(0x00000000, 4 * MiB), Region(0x20000000, 4 * MiB),
+                       tools_prefix="arm-none-eabi-", support=CORTEX_M_SUPPORT,
+                       linker_template=CORTEX_M_LINKER),
+        # AN505: a Cortex-M33 (Armv8-M Mainline, single-precision FPU) that boots in the
+        # secure state from SVTOR 0x10000000: code and constants in the secure alias of the
+        # 4 MiB SSRAM1, data and stack in that of the 2 MiB SSRAM2 (0x28000000 + 0x10000000).
+        # -O2: the fast kernels on a microcontroller core.
+        Board("cortex-m33", "Cortex-M33 (qemu mps2-an505)", "arm-none-eabi-gcc",
+                       M33_FLAGS, "-O2", "qemu-system-arm", "mps2-an505",
+                       Region(0x10000000, 4 * MiB), Region(0x38000000, 2 * MiB),
                        tools_prefix="arm-none-eabi-", support=CORTEX_M_SUPPORT,
                        linker_template=CORTEX_M_LINKER),
         # AN547: the vector table in the ITCM at 0, code and constants in the 2 MiB SRAM at

@@ -36,26 +36,33 @@ class Image:
 
     path: Path
     board: Board
+    compiler: str = ""               # the compiler, as its --version names it
+    layer_flags: tuple[str, ...] = ()   # what the generated code was compiled with
 
 
-def image_flags(board: Board) -> tuple[str, ...]:
-    """Return the compile flags of a target's verification build (strict, as shipped)."""
-    return (*STRICT_C_FLAGS, board.opt, *board.cpu_flags, "-ffunction-sections",
+def image_flags(board: Board, opt: str | None = None) -> tuple[str, ...]:
+    """Return the compile flags of a target's verification build (strict, as shipped) at opt
+    (the board's own level unless given)."""
+    return (*STRICT_C_FLAGS, opt or board.opt, *board.cpu_flags, "-ffunction-sections",
             "-fdata-sections")
 
 
 def build_image(board: Board, plan: Plan, layer_sources: list[Source],
-                harness: Source, keep: bool = False) -> Image:
+                harness: Source, keep: bool = False, opt: str | None = None,
+                cflags: tuple[str, ...] | None = None) -> Image:
     """Return the test program of one layer for a target, compiling it unless cached.
 
-    The generated code and the harness compile under the strict flags; the start-up and
-    semihosting code under the same warnings in GNU C (they need inline assembly).
+    The generated code and the harness compile under the strict flags at opt; the start-up and
+    semihosting code under the same warnings in GNU C (they need inline assembly). cflags,
+    when given, are a user's own flags: the generated code compiles with exactly those (after
+    the core's CPU flags, which the emulated core needs).
     """
     require_tool(board.cc)
     version = compiler_version(board.cc)
     support = support_sources(board)
     extra = [render_linker_script(board)] if board.linker_template else []
-    flags = image_flags(board)
+    flags = image_flags(board, opt)
+    layer_flags = flags if cflags is None else (*board.cpu_flags, *cflags)
     support_flags = ("-std=gnu99", *[f for f in flags if f not in ("-std=c99", "-Wpedantic")])
     if board.bare_metal:
         link = [board.cc, *board.cpu_flags, "-nostartfiles", "--specs=nano.specs",
@@ -63,7 +70,8 @@ def build_image(board: Board, plan: Plan, layer_sources: list[Source],
     else:
         link = [board.cc, *board.cpu_flags]
     everything = [*layer_sources, harness, *support, *extra]
-    key = content_key(["image", __version__, board.name, version, " ".join(flags), " ".join(link),
+    key = content_key(["image", __version__, board.name, version, " ".join(flags),
+                " ".join(layer_flags), " ".join(link),
                 *(f"{s.name}\n{s.text}" for s in everything)])
     folder = cache_root() / "firmware" / key
     program = folder / ("image.elf" if board.bare_metal else "program")
@@ -75,7 +83,8 @@ def build_image(board: Board, plan: Plan, layer_sources: list[Source],
                 if not src.name.endswith(".c"):
                     continue
                 obj = src.name[:-2] + ".o"
-                own = flags if src in layer_sources or src is harness else support_flags
+                own = (layer_flags if src in layer_sources else
+                       flags if src is harness else support_flags)
                 run_compiler(f"{src.name} ({board.name})",
                              [board.cc, *own, "-c", src.name, "-o", obj], cwd=work)
                 objects.append(obj)
@@ -83,7 +92,7 @@ def build_image(board: Board, plan: Plan, layer_sources: list[Source],
                          [*link, *objects, "-lm", "-o", program.name], cwd=work)
     if keep:
         print(f"build folder ({board.name}, {plan.prefix}): {folder}", file=sys.stderr)
-    return Image(program, board)
+    return Image(program, board, version, layer_flags)
 
 
 def run_command(image: Image, output: Path) -> list[str]:
