@@ -48,6 +48,7 @@ def _report(result: Result, verified: bool) -> str:
     if failed:
         lines.append("failed cases:")
         lines.extend(f"  {f}" for f in failed)
+    lines.extend(f"FAIL: {f}" for o in result.outcomes.values() for f in o.failures)
     return "\n".join(lines)
 
 

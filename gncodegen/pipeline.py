@@ -46,7 +46,8 @@ class Result:
     @property
     def passed(self) -> bool:
         """True when every verified layer passed on every target."""
-        return all(r.passed for o in self.outcomes.values() for r in o.reports)
+        return all(r.passed and not o.failures
+                   for o in self.outcomes.values() for r in o.reports)
 
 
 def lower_targets(spec: Spec, plans: tuple[Plan, ...], targets: tuple[Target, ...]

@@ -480,6 +480,43 @@ def test_cli_build_records_footprint_in_manifest(tmp_path):
         assert opt in run["build"]["flags"].split() and "-mcpu=cortex-m4" in run["build"]["flags"]
 
 
+def test_budget_overrun_fails_the_build_unless_the_spec_raises_it(tmp_path):
+    """The footprint table shows each layer's budget; over it the build fails (exit 1, nothing
+    written), naming the spec keys that raise it; the manifest records budget, flags and the
+    caller's buffer bytes."""
+    text = (EXAMPLES / "matlab_gn.yaml").read_text()
+    tight = tmp_path / "tight.yaml"
+    tight.write_text(text + "\ntext_budget: 100\nstack_budget: 32\n")
+    result = CliRunner().invoke(main, ["build", str(tight), "--target", "cortex-m4",
+                                       "-o", str(tmp_path / "tight")])
+    assert result.exit_code == 1, result.output
+    assert re.search(r"FAIL: matlab_gn on cortex-m4 -Os: text \d+ B > 100 B \(a spec may "
+                     r"raise text_budget and stack_budget\)", result.output), result.output
+    assert re.search(r"FAIL: matlab_gn on cortex-m4 -Os: stack \d+ B > 32 B", result.output)
+    assert not (tmp_path / "tight").exists()
+    roomy = tmp_path / "roomy.yaml"
+    roomy.write_text(text + "\ntext_budget: 1000\n")
+    result = CliRunner().invoke(main, ["build", str(roomy), "--target", "cortex-m4",
+                                       "-o", str(tmp_path / "roomy")])
+    assert result.exit_code == 0, result.output
+    row = next(ln for ln in result.output.splitlines() if ln.startswith("matlab_gn  cortex-m4  -Os"))
+    assert " 1000/96 " in row, row
+    fp = json.loads((tmp_path / "roomy" / "manifest.json").read_text())["cortex-m4"]["footprint"]
+    fp = fp["matlab_gn"]
+    assert fp["budget"] == {"text": 1000, "stack": 96}
+    assert "-Os" in fp["flags"].split() and "-mcpu=cortex-m4" in fp["flags"].split()
+    assert fp["buffer_bytes_per_observation"] == 2 * 4 * 24 * 24 * 20
+
+
+def test_every_core_measures_its_own_footprint():
+    """No core repeats another's row: AArch64 Linux and the M7 measure their own objects."""
+    plan = lower(_layer("sscb"))
+    for name in ("aarch64-linux", "cortex-m7", "cortex-m33"):
+        run = fw.verify_layer_on(fw.BOARDS[name], plan, _sources(plan), opt="-Os")
+        assert run.footprint.cpu == name and run.footprint.opt == "-Os"
+        assert (run.footprint.stack_measured is None) == (name == "aarch64-linux")
+
+
 def test_cli_verifies_the_users_own_flags(tmp_path):
     """--cflags: the generated code compiled with exactly the user's flags (after the core's)
     runs on the core too, and the manifest says so; a flag that is not one is refused."""

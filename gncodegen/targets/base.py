@@ -26,6 +26,7 @@ class Outcome:
     reports: tuple[Report, ...]
     manifest: dict = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    failures: tuple[str, ...] = ()   # what fails the build besides the reports (a budget)
 
 
 @dataclass(frozen=True)

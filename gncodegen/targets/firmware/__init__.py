@@ -19,6 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ...errors import SpecError, TargetUnavailable, VerificationError
+from ...fields import parse_int
+from ...options import SpecOption
 from ...plan import Plan
 from ...render import Source
 from ...spec import Spec
@@ -27,8 +29,8 @@ from ..base import CliOption, Outcome, RunOptions, Target
 from ..c import CTarget
 from ..c.record import CRecord, as_record
 from .boards import BOARDS, STACK_BUDGET, TEXT_BUDGET, Board, require_tool
-from .footprint import (ALLOWED_CALLS, Footprint, check_object_calls, footprint_table,
-                        measure_footprint)
+from .footprint import (ALLOWED_CALLS, Footprint, FootprintRow, check_object_calls,
+                        footprint_flags, footprint_table, measure_footprint)
 from .harness import (firmware_cases, harness_for, hex_literal, measured_stack, parse_output,
                       render_harness)
 from .qemu import build_image, render_linker_script, run_image, support_sources
@@ -52,6 +54,19 @@ def parse_cflags(text: str) -> tuple[str, ...]:
             raise SpecError("--cflags", f"'{arg}' is not a compile flag (the build names the "
                                         "files, the output and the stage itself)")
     return args
+
+
+def parse_budget(value, fld: str) -> int:
+    """Return a footprint budget a spec sets, in bytes."""
+    return parse_int(value, fld, minimum=1, maximum=1 << 24)
+
+
+TEXT_BUDGET_OPTION = SpecOption(
+    "text_budget", ("TextBudget",), TEXT_BUDGET, parse_budget,
+    "bytes of kernel text a single-precision layer may take on the Cortex-M4 at -Os")
+STACK_BUDGET_OPTION = SpecOption(
+    "stack_budget", ("StackBudget",), STACK_BUDGET, parse_budget,
+    "bytes of stack a single-precision layer may use on the Cortex-M4 at -Os")
 
 
 @dataclass(frozen=True)
@@ -98,10 +113,12 @@ def verify_layer_on(board: Board, layer: CRecord | Plan, layer_sources: list[Sou
     report = replace(report, build=(("compiler", image.compiler),
                                     ("flags", " ".join(image.layer_flags))))
     footprint = None
-    if board.bare_metal:
+    if board.cc:
+        # Every core measures its own footprint at -Os (a Linux program's stack is not
+        # measured in the image: its harness runs under an operating system).
         header, source = _layer_pair(plan, layer_sources)
         footprint = measure_footprint(plan, source, header, board)
-        if cflags is None and opt == footprint.opt:
+        if board.bare_metal and cflags is None and opt == footprint.opt:
             # The image ran the very code measured: add what its calls really used.
             footprint = replace(footprint, stack_measured=measured_stack(printout))
         bad = check_object_calls(footprint, layer.dtype, board.soft_float)
@@ -128,10 +145,11 @@ class FirmwareTarget(CTarget):
         self.description = board.description
 
     cli_options = (CFLAGS,)
+    spec_options = (TEXT_BUDGET_OPTION, STACK_BUDGET_OPTION)
 
     def verify(self, spec: Spec, records: tuple[CRecord, ...], sources: list[Source],
                options: RunOptions) -> Outcome:
-        reports, footprints, manifest = [], [], {}
+        reports, rows, failures, manifest = [], [], [], {}
         cflags = parse_cflags(options.get(CFLAGS))
         for rec in records:
             plan = rec.plan
@@ -146,16 +164,23 @@ class FirmwareTarget(CTarget):
                 run = verify_layer_on(self.board, rec, layer_sources, keep=options.keep,
                                       cflags=cflags)
                 reports.append(run.report)
-            # Each Cortex-M reports its own footprint at -Os; a Linux build reports the
-            # Cortex-M4's, the core the budgets are set for.
-            fp = fp or measure_footprint(plan, layer_sources[1], layer_sources[0])
-            footprints.append(fp)
-            manifest[plan.prefix] = fp.as_dict()
-        notes = footprint_table(footprints)
-        for fp, rec in zip(footprints, records):
-            for problem in fp.over_budget(rec.plan.layer.dtype):
-                notes.append(f"warning: {fp.layer} on {fp.cpu} {fp.opt}: {problem}")
-        return Outcome(tuple(reports), {"footprint": manifest}, tuple(notes))
+            assert fp is not None
+            dtype = plan.layer.dtype
+            budget = ((TEXT_BUDGET_OPTION.value(plan.layer), STACK_BUDGET_OPTION.value(plan.layer))
+                      if fp.budget_applies(dtype) else None)
+            buffers = 2 * plan.observation_numel * plan.dtype.bytes
+            rows.append(FootprintRow(fp, buffers, budget))
+            manifest[plan.prefix] = {
+                **fp.as_dict(), "flags": " ".join(footprint_flags(self.board, fp.opt)),
+                "buffer_bytes_per_observation": buffers,
+                **({} if budget is None else {"budget": {"text": budget[0],
+                                                         "stack": budget[1]}})}
+            for problem in fp.over_budget(dtype, *(budget or (TEXT_BUDGET, STACK_BUDGET))):
+                failures.append(f"{fp.layer} on {fp.cpu} {fp.opt}: {problem}"
+                                + (" (a spec may raise text_budget and stack_budget)"
+                                   if budget else ""))
+        return Outcome(tuple(reports), {"footprint": manifest}, tuple(footprint_table(rows)),
+                       tuple(failures))
 
 
 TARGETS = tuple(FirmwareTarget(board) for board in BOARDS.values())

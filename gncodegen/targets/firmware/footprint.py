@@ -45,23 +45,28 @@ class Footprint:
                 **({} if self.stack_measured is None else
                    {"stack_measured": self.stack_measured})}
 
-    def over_budget(self, dtype: str) -> list[str]:
+    def budget_applies(self, dtype: str) -> bool:
+        """True where the text and stack budgets are set: single precision on the Cortex-M4 at
+        -Os (a core without an FPU, say, spends its text on calls and its stack on frames)."""
+        return dtype == "single" and (self.cpu, self.opt) == (FOOTPRINT_TARGET, FOOTPRINT_OPT)
+
+    def over_budget(self, dtype: str, text_budget: int = TEXT_BUDGET,
+                    stack_budget: int = STACK_BUDGET) -> list[str]:
         """Return the budgets this footprint breaks, in words: no RAM of its own anywhere, and
-        the single-precision text and stack budgets where they are set (Cortex-M4 at -Os; a
-        core without an FPU, say, spends its text on calls and its stack on their frames)."""
+        the text and stack budgets where they apply (budget_applies)."""
         problems = []
         if self.data or self.bss:
             problems.append(f"{self.data + self.bss} bytes of RAM (.data/.bss); the kernel "
                             "must keep none")
-        if dtype == "single" and (self.cpu, self.opt) == (FOOTPRINT_TARGET, FOOTPRINT_OPT):
-            if self.text > TEXT_BUDGET:
-                problems.append(f"text {self.text} B > {TEXT_BUDGET} B")
-            if self.stack > STACK_BUDGET:
-                problems.append(f"stack {self.stack} B > {STACK_BUDGET} B")
-            elif (self.stack_measured or 0) > STACK_BUDGET:
+        if self.budget_applies(dtype):
+            if self.text > text_budget:
+                problems.append(f"text {self.text} B > {text_budget} B")
+            if self.stack > stack_budget:
+                problems.append(f"stack {self.stack} B > {stack_budget} B")
+            elif (self.stack_measured or 0) > stack_budget:
                 problems.append(f"stack {self.stack_measured} B measured under QEMU (with "
                                 f"{', '.join(self.calls) or 'no outside calls'}) > "
-                                f"{STACK_BUDGET} B")
+                                f"{stack_budget} B")
         return problems
 
 
@@ -75,6 +80,11 @@ SOFT_DOUBLE_HELPER = re.compile(r"__aeabi_(d\w+|\w*2d)\Z")   # __aeabi_dmul, __a
 # there, for the precision's own type only (__aeabi_fmul, __aeabi_fcmplt, __aeabi_i2f, ...;
 # not __aeabi_f2d).
 SOFT_FLOAT_HELPER = re.compile(r"__aeabi_(f(add|sub|rsub|mul|div|cmp\w+|2u?iz|2u?lz)|u?[il]2f)\Z")
+
+
+def footprint_flags(target: Board, opt: str = FOOTPRINT_OPT) -> tuple[str, ...]:
+    """Return the flags a footprint is measured with (the manifest records them)."""
+    return (*STRICT_C_FLAGS, opt, *target.cpu_flags, "-ffunction-sections", "-fdata-sections")
 
 
 def measure_footprint(plan: Plan, source: Source, header: Source,
@@ -91,9 +101,8 @@ def measure_footprint(plan: Plan, source: Source, header: Source,
     target = target or BOARDS[FOOTPRINT_TARGET]
     require_tool(target.cc)
     obj = source.name[:-2] + ".o"
-    command = [target.cc, *STRICT_C_FLAGS, opt, *target.cpu_flags, "-ffunction-sections",
-               "-fdata-sections", "-fstack-usage", "-fcallgraph-info=su", "-c", source.name,
-               "-o", obj]
+    command = [target.cc, *footprint_flags(target, opt), "-fstack-usage",
+               "-fcallgraph-info=su", "-c", source.name, "-o", obj]
     key = content_key(["footprint-elf", compiler_version(target.cc), *command, header.text, source.text])
     cached = cache_root() / "footprint" / f"{key}.json"
     if cached.is_file():
@@ -203,17 +212,29 @@ def _deepest(func: str, frames: dict[str, int], edges: dict[str, tuple[str, ...]
     return own + max((_deepest(c, frames, edges, (*path, func)) for c in callees), default=0)
 
 
-def footprint_table(footprints: list[Footprint]) -> list[str]:
+@dataclass(frozen=True)
+class FootprintRow:
+    """One line of the footprint table: a layer's footprint and what it is held against."""
+
+    footprint: Footprint
+    buffers: int                     # bytes of x and y the caller holds per observation
+    budget: tuple[int, int] | None   # (text, stack) where a budget applies
+
+
+def footprint_table(rows_in: list[FootprintRow]) -> list[str]:
     """Return the footprint table the CLI prints, one line per layer."""
     rows = [["layer", "cpu", "opt", "text", "rodata", "data", "bss", "params", "stack",
-             "ran", "calls"]]
-    for fp in footprints:
+             "ran", "buffers", "budget", "calls"]]
+    for row in rows_in:
+        fp = row.footprint
         ran = "-" if fp.stack_measured is None else str(fp.stack_measured)
+        budget = "-" if row.budget is None else f"{row.budget[0]}/{row.budget[1]}"
         rows.append([fp.layer, fp.cpu, fp.opt, str(fp.text), str(fp.rodata), str(fp.data),
-                     str(fp.bss), str(fp.params), str(fp.stack), ran,
+                     str(fp.bss), str(fp.params), str(fp.stack), ran, str(row.buffers), budget,
                      ", ".join(fp.calls) or "-"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) if 3 <= i <= 9 else c.ljust(w)
+    lines = ["  ".join(c.rjust(w) if 3 <= i <= 11 else c.ljust(w)
                        for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
     return ["footprint (bytes; params: the static const scale/offset, in flash; stack: deepest "
-            "call path from -fstack-usage; ran: deepest stack measured under QEMU):", *lines]
+            "call path from -fstack-usage; ran: deepest stack measured under QEMU; buffers: x "
+            "and y per observation; budget: text/stack, where set):", *lines]
