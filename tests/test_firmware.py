@@ -130,6 +130,13 @@ def test_layer_matches_reference_on_target(target, key):
 def test_matlab_example_runs_on_target(target):
     spec = load_spec(EXAMPLES / "matlab_gn.yaml")
     plan = lower_spec(spec)[0]
+    if target == "cortex-m0":
+        # 16 KiB of RAM: an observation of 11520 floats does not fit, and says so by name.
+        with pytest.raises(TargetUnavailable, match=r"cortex-m0: the test vectors of layer "
+                           r"'matlab_gn' need \d+ KiB of constants and \d+ KiB of RAM, more "
+                           r"than the microbit image holds \(256 KiB / 16 KiB\)"):
+            fw.verify_layer_on(fw.BOARDS[target], plan, _sources(plan))
+        return
     run = fw.verify_layer_on(fw.BOARDS[target], plan, _sources(plan))
     assert run.report.passed, [(c.case, c.max_rel) for c in run.report.cases]
     assert "random, batch 2" in [c.case for c in run.report.cases]

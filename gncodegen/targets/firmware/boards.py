@@ -44,6 +44,7 @@ class Board:
     # files from runtime/, and the linker script's template ("" for a hosted program).
     support: tuple[str, ...] = ("fw_io.h", "hosted_io.c")
     linker_template: str = ""
+    code_room: int = 128 * KiB       # flash kept for code beside the test vectors
 
     @property
     def bare_metal(self) -> bool:
@@ -70,6 +71,7 @@ class Board:
         return f"qemu {self.machine}" if self.machine else self.runner
 
 
+M0_FLAGS = ("-mcpu=cortex-m0", "-mthumb", "-mfloat-abi=soft")
 M3_FLAGS = ("-mcpu=cortex-m3", "-mthumb", "-mfloat-abi=soft")
 M4_FLAGS = ("-mcpu=cortex-m4", "-mthumb", "-mfpu=fpv4-sp-d16", "-mfloat-abi=hard")
 M7_FLAGS = ("-mcpu=cortex-m7", "-mthumb", "-mfpu=fpv5-d16", "-mfloat-abi=hard")
@@ -83,6 +85,14 @@ CORTEX_M_LINKER = "firmware/link.ld.j2"
 # its initial stack pointer and reset vector from address 0.
 BOARDS: dict[str, Board] = {
     t.name: t for t in (
+        # micro:bit (nRF51822): a Cortex-M0 (Armv6-M, no FPU, as on M0/M0+ parts) with
+        # 256 KiB of flash at 0 and 16 KiB of RAM at 0x20000000: small layers only.
+        Board("cortex-m0", "Cortex-M0, soft float (qemu microbit)", "arm-none-eabi-gcc",
+                       M0_FLAGS, "-Os", "qemu-system-arm", "microbit",
+                       Region(0x00000000, 256 * KiB), Region(0x20000000, 16 * KiB),
+                       stack_size=4 * KiB, tools_prefix="arm-none-eabi-",
+                       support=CORTEX_M_SUPPORT, linker_template=CORTEX_M_LINKER,
+                       code_room=64 * KiB),
         # AN385: a Cortex-M3 without an FPU (float in software, as on many products), the
         # same SSRAM layout as AN386. -Os: what such firmware ships with.
         Board("cortex-m3", "Cortex-M3, soft float (qemu mps2-an385)", "arm-none-eabi-gcc",

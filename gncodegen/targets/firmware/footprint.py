@@ -74,7 +74,10 @@ class Footprint:
 # compiler may emit even for freestanding code. Double precision on a core without a
 # double-precision FPU also calls the run-time library's soft-float helpers.
 ALLOWED_CALLS = {"single": frozenset({"sqrtf"}), "double": frozenset({"sqrt"})}
-COMPILER_CALLS = frozenset({"memcpy", "memset", "memmove"})
+COMPILER_CALLS = frozenset({"memcpy", "memset", "memmove",
+                            # integer division on a core without a divider (Armv6-M)
+                            "__aeabi_idiv", "__aeabi_idivmod", "__aeabi_uidiv",
+                            "__aeabi_uidivmod"})
 SOFT_DOUBLE_HELPER = re.compile(r"__aeabi_(d\w+|\w*2d)\Z")   # __aeabi_dmul, __aeabi_f2d, ...
 # A core without an FPU does float arithmetic in these (the run-time ABI's helpers): allowed
 # there, for the precision's own type only (__aeabi_fmul, __aeabi_fcmplt, __aeabi_i2f, ...;

@@ -107,8 +107,7 @@ def firmware_cases(layer: Layer, board: Board, seed: int = 0) -> list[Case]:
         if not board.bare_metal:
             return cases
         const, work = case_bytes(cases, layer.dtype)
-        code_room = 128 * KiB
-        if (const + code_room <= board.flash.length
+        if (const + board.code_room <= board.flash.length
                 and work + board.stack_size <= board.ram.length):
             return cases
     raise TargetUnavailable(
