@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install the toolchains gncodegen's firmware targets and strict-flag tests use, on Debian or
 # Ubuntu: the Arm bare-metal compiler with newlib, QEMU for Arm system and user mode, the AArch64
-# Linux cross compiler with its C library, the s390x cross compiler (a target that evaluates
-# float arithmetic in double), clang and valgrind.
+# Linux cross compiler with its C library, the RISC-V bare-metal compiler with picolibc and QEMU
+# for RISC-V, the s390x cross compiler (a target that evaluates float arithmetic in double),
+# clang and valgrind.
 #
 # Idempotent: installs only the packages that are missing (apt-get update runs only then) and
 # prints nothing when everything is already there. Run as root, or with sudo available.
@@ -16,6 +17,7 @@ PACKAGES=(
     gcc-arm-none-eabi binutils-arm-none-eabi libnewlib-arm-none-eabi
     qemu-system-arm qemu-user
     gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+    gcc-riscv64-unknown-elf picolibc-riscv64-unknown-elf qemu-system-misc
     gcc-s390x-linux-gnu libc6-dev-s390x-cross
     clang
     valgrind
@@ -23,7 +25,8 @@ PACKAGES=(
 # Commands the tests run; each must exist once the packages are in.
 COMMANDS=(
     gcc g++ make arm-none-eabi-gcc arm-none-eabi-size arm-none-eabi-nm qemu-system-arm
-    qemu-aarch64 aarch64-linux-gnu-gcc s390x-linux-gnu-gcc clang valgrind
+    qemu-aarch64 aarch64-linux-gnu-gcc riscv64-unknown-elf-gcc qemu-system-riscv32
+    s390x-linux-gnu-gcc clang valgrind
 )
 
 fail() {

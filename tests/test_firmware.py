@@ -30,8 +30,8 @@ from gncodegen.verify import Case
 from conftest import EXAMPLES, REPO, make_layer
 
 TOOLS = ("arm-none-eabi-gcc", "arm-none-eabi-size", "arm-none-eabi-nm", "qemu-system-arm",
-         "qemu-aarch64", "aarch64-linux-gnu-gcc", "s390x-linux-gnu-gcc", "clang", "gcc", "g++",
-         "make")
+         "qemu-aarch64", "aarch64-linux-gnu-gcc", "riscv64-unknown-elf-gcc",
+         "qemu-system-riscv32", "s390x-linux-gnu-gcc", "clang", "gcc", "g++", "make")
 
 # Small layers, one per memory-access shape the C template has, so images stay quick.
 LAYERS = {

@@ -344,6 +344,7 @@ def test_c_constant_groups_exactly_offset(dtype, flags, group_numel):
 # (target, dtype): every firmware target with the dtypes its FPU computes in hardware.
 FIRMWARE = [("cortex-m0", "single"), ("cortex-m3", "single"), ("cortex-m4", "single"), ("cortex-m7", "single"),
             ("cortex-m7", "double"), ("cortex-m33", "single"), ("cortex-m55", "single"),
+            ("riscv32", "single"), ("riscv32", "double"),
             ("aarch64-linux", "single"), ("aarch64-linux", "double")]
 
 

@@ -118,7 +118,7 @@ def verify_layer_on(board: Board, layer: CRecord | Plan, layer_sources: list[Sou
         # measured in the image: its harness runs under an operating system).
         header, source = _layer_pair(plan, layer_sources)
         footprint = measure_footprint(plan, source, header, board)
-        if board.bare_metal and cflags is None and opt == footprint.opt:
+        if board.measures_stack and cflags is None and opt == footprint.opt:
             # The image ran the very code measured: add what its calls really used.
             footprint = replace(footprint, stack_measured=measured_stack(printout))
         bad = check_object_calls(footprint, layer.dtype, board.soft_float)

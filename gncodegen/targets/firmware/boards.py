@@ -45,11 +45,19 @@ class Board:
     support: tuple[str, ...] = ("fw_io.h", "hosted_io.c")
     linker_template: str = ""
     code_room: int = 128 * KiB       # flash kept for code beside the test vectors
+    link_flags: tuple[str, ...] = ()  # what the image's link adds to the CPU flags
+    qemu_flags: tuple[str, ...] = ()  # what the emulator's command line adds (firmware, ...)
 
     @property
     def bare_metal(self) -> bool:
-        """True for a Cortex-M image that boots from a vector table."""
+        """True for an image that runs on an emulated machine (no operating system)."""
         return self.machine != ""
+
+    @property
+    def measures_stack(self) -> bool:
+        """True where the image's own linker script lays out the stack, so the harness can
+        paint it and report how deep each call went."""
+        return self.linker_template != ""
 
     @property
     def verified_opts(self) -> tuple[str, ...]:
@@ -71,6 +79,8 @@ class Board:
         return f"qemu {self.machine}" if self.machine else self.runner
 
 
+# RV32IMAFC with single-precision floats in registers; picolibc's headers and libraries.
+RV32_FLAGS = ("-march=rv32imafc", "-mabi=ilp32f", "--specs=picolibc.specs")
 M0_FLAGS = ("-mcpu=cortex-m0", "-mthumb", "-mfloat-abi=soft")
 M3_FLAGS = ("-mcpu=cortex-m3", "-mthumb", "-mfloat-abi=soft")
 M4_FLAGS = ("-mcpu=cortex-m4", "-mthumb", "-mfpu=fpv4-sp-d16", "-mfloat-abi=hard")
@@ -80,6 +90,7 @@ M55_FLAGS = ("-mcpu=cortex-m55", "-mthumb", "-mfloat-abi=hard")
 # A Cortex-M image: the vector table and reset code, and output through semihosting.
 CORTEX_M_SUPPORT = ("fw_io.h", "startup_cortex_m.c", "semihosting.c")
 CORTEX_M_LINKER = "firmware/link.ld.j2"
+CORTEX_M_LINK = ("-nostartfiles", "--specs=nano.specs", "-T", "image.ld", "-Wl,--gc-sections")
 
 # Memory maps of QEMU's boards (hw/arm/mps2.c, hw/arm/mps2-tz.c). The M-profile core fetches
 # its initial stack pointer and reset vector from address 0.
@@ -92,6 +103,7 @@ BOARDS: dict[str, Board] = {
                        Region(0x00000000, 256 * KiB), Region(0x20000000, 16 * KiB),
                        stack_size=4 * KiB, tools_prefix="arm-none-eabi-",
                        support=CORTEX_M_SUPPORT, linker_template=CORTEX_M_LINKER,
+                       link_flags=CORTEX_M_LINK,
                        code_room=64 * KiB),
         # AN385: a Cortex-M3 without an FPU (float in software, as on many products), the
         # same SSRAM layout as AN386. -Os: what such firmware ships with.
@@ -99,20 +111,20 @@ BOARDS: dict[str, Board] = {
                        M3_FLAGS, "-Os", "qemu-system-arm", "mps2-an385",
                        Region(0x00000000, 4 * MiB), Region(0x20000000, 4 * MiB),
                        tools_prefix="arm-none-eabi-", support=CORTEX_M_SUPPORT,
-                       linker_template=CORTEX_M_LINKER),
+                       linker_template=CORTEX_M_LINKER, link_flags=CORTEX_M_LINK),
         # AN386: 4 MiB SSRAM1 at 0 stands in for flash, 4 MiB SSRAM2/3 at 0x20000000 for RAM.
         # -Os: what a Cortex-M4 firmware ships with.
         Board("cortex-m4", "Cortex-M4F (qemu mps2-an386)", "arm-none-eabi-gcc",
                        M4_FLAGS, "-Os", "qemu-system-arm", "mps2-an386",
                        Region(0x00000000, 4 * MiB), Region(0x20000000, 4 * MiB),
                        tools_prefix="arm-none-eabi-", support=CORTEX_M_SUPPORT,
-                       linker_template=CORTEX_M_LINKER),
+                       linker_template=CORTEX_M_LINKER, link_flags=CORTEX_M_LINK),
         # AN500: the same SSRAM layout as AN386 with a Cortex-M7 and its double-precision FPU.
         Board("cortex-m7", "Cortex-M7 (qemu mps2-an500)", "arm-none-eabi-gcc",
                        M7_FLAGS, "-O2", "qemu-system-arm", "mps2-an500",
                        Region(0x00000000, 4 * MiB), Region(0x20000000, 4 * MiB),
                        tools_prefix="arm-none-eabi-", support=CORTEX_M_SUPPORT,
-                       linker_template=CORTEX_M_LINKER),
+                       linker_template=CORTEX_M_LINKER, link_flags=CORTEX_M_LINK),
         # AN505: a Cortex-M33 (Armv8-M Mainline, single-precision FPU) that boots in the
         # secure state from SVTOR 0x10000000: code and constants in the secure alias of the
         # 4 MiB SSRAM1, data and stack in that of the 2 MiB SSRAM2 (0x28000000 + 0x10000000).
@@ -121,7 +133,7 @@ BOARDS: dict[str, Board] = {
                        M33_FLAGS, "-O2", "qemu-system-arm", "mps2-an505",
                        Region(0x10000000, 4 * MiB), Region(0x38000000, 2 * MiB),
                        tools_prefix="arm-none-eabi-", support=CORTEX_M_SUPPORT,
-                       linker_template=CORTEX_M_LINKER),
+                       linker_template=CORTEX_M_LINKER, link_flags=CORTEX_M_LINK),
         # AN547: the vector table in the ITCM at 0, code and constants in the 2 MiB SRAM at
         # 0x01000000, data and stack in the 512 KiB DTCM at 0x20000000.
         # -O3: lets gcc vectorize with MVE (Helium), the path this core exists for.
@@ -129,7 +141,22 @@ BOARDS: dict[str, Board] = {
                        "arm-none-eabi-gcc", M55_FLAGS, "-O3", "qemu-system-arm", "mps3-an547",
                        Region(0x01000000, 2 * MiB), Region(0x20000000, 512 * KiB),
                        tools_prefix="arm-none-eabi-", vectors=Region(0x00000000, 1 * KiB),
-                       support=CORTEX_M_SUPPORT, linker_template=CORTEX_M_LINKER),
+                       support=CORTEX_M_SUPPORT, linker_template=CORTEX_M_LINKER,
+                       link_flags=CORTEX_M_LINK),
+        # A 32-bit RISC-V microcontroller core (RV32IMAFC) on QEMU's virt machine: picolibc's
+        # start-up and linker script (code at 0x80000000, data and stack 4 MiB above), output
+        # through RISC-V semihosting. -Os, as such firmware ships.
+        Board("riscv32", "RISC-V RV32IMAFC (qemu virt, picolibc)", "riscv64-unknown-elf-gcc",
+                       RV32_FLAGS, "-Os", "qemu-system-riscv32", "virt",
+                       Region(0x80000000, 4 * MiB), Region(0x80400000, 4 * MiB),
+                       tools_prefix="riscv64-unknown-elf-",
+                       link_flags=("--oslib=semihost", "--crt0=semihost",
+                                   "-Wl,--defsym=__flash=0x80000000",
+                                   "-Wl,--defsym=__flash_size=0x400000",
+                                   "-Wl,--defsym=__ram=0x80400000",
+                                   "-Wl,--defsym=__ram_size=0x400000",
+                                   "-Wl,--defsym=__stack_size=0x4000"),
+                       qemu_flags=("-bios", "none")),
         # A Linux program run by qemu-aarch64 in user mode; -O3 vectorizes with NEON.
         Board("aarch64-linux", "AArch64 Linux (qemu-aarch64 user mode)",
                        "aarch64-linux-gnu-gcc", (), "-O3", "qemu-aarch64",
@@ -144,6 +171,8 @@ PACKAGES = {
     "arm-none-eabi-nm": "binutils-arm-none-eabi",
     "qemu-system-arm": "qemu-system-arm",
     "qemu-aarch64": "qemu-user",
+    "riscv64-unknown-elf-gcc": "gcc-riscv64-unknown-elf picolibc-riscv64-unknown-elf",
+    "qemu-system-riscv32": "qemu-system-misc",
     "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu libc6-dev-arm64-cross",
     "s390x-linux-gnu-gcc": "gcc-s390x-linux-gnu libc6-dev-s390x-cross",
     "arm-none-eabi-objdump": "binutils-arm-none-eabi",

@@ -78,7 +78,8 @@ COMPILER_CALLS = frozenset({"memcpy", "memset", "memmove",
                             # integer division on a core without a divider (Armv6-M)
                             "__aeabi_idiv", "__aeabi_idivmod", "__aeabi_uidiv",
                             "__aeabi_uidivmod"})
-SOFT_DOUBLE_HELPER = re.compile(r"__aeabi_(d\w+|\w*2d)\Z")   # __aeabi_dmul, __aeabi_f2d, ...
+# __aeabi_dmul, __aeabi_f2d, ... (Arm); __muldf3, __extendsfdf2, __ltdf2, ... (libgcc, RISC-V)
+SOFT_DOUBLE_HELPER = re.compile(r"__aeabi_(d\w+|\w*2d)\Z|__\w*df\d?\Z|__\w*df\w*[23]\Z")
 # A core without an FPU does float arithmetic in these (the run-time ABI's helpers): allowed
 # there, for the precision's own type only (__aeabi_fmul, __aeabi_fcmplt, __aeabi_i2f, ...;
 # not __aeabi_f2d).

@@ -77,7 +77,7 @@ def harness_for(plan: Plan, board: Board, cases: list[Case]) -> Harness:
         hcases.append(HarnessCase(case.name, case.batch, case.in_place, len(case.x), lits,
                                   *params))
     return Harness(board.name, tuple(hcases), max(c.numel for c in hcases),
-                   measure_stack=board.bare_metal)
+                   measure_stack=board.measures_stack)
 
 
 def render_harness(layer: CRecord | Plan, harness: Harness) -> Source:

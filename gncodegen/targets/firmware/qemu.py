@@ -64,11 +64,7 @@ def build_image(board: Board, plan: Plan, layer_sources: list[Source],
     flags = image_flags(board, opt)
     layer_flags = flags if cflags is None else (*board.cpu_flags, *cflags)
     support_flags = ("-std=gnu99", *[f for f in flags if f not in ("-std=c99", "-Wpedantic")])
-    if board.bare_metal:
-        link = [board.cc, *board.cpu_flags, "-nostartfiles", "--specs=nano.specs",
-                "-T", "image.ld", "-Wl,--gc-sections"]
-    else:
-        link = [board.cc, *board.cpu_flags]
+    link = [board.cc, *board.cpu_flags, *board.link_flags]
     everything = [*layer_sources, harness, *support, *extra]
     key = content_key(["image", __version__, board.name, version, " ".join(flags),
                 " ".join(layer_flags), " ".join(link),
@@ -102,11 +98,12 @@ def run_command(image: Image, output: Path) -> list[str]:
     """
     board = image.board
     if board.bare_metal:
-        return [require_tool("qemu-system-arm"), "-machine", board.machine, "-nographic",
-                "-monitor", "none", "-chardev", f"file,id=harness,path={output}",
+        return [require_tool(board.runner), "-machine", board.machine, "-nographic",
+                "-monitor", "none", *board.qemu_flags,
+                "-chardev", f"file,id=harness,path={output}",
                 "-semihosting-config", "enable=on,target=native,chardev=harness",
                 "-kernel", str(image.path)]
-    return [require_tool("qemu-aarch64"), "-L", AARCH64_SYSROOT, str(image.path)]
+    return [require_tool(board.runner), "-L", AARCH64_SYSROOT, str(image.path)]
 
 
 def run_image(image: Image, timeout: float = QEMU_TIMEOUT_S) -> str:
