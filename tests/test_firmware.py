@@ -463,6 +463,8 @@ def test_cli_verify_prints_results_and_footprint_table():
     header = next(i for i, ln in enumerate(lines) if ln.startswith("layer ") and "stack" in ln)
     row = lines[header + 1].split()
     assert row[:3] == ["matlab_gn", "cortex-m4", "-Os"] and row[-1] == "-"   # no outside calls
+    assert lines[header + 2].startswith("footprint measured with: arm-none-eabi-gcc -std=c99 ")
+    assert "-Os -mcpu=cortex-m4" in lines[header + 2]
 
 
 def test_cli_build_records_footprint_in_manifest(tmp_path):

@@ -179,8 +179,9 @@ class FirmwareTarget(CTarget):
                 failures.append(f"{fp.layer} on {fp.cpu} {fp.opt}: {problem}"
                                 + (" (a spec may raise text_budget and stack_budget)"
                                    if budget else ""))
-        return Outcome(tuple(reports), {"footprint": manifest}, tuple(footprint_table(rows)),
-                       tuple(failures))
+        flags = " ".join(footprint_flags(self.board))
+        notes = (*footprint_table(rows), f"footprint measured with: {self.board.cc} {flags}")
+        return Outcome(tuple(reports), {"footprint": manifest}, notes, tuple(failures))
 
 
 TARGETS = tuple(FirmwareTarget(board) for board in BOARDS.values())
