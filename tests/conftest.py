@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +73,18 @@ def cpu_has_avx512f() -> bool:
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+def slow_cc(root: Path) -> tuple[dict[str, str], Path]:
+    """Return an environment whose `cc` waits 30 s (after making a mark) before compiling."""
+    bin_dir = root / "bin"
+    bin_dir.mkdir()
+    mark = root / "compiling"
+    real_cc = subprocess.run(["sh", "-c", "command -v cc"], capture_output=True,
+                             text=True).stdout.strip()
+    (bin_dir / "cc").write_text(
+        "#!/bin/sh\n"
+        f'case "$*" in *--version*) exec {real_cc} "$@";; esac\n'
+        f"touch {mark}\nsleep 30\nexec {real_cc} \"$@\"\n")
+    (bin_dir / "cc").chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, mark

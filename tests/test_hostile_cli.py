@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import slow_cc
+
 CLI = [sys.executable, "-P", "-m", "gncodegen.cli"]
 SPEC = "name: layer\nnum_groups: 2\nformat: CB\ninput_size: [4]\n"
 
@@ -133,21 +135,6 @@ def test_help_and_version_still_work(tmp_path: Path):
 
 
 # --------------------------------------------------------------------------- Ctrl-C
-
-
-def slow_cc(root: Path) -> tuple[dict[str, str], Path]:
-    """Return an environment whose `cc` waits 30 s (after making a mark) before compiling."""
-    bin_dir = root / "bin"
-    bin_dir.mkdir()
-    mark = root / "compiling"
-    real_cc = subprocess.run(["sh", "-c", "command -v cc"], capture_output=True,
-                             text=True).stdout.strip()
-    (bin_dir / "cc").write_text(
-        "#!/bin/sh\n"
-        f'case "$*" in *--version*) exec {real_cc} "$@";; esac\n'
-        f"touch {mark}\nsleep 30\nexec {real_cc} \"$@\"\n")
-    (bin_dir / "cc").chmod(0o755)
-    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, mark
 
 
 def test_ctrl_c_while_compiling_exits_130(scene: Path):

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import slow_cc
+
 # Runs the CLI with SIGKILL at the GN_KILL_AT='<point>:<n>'th call of a pipeline step.
 WRAPPER = r"""
 import os, pathlib, signal, sys
@@ -248,17 +250,8 @@ def test_kill_into_new_folder(tmp_path: Path, template: Path):
 def test_kill_group_while_compiling(tmp_path: Path, template: Path):
     """SIGKILL to the whole process group while the C compiler runs; a rebuild then works."""
     scene = Scene(tmp_path, template=template)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    mark = tmp_path / "compiling"
-    real_cc = subprocess.run(["sh", "-c", "command -v cc"], capture_output=True,
-                             text=True).stdout.strip()
-    (bin_dir / "cc").write_text(
-        "#!/bin/sh\n"
-        f'case "$*" in *--version*) exec {real_cc} "$@";; esac\n'
-        f"touch {mark}\nsleep 30\nexec {real_cc} \"$@\"\n")
-    (bin_dir / "cc").chmod(0o755)
-    env = scene.env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    extra, mark = slow_cc(tmp_path)
+    env = scene.env(**extra)
     proc = subprocess.Popen([sys.executable, "-P", "-m", "gncodegen.cli", "build",
                              str(scene.spec), "-o", str(scene.out)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -9,6 +9,7 @@ import pytest
 
 from gncodegen.plan import lower
 from gncodegen.targets.c import render_c
+from gncodegen.targets.cuda.render import render_cuda
 
 from conftest import make_layer
 
@@ -98,8 +99,6 @@ _LITERAL_LOOP = re.compile(r"for \((?:size_t|unsigned|int) (\w+) = (\d+); \1 < (
 def test_no_loop_of_one_iteration_and_no_stray_blank_lines(shape):
     """A loop whose bounds say it runs once is printed as its body; a macro leaves no empty
     line where it printed nothing."""
-    from gncodegen.targets.cuda.render import render_cuda
-
     for dtype in ("single", "double"):
         plan = lower(make_layer(name="loops", dtype=dtype, **shape))
         sources = [*render_c(plan, "spec.yaml"), *render_cuda(plan, "spec.yaml")]
