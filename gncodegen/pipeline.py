@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .errors import GncodegenError
+from .errors import GncodegenError, SpecError
 from .plan import Plan, lower_spec
 from .render import Source
 from . import spec as specs
 from .spec import Spec
-from .targets import Outcome, RunOptions, Target, TargetRecord, resolve_targets, spec_options
+from .targets import (TARGETS, Outcome, RunOptions, Target, TargetRecord, cli_options,
+                      resolve_targets, spec_options)
 
 
 def load_spec(path: str | Path, allow_code: bool = False) -> Spec:
@@ -98,9 +99,23 @@ def run(spec_path: str | Path, target: str = "c", verify: bool = True,
     return run_spec(spec, targets, verify, options)
 
 
+def check_options(targets: tuple[Target, ...], options: RunOptions) -> None:
+    """Refuse, before any work, free-text options (compiler flags) that no chosen target takes:
+    they would be silently ignored."""
+    given = dict(options.values)
+    for opt in cli_options():
+        if opt.choices or given.get(opt.name, opt.default) == opt.default:
+            continue
+        if not any(opt in t.cli_options for t in targets):
+            takers = [t.name for t in TARGETS.values() if opt in t.cli_options]
+            raise SpecError(opt.flag, f"only {', '.join(takers)} take it, not "
+                                      f"{', '.join(t.name for t in targets)}")
+
+
 def run_spec(spec: Spec, targets: tuple[Target, ...], verify: bool = True,
              options: RunOptions = RunOptions()) -> Result:
     """Return the Result of lowering, rendering and (unless told not to) verifying a Spec."""
+    check_options(targets, options)
     plans = lower_spec(spec)
     records = lower_targets(spec, plans, targets)
     sources = render_all(spec, targets, records)
