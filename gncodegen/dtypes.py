@@ -105,6 +105,15 @@ def dtype(name: str) -> DType:
     return DTYPES[name]
 
 
+def _with_point(text: str) -> str:
+    """Return a number's shortest text with a decimal point, so C reads it as floating (1 ->
+    1.0, 1e-05 -> 1.0e-05)."""
+    if "e" not in text:
+        return text if "." in text else text + ".0"
+    mant, exp = text.split("e")
+    return text if "." in mant else f"{mant}.0e{exp}"
+
+
 def c_literal(value: float, acc: str) -> str:
     """Return a C literal that reads back as exactly value rounded to acc (single or double)."""
     if acc == "double":
@@ -115,11 +124,7 @@ def c_literal(value: float, acc: str) -> str:
         text = str(v)  # numpy prints the shortest string that round-trips in float32
     if not math.isfinite(float(v)):
         raise ValueError(f"literal {value!r} is not finite in {acc}")
-    if "e" not in text and "." not in text:
-        text += ".0"
-    elif "e" in text and "." not in text.split("e")[0]:
-        mant, exp = text.split("e")
-        text = f"{mant}.0e{exp}"
+    text = _with_point(text)
     assert (float(text) if acc == "double" else np.float32(float(text))) == v, (text, value)
     return text + SPELLINGS[acc].suffix
 
@@ -145,15 +150,8 @@ def c_literals(values, acc: str) -> tuple[str, ...]:
                             return_inverse=True)
     distinct = bits.view(rounded.dtype)
     spell = repr if acc == "double" else str   # both print the shortest round-trip text
-    texts = []
-    for text in map(spell, distinct.tolist() if acc == "double" else distinct):
-        if "e" not in text:
-            if "." not in text:
-                text += ".0"
-        elif "." not in text.split("e")[0]:
-            mant, exp = text.split("e")
-            text = f"{mant}.0e{exp}"
-        texts.append(text)
+    texts = [_with_point(t) for t in map(spell, distinct.tolist() if acc == "double"
+                                          else distinct)]
     back = np.array([float(t) for t in texts])
     if acc != "double":
         back = back.astype(np.float32)

@@ -64,7 +64,7 @@ def from_canonical(canon: np.ndarray, layer: Layer, batch: int) -> np.ndarray:
     return np.transpose(moved, np.argsort(perm))
 
 
-def _groups(layer: Layer, batch: int) -> Iterator[tuple[int, tuple]]:
+def group_indices(layer: Layer, batch: int) -> Iterator[tuple[int, tuple]]:
     """Yield (first channel, index) of every (observation, group) into the logical array."""
     fmt = layer.format
     cpg = layer.channels_per_group
@@ -75,6 +75,12 @@ def _groups(layer: Layer, batch: int) -> Iterator[tuple[int, tuple]]:
                 idx[fmt.index("B")] = n
             idx[fmt.index("C")] = slice(g * cpg, (g + 1) * cpg)
             yield g * cpg, tuple(idx)
+
+
+def group_channel_axis(layer: Layer) -> int:
+    """Return the channel axis among a group view's axes (group_indices indexes B away)."""
+    fmt = layer.format
+    return fmt.index("C") - (1 if "B" in fmt and fmt.index("B") < fmt.index("C") else 0)
 
 
 def _chunks(view: np.ndarray, params: tuple[np.ndarray, ...]) -> Iterator[tuple]:
@@ -121,11 +127,9 @@ def reference_pieces(x: np.ndarray, layer: Layer, batch: int, scale=None, offset
     offset = np.asarray(layer.offset if offset is None else offset, dtype=np.float64)
     src = to_logical(np.asarray(x), layer, batch)
     dst = to_logical(np.empty(src.size) if like is None else np.ravel(like), layer, batch)
-    fmt = layer.format
-    # The channel axis among a group view's axes (the B axis is indexed away).
-    c_axis = fmt.index("C") - (1 if "B" in fmt and fmt.index("B") < fmt.index("C") else 0)
+    c_axis = group_channel_axis(layer)
     cpg = layer.channels_per_group
-    for c0, idx in _groups(layer, batch):
+    for c0, idx in group_indices(layer, batch):
         view, target = src[idx], dst[idx]
         shape = [1] * view.ndim
         shape[c_axis] = cpg

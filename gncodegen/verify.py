@@ -11,7 +11,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .dtypes import dtype
-from .reference import canonical, reference_pieces, to_logical
+from .reference import (canonical, group_channel_axis, group_indices, reference_pieces,
+                        to_logical)
 from .spec import Layer
 
 # Largest batch the verification uses: bounded so a case stays a few MiB.
@@ -96,21 +97,13 @@ def _per_group(layer: Layer, batch: int, fill: Callable[[np.random.Generator, in
                rng: np.random.Generator, storage: np.dtype = np.dtype(np.float64)) -> np.ndarray:
     """Return a flat buffer (in storage) whose every (observation, group) is filled by
     fill(rng, count)."""
-    n = batch
-    c = layer.num_channels
-    r = layer.observation_numel // c
-    g = layer.num_groups
-    out = np.empty(n * c * r, dtype=storage)
-    view = to_logical(out, layer, n)
-    fmt = layer.format
-    c_axis = fmt.index("C") - (1 if "B" in fmt and fmt.index("B") < fmt.index("C") else 0)
-    cpg = c // g
-    for i in range(n):
-        obs = view[(slice(None),) * fmt.index("B") + (i,)] if "B" in fmt else view
-        for j in range(g):
-            sub = obs[(slice(None),) * c_axis + (slice(j * cpg, (j + 1) * cpg),)]
-            canon = np.moveaxis(sub, c_axis, 0)  # (cpg, reduced...), as canonical() orders it
-            canon[...] = np.asarray(fill(rng, sub.size)).reshape(canon.shape)
+    out = np.empty(batch * layer.observation_numel, dtype=storage)
+    view = to_logical(out, layer, batch)
+    c_axis = group_channel_axis(layer)
+    for _, idx in group_indices(layer, batch):
+        sub = view[idx]
+        canon = np.moveaxis(sub, c_axis, 0)  # (cpg, reduced...), as canonical() orders it
+        canon[...] = np.asarray(fill(rng, sub.size)).reshape(canon.shape)
     return out
 
 

@@ -188,8 +188,7 @@ class CKernel:
     block_channels: int = 0              # channels swept together (stack arrays' length)
     rows_per_fold: int = 0               # rows kernel: rows per fold (0: the group is one block)
     compensated: bool = False            # one-accumulator sums (compact, strided, rescue) use
-                                         # Kahan's compensation for s2
-    compensated_mean: bool = False       # ... and for s1
+                                         # Kahan's compensation for s1 and s2
     scale_guard: bool = False            # fast kernels: a scale above safe_scale can make
     safe_scale_literal: str = ""         # scale * rstd overflow; such calls take the portable
                                          # nest (the wide job) instead
@@ -298,7 +297,6 @@ def plan_kernel(plan: Plan, threads: int | None = None) -> CKernel:
         fpu_sqrt=FPU_SQRT.get(dtype, ("", 0))[0], fpu_sqrt_flag=FPU_SQRT.get(dtype, ("", 0))[1],
         fma=dt.spelling.fma, fast_fma_macro=dt.spelling.fast_fma_macro,
         compensated=plan.group_numel > PLAIN_TERMS,
-        compensated_mean=plan.group_numel > PLAIN_TERMS,
     )
     cpg = plan.channels_per_group
     stats, group = layout.stats_loops, layout.group_loops
@@ -346,6 +344,7 @@ def plan_kernel(plan: Plan, threads: int | None = None) -> CKernel:
     elif layout.channels_last and (bk := _block_groups(plan, threads)):
         block_channels = bk * cpg
         rows = tuple(lp for lp in group if not lp.is_channel)
+        folded = plan.group_numel // cpg > BLOCK_TERMS   # a channel's rows exceed one block
         assert group[-1].is_channel and group[-1].stride == 1
         kernel = CKernel(
             kind="rows",
@@ -353,9 +352,8 @@ def plan_kernel(plan: Plan, threads: int | None = None) -> CKernel:
                     f"channels) swept row by row with one accumulator per channel"),
             lanes=1, halvings=(), jobs_per_observation=plan.num_groups // bk,
             row_loops=rows, block_groups=bk, block_channels=block_channels,
-            rows_per_fold=BLOCK_TERMS if plan.group_numel // cpg > BLOCK_TERMS else 0,
-            stack_bytes=(10 if plan.group_numel // cpg > BLOCK_TERMS else 6)
-            * block_channels * size, **common)
+            rows_per_fold=BLOCK_TERMS if folded else 0,
+            stack_bytes=(10 if folded else 6) * block_channels * size, **common)
     else:
         kernel = CKernel(
             kind="strided", reason="strided kernel: the portable nest (no contiguous run)",
