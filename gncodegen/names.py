@@ -131,8 +131,8 @@ _CUDA_PYTHON = """
 SHADOWED_HEADERS = frozenset(
     (_C_STANDARD + _POSIX + _GLIBC + _NEWLIB + _COMPILERS + _CUDA_PYTHON).split())
 # gncodegen's own files in the build folders: <name>.h or <name>.c would replace them.
-SUPPORT_FILES = frozenset("fw_io hosted_io semihosting startup_cortex_m gn_cuda_emulation"
-                          .split())
+SUPPORT_FILES = frozenset("fw_io fw_count_systick fw_count_riscv hosted_io semihosting "
+                          "startup_cortex_m gn_cuda_emulation".split())
 
 # Identifiers a layer could export that system headers define: identifier -> header (with
 # whose it is when only one C library or compiler has it).

@@ -3,7 +3,7 @@
 # Ubuntu: the Arm bare-metal compiler with newlib, QEMU for Arm system and user mode, the AArch64
 # Linux cross compiler with its C library, the RISC-V bare-metal compiler with picolibc and QEMU
 # for RISC-V, the s390x cross compiler (a target that evaluates float arithmetic in double),
-# clang and valgrind.
+# clang, valgrind, and make and cmake for the generated firmware projects.
 #
 # Idempotent: installs only the packages that are missing (apt-get update runs only then) and
 # prints nothing when everything is already there. Run as root, or with sudo available.
@@ -13,7 +13,7 @@
 set -euo pipefail
 
 PACKAGES=(
-    gcc g++ make
+    gcc g++ make cmake
     gcc-arm-none-eabi binutils-arm-none-eabi libnewlib-arm-none-eabi
     qemu-system-arm qemu-user
     gcc-aarch64-linux-gnu libc6-dev-arm64-cross
@@ -24,7 +24,7 @@ PACKAGES=(
 )
 # Commands the tests run; each must exist once the packages are in.
 COMMANDS=(
-    gcc g++ make arm-none-eabi-gcc arm-none-eabi-size arm-none-eabi-nm qemu-system-arm
+    gcc g++ make cmake arm-none-eabi-gcc arm-none-eabi-size arm-none-eabi-nm qemu-system-arm
     qemu-aarch64 aarch64-linux-gnu-gcc riscv64-unknown-elf-gcc qemu-system-riscv32
     s390x-linux-gnu-gcc clang valgrind
 )

@@ -31,7 +31,7 @@ from conftest import EXAMPLES, REPO, make_layer
 
 TOOLS = ("arm-none-eabi-gcc", "arm-none-eabi-size", "arm-none-eabi-nm", "qemu-system-arm",
          "qemu-aarch64", "aarch64-linux-gnu-gcc", "riscv64-unknown-elf-gcc",
-         "qemu-system-riscv32", "s390x-linux-gnu-gcc", "clang", "gcc", "g++", "make")
+         "qemu-system-riscv32", "s390x-linux-gnu-gcc", "clang", "gcc", "g++", "make", "cmake")
 
 # Small layers, one per memory-access shape the C template has, so images stay quick.
 LAYERS = {
@@ -243,6 +243,71 @@ def test_m55_image_exercises_mve():
     text = subprocess.run([objdump, "-d", str(run.image.parent / "fw_sscb.o")],
                           capture_output=True, text=True, check=True).stdout
     assert re.search(r"\bv\w+(\.[fiu]\d+)?\s+q[0-7]", text), "no MVE instruction in the kernel"
+
+
+# --------------------------------------------------------------------------- instruction count
+
+# A loop of known length: two instructions an iteration (decrement, branch back).
+_LOOP = {
+    "arm": '".syntax unified\\n1: subs %0, %0, #1\\n bne 1b" : "+l"(n) : : "cc"',
+    "riscv": '"1: addi %0, %0, -1\\n bnez %0, 1b" : "+r"(n)',
+}
+
+
+@pytest.mark.parametrize("target", [n for n, b in fw.BOARDS.items() if b.counts_instructions])
+def test_instruction_count_matches_a_loop_of_known_length(target):
+    """fw_count on each board, turned into instructions by its clock, counts a loop of 2n
+    instructions to within two, past a fixed cost of the call; the longest crosses SysTick's
+    24-bit period several times."""
+    board = fw.BOARDS[target]
+    asm = _LOOP["riscv" if board.name.startswith("riscv") else "arm"]
+    lengths = (1000, 100_000, 20_000_000)
+    main_c = "\n".join([
+        '#include <stdint.h>', '#include "fw_io.h"', '',
+        'static void loop(uint32_t n)', '{', f'    __asm__ volatile({asm});', '}', '',
+        'static void write_u64(uint64_t v)', '{', '    char t[24];', '    int i = 23;',
+        "    t[i] = '\\0';",
+        "    do {", "        t[--i] = (char)('0' + (int)(v % 10u));", "        v /= 10u;",
+        "    } while (v != 0u);", '    fw_write(&t[i]);', '}', '',
+        'int main(void)', '{', '    fw_count_start();',
+        *[line for n in lengths for line in (
+            '    {', '        const uint64_t start = fw_count();', f'        loop({n}u);',
+            '        write_u64(fw_count() - start);', '        fw_write("\\n");', '    }')],
+        '    fw_write("end\\n");', '    return 0;', '}', ''])
+    plan = lower(_layer("ssc_no_batch"))
+    image = fw.build_image(board, plan, [], Source("loop.c", main_c))
+    counts = [int(v) for v in fw.run_image(image).split()[:-1]]
+    assert len(counts) == len(lengths)
+    insns = [board.instructions(c) for c in counts]
+    overhead = insns[0] - 2 * lengths[0]        # the call and reading the counter
+    assert 0 <= overhead < 64, insns
+    for n, count, got in zip(lengths[1:], counts[1:], insns[1:]):
+        # SysTick's interrupt runs a few instructions each period, and they count too.
+        periods = count >> 24 if board.count_hz < 1_000_000_000 else 0
+        assert abs(got - overhead - 2 * n) <= 2 + 8 * periods, (n, got, overhead)
+    if board.count_hz < 1_000_000_000:
+        assert counts[-1] > 2 << 24          # SysTick's period ended and was counted
+
+
+def test_soft_float_cores_report_their_instruction_count(tmp_path):
+    """The footprint table and the manifest carry the instructions one observation ran."""
+    spec = tmp_path / "features_channelwise.yaml"
+    shutil.copy(EXAMPLES / "features_channelwise.yaml", spec)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["build", str(spec), "--target", "cortex-m0",
+                                       "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("layer ") and "insns" in ln)
+    header, row = lines[at], lines[at + 1]
+    assert row.split()[:2] == ["features_channelwise", "cortex-m0"]
+    column = header.split().index("insns")
+    insns = int(row.split()[column])
+    fp = json.loads((out / "manifest.json").read_text())["cortex-m0"]["footprint"][
+        "features_channelwise"]
+    assert fp["instructions_per_observation"] == insns
+    # Soft float: every element costs tens of instructions in the helpers, not a handful.
+    assert insns > 20 * load_spec(spec).layers[0].observation_numel
 
 
 # --------------------------------------------------------------------------- harness pieces
@@ -553,12 +618,98 @@ def test_cli_verifies_the_users_own_flags(tmp_path):
         assert len(proc.stderr.splitlines()) == 1
 
 
-def test_cli_firmware_group_runs_every_target():
-    result = CliRunner().invoke(main, ["verify", str(EXAMPLES / "features_channelwise.yaml"),
-                                       "--target", "firmware"])
+def test_cli_firmware_group_runs_every_target(tmp_path):
+    """--target firmware verifies on every core and writes one project for all of them: the
+    Makefile asks which core, and builds and runs the one named."""
+    out = tmp_path / "all"
+    result = CliRunner().invoke(main, ["build", str(EXAMPLES / "features_channelwise.yaml"),
+                                       "--target", "firmware", "-o", str(out)])
     assert result.exit_code == 0, result.output
     for target in TARGETS:
         assert re.search(rf"features_channelwise\s+{target}\s.*pass", result.output), target
+        assert (out / f"{target}.mk").is_file() and (out / f"{target}.cmake").is_file()
+    asked = subprocess.run(["make", "-C", str(out)], capture_output=True, text=True,
+                           timeout=60, check=False)
+    assert asked.returncode != 0
+    assert "name the core: make BOARD=<one of: " in asked.stderr, asked.stderr
+    assert all(t in asked.stderr for t in TARGETS), asked.stderr
+    ran = subprocess.run(["make", "-C", str(out), "BOARD=cortex-m33", "run"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "features_channelwise: checksums ok\nall layers ok\n" in ran.stdout + ran.stderr
+
+
+# --------------------------------------------------------------------------- generated projects
+
+# One build per core family: Armv7-M with an FPU, Armv6-M without, RISC-V, AArch64 Linux; and
+# single, double and several layers among them.
+PROJECTS = {"cortex-m4": "matlab_gn", "cortex-m0": "features_channelwise",
+            "riscv32": "multi_layer", "aarch64-linux": "nhwc_rowmajor"}
+
+
+def _project(tmp_path, target: str):
+    out = tmp_path / "project"
+    spec = tmp_path / f"{PROJECTS[target]}.yaml"
+    shutil.copy(EXAMPLES / spec.name, spec)
+    if PROJECTS[target] == "nhwc_rowmajor":
+        shutil.copytree(EXAMPLES / "params", tmp_path / "params")
+    result = CliRunner().invoke(main, ["build", str(spec), "--target", target, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    layers = load_spec(spec).layers
+    return out, [layer.name for layer in layers]
+
+
+def _checked(printed: str, layers: list[str]) -> None:
+    for name in layers:
+        assert f"{name}: checksums ok\n" in printed, printed
+    assert "\nall layers ok\n" in printed and "WRONG" not in printed, printed
+
+
+@pytest.mark.parametrize("target", list(PROJECTS))
+def test_generated_project_builds_and_runs_with_make_and_cmake(tmp_path, target):
+    """The project written beside the layers builds out of the box with make and with CMake
+    and its toolchain file, runs under QEMU, and every layer's checksums match the reference;
+    building leaves the generated folder as it was, so the next build can replace it."""
+    out, layers = _project(tmp_path, target)
+    before = sorted(p.name for p in out.iterdir())
+    made = subprocess.run(["make", "-C", str(out), "run"], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert made.returncode == 0, made.stdout + made.stderr
+    _checked(made.stdout + made.stderr, layers)    # semihosting writes to QEMU's stderr
+    assert "-Werror" in made.stdout and "warning" not in made.stdout + made.stderr
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert (tmp_path / "project-build" / target / "fw_demo.elf").is_file()
+
+    build = tmp_path / "cmake-build"
+    for step in (["cmake", "-S", str(out), "-B", str(build),
+                  f"-DCMAKE_TOOLCHAIN_FILE={out / f'{target}.cmake'}"],
+                 ["cmake", "--build", str(build)],
+                 ["cmake", "--build", str(build), "--target", "run"]):
+        done = subprocess.run(step, capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+    _checked((done.stdout + done.stderr).replace("[100%] Built target run\n", ""), layers)
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_generated_project_check_catches_a_wrong_output(tmp_path):
+    """The program's check is real: an expected sum of squares 0.1 % off fails the run."""
+    out, layers = _project(tmp_path, "cortex-m4")
+    demo = out / "fw_demo.c"
+    text = demo.read_text()
+    m = re.search(r"sum_sq, (0x[0-9a-fp.+-]+), ", text)
+    assert m, text
+    demo.write_text(text.replace(m.group(0),
+                                 f"sum_sq, {(float.fromhex(m.group(1)) * 0.999).hex()}, "))
+    ran = subprocess.run(["make", "-C", str(out), "run"], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert ran.returncode != 0
+    assert "matlab_gn: checksums WRONG\nFAILED\n" in ran.stdout + ran.stderr, ran.stderr
+
+
+def test_demo_input_is_exact_and_spread():
+    x = fw.project.demo_input(4096)
+    assert np.all(x == x.astype(np.float32)) and -2 <= x.min() < -1.9 and 1.9 < x.max() < 2
+    assert len(np.unique(x)) > 4000
 
 
 # --------------------------------------------------------------------------- the example project

@@ -26,13 +26,14 @@ from ...render import Source
 from ...spec import Spec
 from ...verify import Case, Report, verify_layer
 from ..base import CliOption, Outcome, RunOptions, Target
-from ..c import CTarget
+from ..c import CTarget, spec_file_name
 from ..c.record import CRecord, as_record
 from .boards import BOARDS, STACK_BUDGET, TEXT_BUDGET, Board, require_tool
 from .footprint import (ALLOWED_CALLS, Footprint, FootprintRow, check_object_calls,
                         footprint_flags, footprint_table, measure_footprint)
-from .harness import (firmware_cases, harness_for, hex_literal, measured_stack, parse_output,
-                      render_harness)
+from .harness import (firmware_cases, harness_for, hex_literal, measured_instructions,
+                      measured_stack, parse_output, render_harness)
+from .project import project_for, render_project
 from .qemu import build_image, render_linker_script, run_image, support_sources
 from .strict import STRICT_CONFIGS, STRICT_OPTS, check_strict
 
@@ -77,6 +78,7 @@ class LayerRun:
     footprint: Footprint | None
     image: Path | None
     measured_stack: int | None = None   # deepest stack a kernel call used in the image
+    instructions: int | None = None     # instructions one observation ran in the image
 
 
 def verify_layer_on(board: Board, layer: CRecord | Plan, layer_sources: list[Source],
@@ -118,9 +120,10 @@ def verify_layer_on(board: Board, layer: CRecord | Plan, layer_sources: list[Sou
         # measured in the image: its harness runs under an operating system).
         header, source = _layer_pair(plan, layer_sources)
         footprint = measure_footprint(plan, source, header, board)
-        if board.measures_stack and cflags is None and opt == footprint.opt:
-            # The image ran the very code measured: add what its calls really used.
-            footprint = replace(footprint, stack_measured=measured_stack(printout))
+        if board.bare_metal and cflags is None and opt == footprint.opt:
+            # The image ran the very code measured: add what its calls really used and ran.
+            footprint = replace(footprint, stack_measured=measured_stack(printout),
+                                instructions=measured_instructions(printout, board, cases))
         bad = check_object_calls(footprint, layer.dtype, board.soft_float)
         if bad:
             raise VerificationError(
@@ -128,7 +131,8 @@ def verify_layer_on(board: Board, layer: CRecord | Plan, layer_sources: list[Sou
                 f"{layer.dtype} precision may call only "
                 f"{', '.join(sorted(ALLOWED_CALLS[layer.dtype]))}"
                 f"{' and the float helpers' if board.soft_float else ''}")
-    return LayerRun(report, footprint, image.path, measured_stack(printout))
+    return LayerRun(report, footprint, image.path, measured_stack(printout),
+                    measured_instructions(printout, board, cases))
 
 
 def _layer_pair(plan: Plan, sources: list[Source]) -> tuple[Source, Source]:
@@ -147,6 +151,11 @@ class FirmwareTarget(CTarget):
     cli_options = (CFLAGS,)
     spec_options = (TEXT_BUDGET_OPTION, STACK_BUDGET_OPTION)
 
+    def render(self, spec: Spec, records: tuple[CRecord, ...]) -> list[Source]:
+        """The layers' C, and the minimal project that runs them on this core (project.py)."""
+        return [*super().render(spec, records),
+                *render_project(project_for(self.board, records, spec_file_name(spec)))]
+
     def verify(self, spec: Spec, records: tuple[CRecord, ...], sources: list[Source],
                options: RunOptions) -> Outcome:
         reports, rows, failures, manifest = [], [], [], {}
@@ -158,7 +167,8 @@ class FirmwareTarget(CTarget):
             for opt in self.board.verified_opts:
                 run = verify_layer_on(self.board, rec, layer_sources, keep=options.keep, opt=opt)
                 reports.append(run.report)
-                if run.footprint is not None and (fp is None or run.footprint.stack_measured):
+                if run.footprint is not None and (fp is None or run.footprint.stack_measured
+                                                  or run.footprint.instructions):
                     fp = run.footprint     # the one the -Os image also measured, where it ran
             if cflags:
                 run = verify_layer_on(self.board, rec, layer_sources, keep=options.keep,

@@ -47,6 +47,9 @@ class Board:
     code_room: int = 128 * KiB       # flash kept for code beside the test vectors
     link_flags: tuple[str, ...] = ()  # what the image's link adds to the CPU flags
     qemu_flags: tuple[str, ...] = ()  # what the emulator's command line adds (firmware, ...)
+    # The frequency of the counter fw_count reads, in counts per second of QEMU's virtual
+    # clock (a Cortex-M's SysTick runs on the board's core clock); 0: the image does not count.
+    count_hz: int = 0
 
     @property
     def bare_metal(self) -> bool:
@@ -65,6 +68,17 @@ class Board:
         of __OPTIMIZE_SIZE__ (the -Os build compiles the compact nest, any other the fast
         kernels), so whichever a user's flags select has run on this core."""
         return (self.opt, "-O2" if self.opt == "-Os" else "-Os")
+
+    @property
+    def counts_instructions(self) -> bool:
+        """True where the test image runs under QEMU -icount and counts each call's
+        instructions."""
+        return self.count_hz != 0
+
+    def instructions(self, count: int) -> int:
+        """Return the instructions a count of the board's counter stands for: under -icount
+        each instruction advances the virtual clock by 2^ICOUNT_SHIFT ns."""
+        return round(count * 1_000_000_000 / (self.count_hz << ICOUNT_SHIFT))
 
     @property
     def soft_float(self) -> bool:
@@ -88,7 +102,15 @@ M7_FLAGS = ("-mcpu=cortex-m7", "-mthumb", "-mfpu=fpv5-d16", "-mfloat-abi=hard")
 M33_FLAGS = ("-mcpu=cortex-m33", "-mthumb", "-mfpu=fpv5-sp-d16", "-mfloat-abi=hard")
 M55_FLAGS = ("-mcpu=cortex-m55", "-mthumb", "-mfloat-abi=hard")
 # A Cortex-M image: the vector table and reset code, and output through semihosting.
-CORTEX_M_SUPPORT = ("fw_io.h", "startup_cortex_m.c", "semihosting.c")
+CORTEX_M_SUPPORT = ("fw_io.h", "startup_cortex_m.c", "semihosting.c", "fw_count_systick.c")
+# Under -icount shift=6 each instruction is 64 ns of virtual time: at least one tick of the
+# slowest SysTick clock below (16 MHz, 62.5 ns), so a count resolves single instructions.
+ICOUNT_SHIFT = 6
+# SysTick clocks of QEMU's boards (hw/arm/mps2.c, mps2-tz.c, nrf51_soc.c).
+NRF51_HZ = 16_000_000
+MPS2_HZ = 25_000_000
+AN505_HZ = 20_000_000
+AN547_HZ = 32_000_000
 CORTEX_M_LINKER = "firmware/link.ld.j2"
 CORTEX_M_LINK = ("-nostartfiles", "--specs=nano.specs", "-T", "image.ld", "-Wl,--gc-sections")
 
@@ -104,6 +126,7 @@ BOARDS: dict[str, Board] = {
                        stack_size=4 * KiB, tools_prefix="arm-none-eabi-",
                        support=CORTEX_M_SUPPORT, linker_template=CORTEX_M_LINKER,
                        link_flags=CORTEX_M_LINK,
+                       count_hz=NRF51_HZ,
                        code_room=64 * KiB),
         # AN385: a Cortex-M3 without an FPU (float in software, as on many products), the
         # same SSRAM layout as AN386. -Os: what such firmware ships with.
@@ -111,20 +134,23 @@ BOARDS: dict[str, Board] = {
                        M3_FLAGS, "-Os", "qemu-system-arm", "mps2-an385",
                        Region(0x00000000, 4 * MiB), Region(0x20000000, 4 * MiB),
                        tools_prefix="arm-none-eabi-", support=CORTEX_M_SUPPORT,
-                       linker_template=CORTEX_M_LINKER, link_flags=CORTEX_M_LINK),
+                       linker_template=CORTEX_M_LINKER, link_flags=CORTEX_M_LINK,
+                       count_hz=MPS2_HZ),
         # AN386: 4 MiB SSRAM1 at 0 stands in for flash, 4 MiB SSRAM2/3 at 0x20000000 for RAM.
         # -Os: what a Cortex-M4 firmware ships with.
         Board("cortex-m4", "Cortex-M4F (qemu mps2-an386)", "arm-none-eabi-gcc",
                        M4_FLAGS, "-Os", "qemu-system-arm", "mps2-an386",
                        Region(0x00000000, 4 * MiB), Region(0x20000000, 4 * MiB),
                        tools_prefix="arm-none-eabi-", support=CORTEX_M_SUPPORT,
-                       linker_template=CORTEX_M_LINKER, link_flags=CORTEX_M_LINK),
+                       linker_template=CORTEX_M_LINKER, link_flags=CORTEX_M_LINK,
+                       count_hz=MPS2_HZ),
         # AN500: the same SSRAM layout as AN386 with a Cortex-M7 and its double-precision FPU.
         Board("cortex-m7", "Cortex-M7 (qemu mps2-an500)", "arm-none-eabi-gcc",
                        M7_FLAGS, "-O2", "qemu-system-arm", "mps2-an500",
                        Region(0x00000000, 4 * MiB), Region(0x20000000, 4 * MiB),
                        tools_prefix="arm-none-eabi-", support=CORTEX_M_SUPPORT,
-                       linker_template=CORTEX_M_LINKER, link_flags=CORTEX_M_LINK),
+                       linker_template=CORTEX_M_LINKER, link_flags=CORTEX_M_LINK,
+                       count_hz=MPS2_HZ),
         # AN505: a Cortex-M33 (Armv8-M Mainline, single-precision FPU) that boots in the
         # secure state from SVTOR 0x10000000: code and constants in the secure alias of the
         # 4 MiB SSRAM1, data and stack in that of the 2 MiB SSRAM2 (0x28000000 + 0x10000000).
@@ -133,7 +159,8 @@ BOARDS: dict[str, Board] = {
                        M33_FLAGS, "-O2", "qemu-system-arm", "mps2-an505",
                        Region(0x10000000, 4 * MiB), Region(0x38000000, 2 * MiB),
                        tools_prefix="arm-none-eabi-", support=CORTEX_M_SUPPORT,
-                       linker_template=CORTEX_M_LINKER, link_flags=CORTEX_M_LINK),
+                       linker_template=CORTEX_M_LINKER, link_flags=CORTEX_M_LINK,
+                       count_hz=AN505_HZ),
         # AN547: the vector table in the ITCM at 0, code and constants in the 2 MiB SRAM at
         # 0x01000000, data and stack in the 512 KiB DTCM at 0x20000000.
         # -O3: lets gcc vectorize with MVE (Helium), the path this core exists for.
@@ -142,7 +169,8 @@ BOARDS: dict[str, Board] = {
                        Region(0x01000000, 2 * MiB), Region(0x20000000, 512 * KiB),
                        tools_prefix="arm-none-eabi-", vectors=Region(0x00000000, 1 * KiB),
                        support=CORTEX_M_SUPPORT, linker_template=CORTEX_M_LINKER,
-                       link_flags=CORTEX_M_LINK),
+                       link_flags=CORTEX_M_LINK,
+                       count_hz=AN547_HZ),
         # A 32-bit RISC-V microcontroller core (RV32IMAFC) on QEMU's virt machine: picolibc's
         # start-up and linker script (code at 0x80000000, data and stack 4 MiB above), output
         # through RISC-V semihosting. -Os, as such firmware ships.
@@ -156,7 +184,9 @@ BOARDS: dict[str, Board] = {
                                    "-Wl,--defsym=__ram=0x80400000",
                                    "-Wl,--defsym=__ram_size=0x400000",
                                    "-Wl,--defsym=__stack_size=0x4000"),
-                       qemu_flags=("-bios", "none")),
+                       qemu_flags=("-bios", "none"),
+                       support=("fw_io.h", "hosted_io.c", "fw_count_riscv.c"),
+                       count_hz=1_000_000_000),    # minstret: one count per virtual ns
         # A Linux program run by qemu-aarch64 in user mode; -O3 vectorizes with NEON.
         Board("aarch64-linux", "AArch64 Linux (qemu-aarch64 user mode)",
                        "aarch64-linux-gnu-gcc", (), "-O3", "qemu-aarch64",
@@ -180,6 +210,7 @@ PACKAGES = {
     "gcc": "gcc",
     "g++": "g++",
     "make": "make",
+    "cmake": "cmake",
 }
 # The footprint is measured where the budgets are set: Cortex-M4F at -Os.
 FOOTPRINT_TARGET = "cortex-m4"

@@ -36,6 +36,7 @@ class Footprint:
     stack: int         # deepest path from an entry point, in bytes
     calls: tuple[str, ...]   # functions called outside the layer's object
     stack_measured: int | None = None  # deepest stack the verification image's calls used
+    instructions: int | None = None    # instructions one observation ran in that image
 
     def as_dict(self) -> dict:
         """Return the figures as plain data for the manifest."""
@@ -43,7 +44,9 @@ class Footprint:
                 "data": self.data, "bss": self.bss, "params": self.params,
                 "stack": self.stack, "calls": list(self.calls),
                 **({} if self.stack_measured is None else
-                   {"stack_measured": self.stack_measured})}
+                   {"stack_measured": self.stack_measured}),
+                **({} if self.instructions is None else
+                   {"instructions_per_observation": self.instructions})}
 
     def budget_applies(self, dtype: str) -> bool:
         """True where the text and stack budgets are set: single precision on the Cortex-M4 at
@@ -228,17 +231,19 @@ class FootprintRow:
 def footprint_table(rows_in: list[FootprintRow]) -> list[str]:
     """Return the footprint table the CLI prints, one line per layer."""
     rows = [["layer", "cpu", "opt", "text", "rodata", "data", "bss", "params", "stack",
-             "ran", "buffers", "budget", "calls"]]
+             "ran", "buffers", "budget", "insns", "calls"]]
     for row in rows_in:
         fp = row.footprint
         ran = "-" if fp.stack_measured is None else str(fp.stack_measured)
         budget = "-" if row.budget is None else f"{row.budget[0]}/{row.budget[1]}"
+        insns = "-" if fp.instructions is None else str(fp.instructions)
         rows.append([fp.layer, fp.cpu, fp.opt, str(fp.text), str(fp.rodata), str(fp.data),
                      str(fp.bss), str(fp.params), str(fp.stack), ran, str(row.buffers), budget,
-                     ", ".join(fp.calls) or "-"])
+                     insns, ", ".join(fp.calls) or "-"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) if 3 <= i <= 11 else c.ljust(w)
+    lines = ["  ".join(c.rjust(w) if 3 <= i <= 12 else c.ljust(w)
                        for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
     return ["footprint (bytes; params: the static const scale/offset, in flash; stack: deepest "
             "call path from -fstack-usage; ran: deepest stack measured under QEMU; buffers: x "
-            "and y per observation; budget: text/stack, where set):", *lines]
+            "and y per observation; budget: text/stack, where set; insns: instructions one "
+            "observation ran under QEMU -icount, not cycles):", *lines]

@@ -43,6 +43,7 @@ class Harness:
     cases: tuple[HarnessCase, ...]
     max_numel: int
     measure_stack: bool          # paint the stack and report each call's depth (bare metal)
+    count: bool = False          # count one more call of case 0 with the board's counter
     per_line: int = HEX_PER_LINE
 
 
@@ -77,7 +78,7 @@ def harness_for(plan: Plan, board: Board, cases: list[Case]) -> Harness:
         hcases.append(HarnessCase(case.name, case.batch, case.in_place, len(case.x), lits,
                                   *params))
     return Harness(board.name, tuple(hcases), max(c.numel for c in hcases),
-                   measure_stack=board.measures_stack)
+                   measure_stack=board.measures_stack, count=board.counts_instructions)
 
 
 def render_harness(layer: CRecord | Plan, harness: Harness) -> Source:
@@ -117,6 +118,7 @@ def firmware_cases(layer: Layer, board: Board, seed: int = 0) -> list[Case]:
 
 
 _CASE = re.compile(r"case (\d+) (.*) rc (-?\d+) numel (\d+)(?: stack (\d+))?\Z")
+_COUNT = re.compile(r"count (\d+)\Z")
 
 
 def measured_stack(text: str) -> int | None:
@@ -124,6 +126,15 @@ def measured_stack(text: str) -> int | None:
     depths = [int(m.group(5)) for line in text.splitlines()
               if (m := _CASE.match(line)) and m.group(5) is not None]
     return max(depths, default=None)
+
+
+def measured_instructions(text: str, board: Board, cases: list[Case]) -> int | None:
+    """Return the instructions one observation took: the count over one more call of the
+    first case (batch 1) turned into instructions, or None where the image did not count."""
+    if not board.counts_instructions or not cases or cases[0].batch != 1:
+        return None
+    counts = [int(m.group(1)) for line in text.splitlines() if (m := _COUNT.match(line))]
+    return board.instructions(counts[-1]) if counts else None
 
 
 def parse_output(text: str, plan: Plan, cases: list[Case]) -> dict[str, np.ndarray]:

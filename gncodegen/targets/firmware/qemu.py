@@ -13,7 +13,7 @@ from ...build import compiler_version, content_key, cache_root, run_compiler, st
 from ...errors import VerificationError
 from ...plan import Plan
 from ...render import Source, render_template
-from .boards import AARCH64_SYSROOT, QEMU_TIMEOUT_S, Board, require_tool
+from .boards import AARCH64_SYSROOT, ICOUNT_SHIFT, QEMU_TIMEOUT_S, Board, require_tool
 from .strict import STRICT_C_FLAGS
 
 RUNTIME = Path(__file__).resolve().parent / "runtime"
@@ -94,12 +94,14 @@ def build_image(board: Board, plan: Plan, layer_sources: list[Source],
 def run_command(image: Image, output: Path) -> list[str]:
     """Return the command line that runs a built image under QEMU, its printout to output.
 
-    Semihosting writes go to a file chardev, so QEMU's own messages (stderr) stay apart.
+    Semihosting writes go to a file chardev, so QEMU's own messages (stderr) stay apart; a
+    board that counts instructions runs with -icount, its virtual clock tied to them.
     """
     board = image.board
     if board.bare_metal:
+        icount = ("-icount", f"shift={ICOUNT_SHIFT}") if board.counts_instructions else ()
         return [require_tool(board.runner), "-machine", board.machine, "-nographic",
-                "-monitor", "none", *board.qemu_flags,
+                "-monitor", "none", *icount, *board.qemu_flags,
                 "-chardev", f"file,id=harness,path={output}",
                 "-semihosting-config", "enable=on,target=native,chardev=harness",
                 "-kernel", str(image.path)]

@@ -10,6 +10,7 @@
 int main(void);
 void Reset_Handler(void);
 void Fault_Handler(void);
+void SysTick_Handler(void); /* fw_count_systick.c */
 
 /* Defined by the linker script. */
 extern uint32_t __data_load__[], __data_start__[], __data_end__[];
@@ -21,8 +22,9 @@ extern uint32_t __stack_top__[];
 
 /*
  * Initial stack pointer, reset, then the 14 system exceptions (NMI, HardFault, MemManage,
- * BusFault, UsageFault, SecureFault, four reserved, SVCall, DebugMonitor, reserved, PendSV,
- * SysTick). The image enables no interrupts, so nothing else can be taken.
+ * BusFault, UsageFault, SecureFault, three reserved, SVCall, DebugMonitor, reserved, PendSV,
+ * SysTick). The image enables no interrupt but SysTick's (the instruction count), so nothing
+ * else can be taken.
  */
 __attribute__((section(".vectors"), used))
 static const uintptr_t vector_table[16] = {
@@ -30,9 +32,9 @@ static const uintptr_t vector_table[16] = {
     (uintptr_t)Reset_Handler,
     (uintptr_t)Fault_Handler, (uintptr_t)Fault_Handler, (uintptr_t)Fault_Handler,
     (uintptr_t)Fault_Handler, (uintptr_t)Fault_Handler, (uintptr_t)Fault_Handler,
-    0u, 0u, 0u, 0u,
+    0u, 0u, 0u,
     (uintptr_t)Fault_Handler, (uintptr_t)Fault_Handler, 0u,
-    (uintptr_t)Fault_Handler,
+    (uintptr_t)Fault_Handler, (uintptr_t)SysTick_Handler,
 };
 
 void Reset_Handler(void)
