@@ -712,6 +712,17 @@ def test_demo_input_is_exact_and_spread():
     assert len(np.unique(x)) > 4000
 
 
+def test_project_is_deterministic():
+    spec = load_spec(EXAMPLES / "multi_layer.yaml")
+    records = tuple(fw.CTarget().lower(p) for p in lower_spec(spec))
+
+    def render():
+        return [(s.name, s.text) for s in fw.render_project(
+            fw.project_for(fw.BOARDS["cortex-m4"], records, "multi_layer.yaml"))]
+
+    assert render() == render()
+
+
 # --------------------------------------------------------------------------- the example project
 
 
