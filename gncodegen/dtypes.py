@@ -39,6 +39,14 @@ class DType:
     big_mean: float            # mean of the "large mean, std 1" verification case
     rescue_exponent: int       # accumulation types: d scaled by 2^-e when the squares overflow
 
+    def rescue_exponent_for(self, numel: int) -> int:
+        """Return e for a group of numel elements: the type's own e (enough up to 2^28
+        elements), or more where numel squares of |d| * 2^-e <= 2 * largest * 2^-e could still
+        reach half the largest accumulator (single precision past 2^28 elements)."""
+        acc = DTYPES[self.acc]
+        need = 3 + 2 * math.log2(self.largest) + math.log2(max(numel, 1)) - math.log2(acc.largest)
+        return max(self.rescue_exponent, math.ceil(need / 2))
+
     @property
     def bytes(self) -> int:
         """Bytes of one element in memory."""

@@ -17,6 +17,7 @@ from .plan import Plan, lower_spec
 from .render import Source
 from . import spec as specs
 from .spec import Spec
+from .verify import check_verifiable
 from .targets import (TARGETS, Outcome, RunOptions, Target, TargetRecord, cli_options,
                       resolve_targets, spec_options)
 
@@ -116,6 +117,9 @@ def run_spec(spec: Spec, targets: tuple[Target, ...], verify: bool = True,
              options: RunOptions = RunOptions()) -> Result:
     """Return the Result of lowering, rendering and (unless told not to) verifying a Spec."""
     check_options(targets, options)
+    if verify:
+        for layer in spec.layers:
+            check_verifiable(layer)
     plans = lower_spec(spec)
     records = lower_targets(spec, plans, targets)
     sources = render_all(spec, targets, records)

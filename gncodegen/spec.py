@@ -42,9 +42,12 @@ GROUP_WORDS = {"all-channels": "all-channels", "allchannels": "all-channels",
 FORMAT_LETTERS = set("SCBTU")
 MAX_DIMS = 8
 MAX_SIZE = 2**31 - 1
-# An observation must be addressable with 32-bit int indexing and must fit in memory for
-# verification: 2^28 elements is 1 GiB in single precision.
-MAX_OBSERVATION_NUMEL = 2**28
+# The bytes of one observation, and of every offset into a batch of them, must fit a 64-bit
+# size_t: 2^60 elements of 8 bytes leaves room for the batch. Any such size renders (sizes are
+# compile-time constants); whether a size can be verified on this machine is decided by the
+# verification, from the memory it needs.
+MAX_OBSERVATION_BYTES = 2**63
+MAX_ELEMENT_BYTES = 8
 # Every channel's scale and offset are compiled into the sources as literals: 2^20 channels
 # make about 20 MB of initializers per target and a few seconds to render; more is no layer
 # anyone trains, and would take minutes and gigabytes to build.
@@ -317,9 +320,9 @@ def _parse_input_size(value: Any, fld: str, fmt: str) -> tuple[int, ...]:
         raise SpecError(fld, f"has {len(value)} sizes but format '{fmt}' has {len(labels)} "
                              f"non-B labels ({''.join(labels)})")
     sizes = tuple(parse_int(v, f"{fld}[{i}]", 1, MAX_SIZE) for i, v in enumerate(value))
-    if math.prod(sizes) > MAX_OBSERVATION_NUMEL:
-        raise SpecError(fld, f"one observation has {math.prod(sizes)} elements, more than the "
-                             f"limit {MAX_OBSERVATION_NUMEL} (2^28)")
+    if math.prod(sizes) * MAX_ELEMENT_BYTES >= MAX_OBSERVATION_BYTES:
+        raise SpecError(fld, f"one observation has {math.prod(sizes)} elements: its bytes "
+                             "overflow a 64-bit size_t")
     c_index = labels.index("C")
     if sizes[c_index] > MAX_CHANNELS:
         raise SpecError(f"{fld}[{c_index}]", f"{sizes[c_index]} channels is more than the limit "

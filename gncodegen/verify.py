@@ -5,12 +5,14 @@ with the float64 reference under the dtype's tolerance."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from .dtypes import dtype
+from .errors import TargetUnavailable
 from .reference import (canonical, group_channel_axis, group_indices, reference_pieces,
                         to_logical)
 from .spec import Layer
@@ -74,6 +76,40 @@ class Report:
             "cases": {c.case: float(f"{c.max_rel:.3g}") for c in self.cases},
             **({"build": dict(self.build)} if self.build else {}),
         }
+
+
+# What verifying holds besides a case's x and y: the reference's chunks, the interpreter.
+VERIFY_BASE_BYTES = 256 << 20
+
+
+def verification_bytes(layer: Layer, max_batch: int = 4) -> int:
+    """Return about the most memory verifying a layer takes: one case at a time, its x, the
+    output and a copy for the in-place case, in the storage type, with the reference's chunks."""
+    numel = verification_batch(layer, max_batch) * layer.observation_numel
+    return 3 * numel * dtype(layer.dtype).bytes + VERIFY_BASE_BYTES
+
+
+def available_memory() -> int:
+    """Return the bytes this machine can still give a process (MemAvailable, else all RAM)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_verifiable(layer: Layer) -> None:
+    """Refuse, before any work, a layer whose verification would not fit in this machine's
+    memory; it can still be written without verification."""
+    need, have = verification_bytes(layer), available_memory()
+    if need > have:
+        raise TargetUnavailable(
+            f"layer '{layer.name}': verifying one observation of {layer.observation_numel} "
+            f"elements needs about {need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB "
+            "this machine has free (--no-verify writes the sources without verifying them)")
 
 
 def verification_batch(layer: Layer, wanted: int) -> int:

@@ -276,9 +276,9 @@ CASES = [
     Case("size-not-list", spec(input_size="4x4x8"), "input_size", r"list of 3 sizes"),
     Case("size-absurd", spec(input_size="[4, 4, 4294967296]"), "input_size[2]", r"at most"),
     Case("size-huge-integer", spec(input_size="[4, 4, 100000000000000000000000000000]"), "input_size[2]", r"at most"),
-    Case("size-numel-over-limit", spec(input_size="[65536, 65536, 8]"), "input_size", r"more than the limit"),
     Case("size-numel-overflows-size-t", spec(format="SSSC", num_groups="1",
-         input_size="[2147483647, 2147483647, 2147483647, 2147483647]"), "input_size", r"more than the limit"),
+         input_size="[2147483647, 2147483647, 2147483647, 2147483647]"), "input_size", r"overflow a 64-bit size_t"),
+    Case("size-bytes-overflow-size-t", spec(input_size="[2147483647, 2147483647, 8]"), "input_size", r"overflow a 64-bit size_t"),
     # learned parameters
     Case("scale-too-short", spec(scale="[1, 2, 3]"), "scale", r"exactly num_channels=8"),
     Case("offset-too-long", spec(offset="[0, 0, 0, 0, 0, 0, 0, 0, 0]"), "offset", r"exactly num_channels=8"),

@@ -145,6 +145,19 @@ def test_plan_rescue_only_where_squares_can_overflow():
         assert 4 * numel * 2.0 ** (2 * (1024 - e)) <= 2.0**1023
 
 
+def test_plan_offsets_are_64_bit_past_int_max_elements():
+    """An observation over INT_MAX elements (a video VAE's 1x512x16x180x320 and more) takes
+    size_t offsets even in a layout whose strides do not depend on the batch; the kernel
+    compiles with nvcc."""
+    small = lower_cuda(lower(layer_of("SSCB", "column-major", [64, 64, 32], 8)))
+    assert small.offset_type == "int"
+    big = lower_cuda(lower(layer_of("SSCB", "column-major", [16384, 8192, 32], 32)))
+    assert big.plan.observation_numel > 2**31 and big.offset_type == "size_t"
+    header, source = render_cuda(big.plan, "big.yaml", cuda_plan=big)
+    assert "size_t element_offset(int i, size_t batch)" in source.text
+    compile_check(big.plan, big, [header, source])
+
+
 def test_rendering_is_deterministic_and_prefixed():
     layer = layer_of("BSSC", "row-major", [8, 8, 16], 4, "half", name="enc")
     first = render_cuda(lower(layer), "x.yaml")

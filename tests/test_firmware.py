@@ -362,6 +362,12 @@ def test_cases_too_big_for_the_board_are_refused_by_name():
     with pytest.raises(TargetUnavailable, match=r"cortex-m55: the test vectors of layer "
                                                 r"'huge' need .* mps3-an547"):
         fw.firmware_cases(layer, fw.BOARDS["cortex-m55"])
+    # A Linux program holds more, but its vectors are C literals: past 32 MiB, one line.
+    assert fw.firmware_cases(layer, fw.BOARDS["aarch64-linux"])
+    bigger = make_layer(name="huger", num_groups=2, format="SSC", input_size=[1024, 1024, 4])
+    with pytest.raises(TargetUnavailable, match=r"aarch64-linux: the test vectors of layer "
+                                                r"'huger' take \d+ MiB, more than the 32 MiB"):
+        fw.firmware_cases(bigger, fw.BOARDS["aarch64-linux"])
 
 
 def test_harness_and_linker_script_are_deterministic():

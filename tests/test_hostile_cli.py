@@ -4,6 +4,7 @@ with status 2 (130 for Ctrl-C), no traceback, and no byte of an existing output 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -229,6 +230,47 @@ def test_too_many_channels_is_refused_before_any_work(tmp_path: Path):
         proc = cli(tmp_path, command, "wide.yaml", timeout=30)
         refused(proc, "input_size[0]", "4194304 channels", "limit 1048576")
     assert sorted(os.listdir(tmp_path)) == ["wide.yaml"]
+
+
+def test_a_size_this_machine_cannot_verify_is_refused_before_any_work(tmp_path: Path):
+    """2^38 elements an observation: the spec holds it (the sizes are constants in the code),
+    verifying it would need 3 TiB: one line at once, nothing written; --no-verify writes code
+    that compiles. CUDA indexes within a group in an int and says so past its limit."""
+    (tmp_path / "big.yaml").write_text("num_groups: 256\nformat: SSCB\n"
+                                       "input_size: [32768, 32768, 256]\n")
+    for target in ("c", "cuda", "aarch64-linux"):
+        started = time.monotonic()
+        proc = cli(tmp_path, "build", "big.yaml", "--target", target, timeout=30)
+        refused(proc, "layer 'big'", "274877906944 elements", "GiB", "--no-verify")
+        assert time.monotonic() - started < 10
+    assert sorted(os.listdir(tmp_path)) == ["big.yaml"]
+    proc = cli(tmp_path, "build", "big.yaml", "--target", "all", "--no-verify", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    header = (tmp_path / "generated" / "big" / "big.h").read_text()
+    assert "#define BIG_OBSERVATION_NUMEL 274877906944" in header
+    subprocess.run(["gcc", "-std=c99", "-O2", "-Wall", "-Wextra", "-Wpedantic", "-Wconversion",
+                    "-Werror", "-c", "big.c", "-o", os.devnull],
+                   cwd=tmp_path / "generated" / "big", check=True, timeout=120)
+    (tmp_path / "one.yaml").write_text("num_groups: 1\nformat: SSCB\n"
+                                       "input_size: [65536, 65536, 1]\n")
+    proc = cli(tmp_path, "build", "one.yaml", "--target", "cuda", "--no-verify", "-o", "one")
+    refused(proc, "input_size", "a group of 4294967296 elements", "cuda target", "c target")
+    assert not (tmp_path / "one").exists()
+
+
+@pytest.mark.slow
+def test_an_observation_over_2_28_elements_verifies_at_its_real_size(tmp_path: Path):
+    """268,451,840 elements in one group (just over 2^28, once the cap): built and verified on
+    the host at that size against the float64 reference, in about 3.3 GB."""
+    (tmp_path / "big.yaml").write_text("num_groups: 1\nformat: SSCB\n"
+                                       "input_size: [16385, 16384, 1]\n")
+    proc, peak_kib = peak_of(tmp_path, "build", "big.yaml", "--target", "c", timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((tmp_path / "generated" / "big" / "manifest.json").read_text())
+    (run,) = manifest["verification"]
+    assert run["passed"] and len(run["cases"]) == 6
+    assert max(c["max_rel"] for c in run["cases"]) <= 1e-6
+    assert peak_kib < 4.5 * 2**20, f"verification held {peak_kib} KiB"
 
 
 @pytest.mark.slow

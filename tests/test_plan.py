@@ -7,7 +7,7 @@ import pytest
 
 from gncodegen.plan import analyze_layout, lower, memory_dims
 from gncodegen.targets.c.record import lower_c
-from gncodegen.dtypes import c_literal, round_to_dtype
+from gncodegen.dtypes import DTYPES, c_literal, round_to_dtype
 
 from conftest import make_layer
 
@@ -89,3 +89,15 @@ def test_literals_round_trip_exactly(value, dtype):
 def test_round_to_dtype_bfloat16_rounds_to_nearest_even():
     assert round_to_dtype([1.0 + 2 ** -8], "bfloat16")[0] == 1.0        # tie, to even
     assert round_to_dtype([1.0 + 3 * 2 ** -8], "bfloat16")[0] == 1.0 + 2 ** -6
+
+
+def test_rescue_exponent_grows_past_2_28_elements_a_group():
+    """The C kernels scale d by 2^-e in the rescue: the type's own e up to 2^28 elements a
+    group, more past it, so numel squares of |d| * 2^-e <= 2 * FLT_MAX * 2^-e stay finite."""
+    single, double = DTYPES["single"], DTYPES["double"]
+    assert single.rescue_exponent_for(2**28) == single.rescue_exponent == 80
+    assert double.rescue_exponent_for(2**40) == double.rescue_exponent == 560
+    for numel in (2**29, 2**30, 2**34, 2**40):
+        e = single.rescue_exponent_for(numel)
+        assert (2 * 3.4028235e38 * 2.0**-e) ** 2 * numel <= 3.4028235e38 / 2
+        assert e >= 80

@@ -284,7 +284,7 @@ def plan_kernel(plan: Plan, threads: int | None = None) -> CKernel:
     dtype = dt.name
     size = dt.bytes
     max_lanes = max(LANE_BYTES // size, MIN_LANES)
-    rescue = dt.rescue_exponent
+    rescue = dt.rescue_exponent_for(plan.group_numel)
     common = dict(
         threads=threads, parallel_min_elements=PARALLEL_MIN_ELEMENTS, stats_unroll=STATS_UNROLL,
         # decimal, not 0x1p-80f: the source also compiles as C++11, which has no hex floats

@@ -8,14 +8,14 @@ from __future__ import annotations
 import shutil
 from dataclasses import replace
 
-from ...errors import TargetUnavailable
+from ...errors import SpecError, TargetUnavailable
 from ...plan import Plan
 from ...render import Source
 from ...spec import Spec
 from ...verify import CaseResult, verify_layer
 from ..base import Outcome, RunOptions, Target
 from ..c import spec_file_name
-from .lower import CudaPlan, lower_cuda
+from .lower import GROUP_LIMIT, CudaPlan, lower_cuda
 from .options import CUDA_ARCH, CUDA_RUNNER
 from .render import render_cmake, render_cuda
 from .runner import build_harness, compile_check, cuda_runner, gpu_name
@@ -45,6 +45,16 @@ class CudaTarget(Target):
     dtypes = ("single", "double", "half", "bfloat16")
     cli_options = (CUDA_RUNNER,)
     spec_options = (CUDA_ARCH,)
+
+    def check(self, spec: Spec) -> None:
+        super().check(spec)
+        for layer in spec.layers:
+            group = layer.observation_numel // layer.num_groups
+            if group > GROUP_LIMIT:
+                raise SpecError(f"{layer.field_prefix}input_size",
+                                f"a group of {group} elements is more than the cuda target "
+                                f"indexes within a group ({GROUP_LIMIT}, 2^31 - 2^26): use "
+                                "more groups, or the c target")
 
     def lower(self, plan: Plan) -> CudaPlan:
         return lower_cuda(plan)

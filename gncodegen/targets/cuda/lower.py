@@ -58,6 +58,11 @@ from .geometry import (AB_SMEM_BYTES, CONSTANT_PARAM_BYTES, GRID_LIMIT, MIN_WAVE
                        WARP, CudaOptions, OffsetTerm, Rows, Variant, _channel_index,
                        choose_variants, offset_terms)
 
+# The largest offset an int holds; the index within a group stays an int (GROUP_LIMIT).
+INT_MAX = 2**31 - 1
+# Elements of a group the kernels index with an int: room left for a loop's last step.
+GROUP_LIMIT = 2**31 - 2**26
+
 
 @dataclass(frozen=True)
 class CudaScalar:
@@ -99,7 +104,8 @@ class CudaPlan(TargetRecord):
     archs: tuple[int, ...]
     vec: int                          # widest legal vector (elements)
     offset_terms: tuple[OffsetTerm, ...]
-    offset_type: str                  # int, or size_t when a stride depends on the batch
+    offset_type: str                  # int, or size_t when a stride depends on the batch or
+                                      # an observation spans more than INT_MAX elements
     channel_div: int                  # channel of flat index i: (i / div) % cpg
     channel_mod: int | None
     group_stride: int                 # elements between group g and g+1 of one observation
@@ -275,7 +281,7 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
     lines.extend(f"  {rule_text(r)}" for r in rules)
     return CudaPlan(
         plan=plan, scalar=sc, archs=archs, vec=vec, offset_terms=offset_terms(plan),
-        offset_type="size_t" if per_batch else "int",
+        offset_type="size_t" if per_batch or plan.observation_numel > INT_MAX else "int",
         channel_div=div, channel_mod=mod, group_stride=group_stride,
         group_stride_per_batch=lay.channel_per_batch, batch_stride=lay.batch_stride,
         max_batch=max_batch, variants=variants, warp=warp, narrow=narrow, wide=wide,

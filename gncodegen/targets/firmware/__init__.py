@@ -95,12 +95,12 @@ def verify_layer_on(board: Board, layer: CRecord | Plan, layer_sources: list[Sou
     plan = rec.plan
     layer = plan.layer
     opt = opt or board.opt
+    cases = cases if cases is not None else firmware_cases(layer, board)   # fits, before work
     if cflags is None:
         for config in STRICT_CONFIGS:
             if config.label == board.name or (board.name == "aarch64-linux"
                                                and config.label == "aarch64"):
                 check_strict(layer_sources, config, opt)
-    cases = cases if cases is not None else firmware_cases(layer, board)
     if not board.runner:
         raise TargetUnavailable(f"{board.name}: no emulator to run on")
     image = build_image(board, plan, layer_sources,

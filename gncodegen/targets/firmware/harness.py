@@ -17,9 +17,12 @@ from ...render import Source, render_template
 from ...spec import Layer
 from ...verify import Case, make_cases
 from ..c.record import CRecord, as_record
-from .boards import KiB, Board
+from .boards import KiB, MiB, Board
 
 HEX_PER_LINE = 8
+# The most test-vector bytes a Linux program's harness holds as C literals (about 8 MB of source
+# a MiB): more would take the cross compiler minutes and gigabytes.
+HOSTED_CASE_BYTES = 32 * MiB
 
 
 @dataclass(frozen=True)
@@ -105,12 +108,19 @@ def firmware_cases(layer: Layer, board: Board, seed: int = 0) -> list[Case]:
     """
     for max_batch in (2, 1):
         cases = make_cases(layer, seed=seed, max_batch=max_batch)
-        if not board.bare_metal:
-            return cases
         const, work = case_bytes(cases, layer.dtype)
+        if not board.bare_metal:
+            if const <= HOSTED_CASE_BYTES:
+                return cases
+            continue
         if (const + board.code_room <= board.flash.length
                 and work + board.stack_size <= board.ram.length):
             return cases
+    if not board.bare_metal:
+        raise TargetUnavailable(
+            f"{board.name}: the test vectors of layer '{layer.name}' take {const // MiB} MiB, "
+            f"more than the {HOSTED_CASE_BYTES // MiB} MiB a harness compiles in as literals "
+            "in reasonable time (the c target verifies a layer of any size)")
     raise TargetUnavailable(
         f"{board.name}: the test vectors of layer '{layer.name}' need {const // KiB} KiB of "
         f"constants and {work // KiB} KiB of RAM, more than the {board.machine} image holds "
