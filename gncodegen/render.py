@@ -21,8 +21,9 @@ def template_dir() -> Path:
 
 
 def printed(loop: Loop) -> bool:
-    """Whether a loop is printed as one: a loop of one iteration is not (its index is 0)."""
-    return loop.extent > 1 or loop.per_batch
+    """Whether a loop is printed as one: a loop of one iteration is not (its index is 0); one
+    whose extent holds a runtime size always is."""
+    return loop.extent > 1 or loop.per_batch or bool(loop.extent_syms)
 
 
 def offset_expr(loops: tuple[Loop, ...]) -> str:

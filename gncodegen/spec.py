@@ -12,7 +12,7 @@ import difflib
 import hashlib
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -78,6 +78,31 @@ REQUIRED = ("num_groups", "format", "input_size")
 
 
 @dataclass(frozen=True)
+class RuntimeSize:
+    """An input_size entry left to run time: any size (max None) or any up to max. It becomes
+    a size_t argument of every entry point, named by its label and rank (s1, s2, s3, t, u1)."""
+
+    name: str
+    max: int | None = None
+
+    def __str__(self) -> str:
+        return "~" if self.max is None else f"<={self.max}"
+
+
+def runtime_size_names(fmt: str) -> list[str]:
+    """Return the argument name of each non-B label of a format, in order: S and U by rank
+    (s1, s2, u1), T and C by letter."""
+    counts: dict[str, int] = {}
+    names = []
+    for ch in fmt:
+        if ch == "B":
+            continue
+        counts[ch] = counts.get(ch, 0) + 1
+        names.append(f"{ch.lower()}{counts[ch]}" if ch in "SU" else ch.lower())
+    return names
+
+
+@dataclass(frozen=True)
 class Layer:
     """One validated group normalization layer; every value resolved and checked."""
 
@@ -86,7 +111,7 @@ class Layer:
     num_channels: int
     format: str
     layout: str
-    input_size: tuple[int, ...]
+    input_size: tuple[int | RuntimeSize, ...]   # RuntimeSize: left to run time (not C)
     epsilon: float
     dtype: str
     scale: tuple[float, ...]
@@ -116,11 +141,31 @@ class Layer:
         return self.num_channels // self.num_groups
 
     @property
+    def runtime_sizes(self) -> tuple[RuntimeSize, ...]:
+        """The input_size entries left to run time, in format order."""
+        return tuple(v for v in self.input_size if isinstance(v, RuntimeSize))
+
+    @property
     def observation_numel(self) -> int:
-        """Elements in one observation (all non-B dimensions)."""
+        """Elements in one observation (all non-B dimensions); a layer with runtime sizes has
+        none until at_sizes fixes them."""
+        if self.runtime_sizes:
+            raise TypeError(f"layer '{self.name}' has runtime sizes: no fixed element count")
         return math.prod(self.input_size)
 
-    def dims(self) -> tuple[tuple[str, int | None], ...]:
+    @property
+    def fixed_numel(self) -> int:
+        """The product of the fixed input_size entries (the runtime ones count 1)."""
+        return math.prod(v for v in self.input_size if isinstance(v, int))
+
+    def at_sizes(self, sizes: Sequence[int]) -> "Layer":
+        """Return the layer with its runtime sizes fixed to sizes (format order)."""
+        given = iter(sizes)
+        fixed = tuple(next(given) if isinstance(v, RuntimeSize) else v for v in self.input_size)
+        assert next(given, None) is None, sizes
+        return replace(self, input_size=fixed)
+
+    def dims(self) -> tuple[tuple[str, int | RuntimeSize | None], ...]:
         """(label, size) for every format letter in order; B's size is None (runtime)."""
         sizes = iter(self.input_size)
         return tuple((ch, None if ch == "B" else next(sizes)) for ch in self.format)
@@ -309,7 +354,24 @@ def _parse_format(value: Any, fld: str) -> str:
     return value
 
 
-def _parse_input_size(value: Any, fld: str, fmt: str) -> tuple[int, ...]:
+def _parse_size(value: Any, fld: str, label: str, name: str) -> int | RuntimeSize:
+    """Return one input_size entry: a size, or a RuntimeSize for null or {max: N}."""
+    if value is None or isinstance(value, dict):
+        if label == "C":
+            raise SpecError(fld, "the channel count must be fixed (every channel's scale and "
+                                 "offset are compiled in); only S, T and U sizes may be left "
+                                 "to run time")
+        if value is None:
+            return RuntimeSize(name)
+        unknown = sorted(str(k) for k in value if k != "max")
+        if unknown or "max" not in value:
+            raise SpecError(fld, f"a runtime size is null (any size) or {{max: N}} (any size up "
+                                 f"to N), got {preview(value)}")
+        return RuntimeSize(name, parse_int(value["max"], f"{fld}.max", 1, MAX_SIZE))
+    return parse_int(value, fld, 1, MAX_SIZE)
+
+
+def _parse_input_size(value: Any, fld: str, fmt: str) -> tuple[int | RuntimeSize, ...]:
     labels = [ch for ch in fmt if ch != "B"]
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
@@ -319,10 +381,16 @@ def _parse_input_size(value: Any, fld: str, fmt: str) -> tuple[int, ...]:
     if len(value) != len(labels):
         raise SpecError(fld, f"has {len(value)} sizes but format '{fmt}' has {len(labels)} "
                              f"non-B labels ({''.join(labels)})")
-    sizes = tuple(parse_int(v, f"{fld}[{i}]", 1, MAX_SIZE) for i, v in enumerate(value))
-    if math.prod(sizes) * MAX_ELEMENT_BYTES >= MAX_OBSERVATION_BYTES:
-        raise SpecError(fld, f"one observation has {math.prod(sizes)} elements: its bytes "
-                             "overflow a 64-bit size_t")
+    names = runtime_size_names(fmt)
+    sizes = tuple(_parse_size(v, f"{fld}[{i}]", labels[i], names[i])
+                  for i, v in enumerate(value))
+    # The largest observation: runtime sizes at their bound (an unbounded one is checked at
+    # run time, where the entry points refuse a product that overflows size_t).
+    largest = math.prod(v if isinstance(v, int) else (v.max or 1) for v in sizes)
+    if largest * MAX_ELEMENT_BYTES >= MAX_OBSERVATION_BYTES:
+        raise SpecError(fld, f"one observation has {largest} elements"
+                             f"{' at the bounds' if any(isinstance(v, RuntimeSize) for v in sizes) else ''}"
+                             ": its bytes overflow a 64-bit size_t")
     c_index = labels.index("C")
     if sizes[c_index] > MAX_CHANNELS:
         raise SpecError(f"{fld}[{c_index}]", f"{sizes[c_index]} channels is more than the limit "

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -33,6 +33,7 @@ class Case:
     in_place: bool = False
     scale: np.ndarray | None = None   # None: the baked parameters (<name>_predict)
     offset: np.ndarray | None = None
+    sizes: tuple[int, ...] = ()       # the runtime sizes of the call (format order)
 
 
 @dataclass(frozen=True)
@@ -82,9 +83,37 @@ class Report:
 VERIFY_BASE_BYTES = 256 << 20
 
 
+# Runtime sizes are verified at 1, at this odd size (it leaves a remainder after any vector
+# width; a bound below it is taken instead), and at each bound (an unbounded size at the
+# larger odd size).
+ODD_SIZE = 7
+UNBOUNDED_SIZE = 37
+
+
+def verification_sizes(layer: Layer) -> list[tuple[int, ...]]:
+    """Return the runtime sizes a layer is verified at: all 1, all odd, then each bounded
+    size at its bound (the others at 1), and every unbounded one at UNBOUNDED_SIZE."""
+    sizes = layer.runtime_sizes
+    sets = [tuple(1 for _ in sizes), tuple(min(ODD_SIZE, r.max or ODD_SIZE) for r in sizes)]
+    for i, r in enumerate(sizes):
+        if r.max is not None:
+            sets.append(tuple(r.max if j == i else 1 for j in range(len(sizes))))
+    if any(r.max is None for r in sizes):
+        sets.append(tuple(UNBOUNDED_SIZE if r.max is None else 1 for r in sizes))
+    return list(dict.fromkeys(sets))
+
+
+def size_label(layer: Layer, sizes: tuple[int, ...]) -> str:
+    """Return runtime sizes as a case name shows them: `s1=7 t=1`."""
+    return " ".join(f"{r.name}={v}" for r, v in zip(layer.runtime_sizes, sizes))
+
+
 def verification_bytes(layer: Layer, max_batch: int = 4) -> int:
     """Return about the most memory verifying a layer takes: one case at a time, its x, the
     output and a copy for the in-place case, in the storage type, with the reference's chunks."""
+    if layer.runtime_sizes:
+        return max(verification_bytes(layer.at_sizes(s), max_batch)
+                   for s in verification_sizes(layer))
     numel = verification_batch(layer, max_batch) * layer.observation_numel
     return 3 * numel * dtype(layer.dtype).bytes + VERIFY_BASE_BYTES
 
@@ -106,8 +135,10 @@ def check_verifiable(layer: Layer) -> None:
     memory; it can still be written without verification."""
     need, have = verification_bytes(layer), available_memory()
     if need > have:
+        numel = (layer.observation_numel if not layer.runtime_sizes else
+                 max(layer.at_sizes(s).observation_numel for s in verification_sizes(layer)))
         raise TargetUnavailable(
-            f"layer '{layer.name}': verifying one observation of {layer.observation_numel} "
+            f"layer '{layer.name}': verifying one observation of {numel} "
             f"elements needs about {need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB "
             "this machine has free (--no-verify writes the sources without verifying them)")
 
@@ -149,6 +180,13 @@ def iter_cases(layer: Layer, seed: int = 0, max_batch: int = 4) -> Iterator[Case
     Each case draws from its own stream (seed, case number), so a case is the same whether or
     not the others were made, and only one case need be in memory at a time.
     """
+    if layer.runtime_sizes:
+        # Every case at each set of sizes, named by them; the call passes them on.
+        for sizes in verification_sizes(layer):
+            label = size_label(layer, sizes)
+            for case in iter_cases(layer.at_sizes(sizes), seed, max_batch):
+                yield replace(case, name=f"{case.name}, {label}", sizes=sizes)
+        return
     dt = dtype(layer.dtype)
     storage = dt.numpy
     numel = layer.observation_numel
@@ -247,7 +285,8 @@ def verify_layer(layer: Layer, target: str, runner_name: str, run: Runner,
         if np.size(y) != np.size(case.x):
             raise RuntimeError(f"{layer.name}: the {target} run of {case.name!r} returned "
                                f"{np.size(y)} values for {np.size(case.x)}")
-        results.append(compare_with_reference(y, case, layer, scale, offset, tol))
+        fixed = layer.at_sizes(case.sizes) if layer.runtime_sizes else layer
+        results.append(compare_with_reference(y, case, fixed, scale, offset, tol))
         del y, case  # the next case is made while these would still be held
     return Report(layer.name, target, runner_name, tol, tuple(results))
 

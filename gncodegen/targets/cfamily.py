@@ -21,6 +21,7 @@ class Style:
     inv_numel: str        # the named constants the functions use
     epsilon: str
     cpp: bool = False     # C++: default arguments for the common case
+    inv_param: bool = False   # 1/N is finish()'s last argument (sizes known at run time)
 
     @property
     def zero(self) -> str:

@@ -284,6 +284,8 @@ def plan_kernel(plan: Plan, threads: int | None = None) -> CKernel:
     dtype = dt.name
     size = dt.bytes
     max_lanes = max(LANE_BYTES // size, MIN_LANES)
+    if plan.runtime_sizes:
+        return _runtime_kernel(plan, threads)
     rescue = dt.rescue_exponent_for(plan.group_numel)
     common = dict(
         threads=threads, parallel_min_elements=PARALLEL_MIN_ELEMENTS, stats_unroll=STATS_UNROLL,
@@ -377,6 +379,44 @@ def plan_kernel(plan: Plan, threads: int | None = None) -> CKernel:
     return kernel
 
 
+# A runtime size without a bound is taken at this for the rescue's scaling (a group of up to
+# 2^40 elements: far more than any memory holds in one observation).
+UNBOUNDED_GROUP = 1 << 40
+
+
+def largest_group(plan: Plan) -> int:
+    """Return the most elements a group can have: every runtime size at its bound."""
+    layer = plan.layer
+    most = plan.channels_per_group * (layer.fixed_numel // layer.num_channels)
+    for r in plan.runtime_sizes:
+        most *= r.max if r.max is not None else UNBOUNDED_GROUP
+    return min(most, UNBOUNDED_GROUP)
+
+
+def _runtime_kernel(plan: Plan, threads: int) -> CKernel:
+    """Return the kernel of a layer with sizes known only at run time: the portable nest (and
+    the compact one at -Os), with the loop extents and strides from the sizes, compensated
+    sums and the rescue scaled for the largest group the bounds allow."""
+    dt = plan.dtype
+    rescue = dt.rescue_exponent_for(largest_group(plan))
+    return CKernel(
+        kind="strided",
+        reason="strided kernel: the portable nest over the sizes given at run time",
+        lanes=1, halvings=(), jobs_per_observation=plan.num_groups,
+        threads=threads, parallel_min_elements=PARALLEL_MIN_ELEMENTS, stats_unroll=STATS_UNROLL,
+        rescue_unit_literal=dt.literal(2.0 ** -rescue), rescue_unit_text=f"2^-{rescue}",
+        rescue_epsilon_literal=dt.literal(float(dt.round(plan.layer.epsilon
+                                                         * 2.0 ** (-2 * rescue)))),
+        recenter=True, recenter_factor_literal=dt.literal((1.0 + RECENTER_LIMIT)
+                                                          / RECENTER_LIMIT),
+        fpu_sqrt=FPU_SQRT.get(dt.name, ("", 0))[0],
+        fpu_sqrt_flag=FPU_SQRT.get(dt.name, ("", 0))[1],
+        fma=dt.spelling.fma, fast_fma_macro=dt.spelling.fast_fma_macro,
+        compensated=True, pilot_samples=1, pilot_stride="1",
+        pilot_scale_literal=dt.literal(1.0), group_stride=0,
+        simd_groups=0, simd_vectors=0, simd_tree=(), simd_order=())
+
+
 def safe_scale(plan: Plan) -> float:
     """Return the largest |scale| whose a = scale * rstd cannot overflow the accumulation type.
 
@@ -419,5 +459,5 @@ def kernel_comment(plan: Plan, k: CKernel) -> tuple[str, ...]:
         f"squares that overflow (|x| beyond ~{overflow}) are summed again scaled by "
         f"{k.rescue_unit_text} (exact);",
         f"limit: |x| up to half the largest value (compact: the largest value / "
-        f"{plan.group_numel}), else NaN",
+        f"{plan.group_numel_expr}), else NaN",
     )

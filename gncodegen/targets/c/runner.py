@@ -35,8 +35,9 @@ HOST_FLAGS = ("-std=c99", "-O2", "-fPIC", *STRICT_WARNINGS)
 def cdef_for(rec: CRecord) -> str:
     """Return the cffi declarations of one layer's C entry points."""
     t, prefix = rec.ctype, rec.plan.prefix
-    return (f"int {prefix}_predict(const {t} *x, {t} *y, size_t batch);\n"
-            f"int {prefix}_predict_with_params(const {t} *x, {t} *y, size_t batch, "
+    sizes = "".join(f", size_t {r.name}" for r in rec.plan.runtime_sizes)
+    return (f"int {prefix}_predict(const {t} *x, {t} *y, size_t batch{sizes});\n"
+            f"int {prefix}_predict_with_params(const {t} *x, {t} *y, size_t batch{sizes}, "
             f"const {t} *scale, const {t} *offset);\n")
 
 
@@ -119,12 +120,12 @@ def c_runner(layer: CRecord | Plan, module) -> Runner:
         px = ffi.from_buffer(f"{ctype}[]", x)
         py = px if case.in_place else ffi.from_buffer(f"{ctype}[]", y)
         if case.scale is None:
-            rc = predict(px, py, case.batch)
+            rc = predict(px, py, case.batch, *case.sizes)
         else:
             s = np.ascontiguousarray(case.scale, dtype=np_dtype)
             o = np.ascontiguousarray(case.offset, dtype=np_dtype)
-            rc = predict_with(px, py, case.batch, ffi.from_buffer(f"{ctype}[]", s),
-                              ffi.from_buffer(f"{ctype}[]", o))
+            rc = predict_with(px, py, case.batch, *case.sizes,
+                              ffi.from_buffer(f"{ctype}[]", s), ffi.from_buffer(f"{ctype}[]", o))
         if rc != 0:
             raise RuntimeError(f"{plan.prefix}_predict returned {rc}")
         return y

@@ -49,6 +49,10 @@ class CudaTarget(Target):
     def check(self, spec: Spec) -> None:
         super().check(spec)
         for layer in spec.layers:
+            if layer.runtime_sizes:
+                raise self.lacks(f"runtime sizes yet (layer '{layer.name}': "
+                                 f"{', '.join(r.name for r in layer.runtime_sizes)}); the c "
+                                 "and firmware targets take them")
             group = layer.observation_numel // layer.num_groups
             if group > GROUP_LIMIT:
                 raise SpecError(f"{layer.field_prefix}input_size",

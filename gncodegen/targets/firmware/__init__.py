@@ -58,13 +58,20 @@ def parse_cflags(text: str) -> tuple[str, ...]:
 
 
 def parse_budget(value, fld: str) -> int:
-    """Return a footprint budget a spec sets, in bytes."""
+    """Return a footprint budget a spec sets, in bytes (0 for "auto": the core's own)."""
+    if value == "auto":
+        return 0
     return parse_int(value, fld, minimum=1, maximum=1 << 24)
 
 
+# Sizes given at run time cost text of their own: checking them, the strides from them, and
+# compensated sums whatever the group's length (about 70 bytes on the Cortex-M4 at -Os).
+RUNTIME_TEXT_BUDGET = 512
+
 TEXT_BUDGET_OPTION = SpecOption(
-    "text_budget", ("TextBudget",), TEXT_BUDGET, parse_budget,
-    "bytes of kernel text a single-precision layer may take on the Cortex-M4 at -Os")
+    "text_budget", ("TextBudget",), "auto", parse_budget,
+    f"bytes of kernel text a single-precision layer may take on the Cortex-M4 at -Os "
+    f"(auto: {TEXT_BUDGET}, {RUNTIME_TEXT_BUDGET} with runtime sizes)")
 STACK_BUDGET_OPTION = SpecOption(
     "stack_budget", ("StackBudget",), STACK_BUDGET, parse_budget,
     "bytes of stack a single-precision layer may use on the Cortex-M4 at -Os")
@@ -135,6 +142,16 @@ def verify_layer_on(board: Board, layer: CRecord | Plan, layer_sources: list[Sou
                     measured_instructions(printout, board, cases))
 
 
+def bound_numel(plan: Plan) -> int | None:
+    """Return the elements of the largest observation: every runtime size at its bound (None
+    when one has no bound)."""
+    if not plan.runtime_sizes:
+        return plan.observation_numel
+    if any(r.max is None for r in plan.runtime_sizes):
+        return None
+    return plan.layer.at_sizes(tuple(r.max for r in plan.runtime_sizes)).observation_numel
+
+
 def _layer_pair(plan: Plan, sources: list[Source]) -> tuple[Source, Source]:
     by_name = {s.name: s for s in sources}
     return by_name[f"{plan.prefix}.h"], by_name[f"{plan.prefix}.c"]
@@ -176,9 +193,12 @@ class FirmwareTarget(CTarget):
                 reports.append(run.report)
             assert fp is not None
             dtype = plan.layer.dtype
-            budget = ((TEXT_BUDGET_OPTION.value(plan.layer), STACK_BUDGET_OPTION.value(plan.layer))
+            text_budget = TEXT_BUDGET_OPTION.value(plan.layer) or (
+                RUNTIME_TEXT_BUDGET if plan.runtime_sizes else TEXT_BUDGET)
+            budget = ((text_budget, STACK_BUDGET_OPTION.value(plan.layer))
                       if fp.budget_applies(dtype) else None)
-            buffers = 2 * plan.observation_numel * plan.dtype.bytes
+            bound = bound_numel(plan)
+            buffers = None if bound is None else 2 * bound * plan.dtype.bytes
             rows.append(FootprintRow(fp, buffers, budget))
             manifest[plan.prefix] = {
                 **fp.as_dict(), "flags": " ".join(footprint_flags(self.board, fp.opt)),

@@ -224,7 +224,8 @@ class FootprintRow:
     """One line of the footprint table: a layer's footprint and what it is held against."""
 
     footprint: Footprint
-    buffers: int                     # bytes of x and y the caller holds per observation
+    buffers: int | None              # bytes of x and y the caller holds per observation (at
+                                     # the bounds of runtime sizes; None: one is unbounded)
     budget: tuple[int, int] | None   # (text, stack) where a budget applies
 
 
@@ -238,7 +239,7 @@ def footprint_table(rows_in: list[FootprintRow]) -> list[str]:
         budget = "-" if row.budget is None else f"{row.budget[0]}/{row.budget[1]}"
         insns = "-" if fp.instructions is None else str(fp.instructions)
         rows.append([fp.layer, fp.cpu, fp.opt, str(fp.text), str(fp.rodata), str(fp.data),
-                     str(fp.bss), str(fp.params), str(fp.stack), ran, str(row.buffers), budget,
+                     str(fp.bss), str(fp.params), str(fp.stack), ran, "-" if row.buffers is None else str(row.buffers), budget,
                      insns, ", ".join(fp.calls) or "-"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) if 3 <= i <= 12 else c.ljust(w)

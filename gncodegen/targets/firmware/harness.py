@@ -36,6 +36,7 @@ class HarnessCase:
     x_literals: tuple[str, ...]
     scale_literals: tuple[str, ...] = ()
     offset_literals: tuple[str, ...] = ()
+    sizes: tuple[int, ...] = ()      # the runtime sizes of the call
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,8 @@ class Harness:
     cases: tuple[HarnessCase, ...]
     max_numel: int
     measure_stack: bool          # paint the stack and report each call's depth (bare metal)
-    count: bool = False          # count one more call of case 0 with the board's counter
+    count: bool = False          # count one more call of case count_case with the counter
+    count_case: int = 0          # the largest batch-1 case (at the largest runtime sizes)
     per_line: int = HEX_PER_LINE
 
 
@@ -79,9 +81,17 @@ def harness_for(plan: Plan, board: Board, cases: list[Case]) -> Harness:
             params = (tuple(hex_literal(v, dt) for v in case.scale),
                       tuple(hex_literal(v, dt) for v in case.offset))
         hcases.append(HarnessCase(case.name, case.batch, case.in_place, len(case.x), lits,
-                                  *params))
+                                  *params, sizes=case.sizes))
     return Harness(board.name, tuple(hcases), max(c.numel for c in hcases),
-                   measure_stack=board.measures_stack, count=board.counts_instructions)
+                   measure_stack=board.measures_stack, count=board.counts_instructions,
+                   count_case=counted_case(cases))
+
+
+def counted_case(cases: list[Case]) -> int:
+    """Return the index of the case whose call is counted: the largest of batch 1 (the first
+    such: fixed sizes have one)."""
+    ones = [i for i, c in enumerate(cases) if c.batch == 1 and not c.in_place]
+    return max(ones, key=lambda i: (len(cases[i].x), -i)) if ones else 0
 
 
 def render_harness(layer: CRecord | Plan, harness: Harness) -> Source:
@@ -140,8 +150,9 @@ def measured_stack(text: str) -> int | None:
 
 def measured_instructions(text: str, board: Board, cases: list[Case]) -> int | None:
     """Return the instructions one observation took: the count over one more call of the
-    first case (batch 1) turned into instructions, or None where the image did not count."""
-    if not board.counts_instructions or not cases or cases[0].batch != 1:
+    counted case (batch 1, the largest runtime sizes) turned into instructions, or None where
+    the image did not count."""
+    if not board.counts_instructions or not cases or cases[counted_case(cases)].batch != 1:
         return None
     counts = [int(m.group(1)) for line in text.splitlines() if (m := _COUNT.match(line))]
     return board.instructions(counts[-1]) if counts else None

@@ -18,6 +18,7 @@ from ... import __version__
 from ...dtypes import dtype as dtype_info
 from ...plan import Plan
 from ...reference import group_norm_reference
+from ...verify import ODD_SIZE
 from ...render import Source, render_template
 from ..c.record import CRecord
 from .boards import AARCH64_SYSROOT, Board
@@ -37,6 +38,7 @@ class DemoLayer:
     macro: str
     ctype: str
     numel: int
+    sizes: tuple[tuple[str, int], ...]   # the runtime sizes the program calls with
     sum: str                 # C literals: the float64 reference's sum of y
     sum_bound: str           # |sum - expected| the tolerance allows
     sum_sq: str              # ... and its sum of squares
@@ -72,7 +74,10 @@ def demo_layer(rec: CRecord) -> DemoLayer:
     """Return the program's view of a layer: its checksums from the float64 reference, and
     bounds that any output within the verification tolerance meets."""
     plan = rec.plan
-    y = group_norm_reference(demo_input(plan.observation_numel), plan.layer, 1)
+    # Runtime sizes at an odd size within their bounds: one of the sizes verification ran.
+    sizes = tuple((r.name, min(ODD_SIZE, r.max or ODD_SIZE)) for r in plan.runtime_sizes)
+    layer = plan.layer.at_sizes(tuple(v for _, v in sizes)) if sizes else plan.layer
+    y = group_norm_reference(demo_input(layer.observation_numel), layer, 1)
     tol = dtype_info(plan.layer.dtype).tolerance
     n = y.size
     peak = float(np.max(np.abs(y))) if n else 0.0
@@ -80,7 +85,7 @@ def demo_layer(rec: CRecord) -> DemoLayer:
     sum_bound = n * err
     sum_sq_bound = n * err * (2.0 * peak + err)
     lit = lambda v: hex_literal(float(v), "double")   # noqa: E731 (exact double literals)
-    return DemoLayer(plan.prefix, plan.macro, rec.ctype, n, lit(np.sum(y)),
+    return DemoLayer(plan.prefix, plan.macro, rec.ctype, n, sizes, lit(np.sum(y)),
                      lit(sum_bound), lit(np.sum(y * y)), lit(sum_sq_bound))
 
 
