@@ -36,6 +36,7 @@ from gncodegen.build import STRICT_WARNINGS
 from gncodegen.targets.c.runner import build_c_module  # noqa: E402
 from gncodegen.plan import lower  # noqa: E402
 from gncodegen.targets.c import render_c  # noqa: E402
+from gncodegen.targets.c.record import lower_c  # noqa: E402
 from gncodegen.pipeline import parse_spec  # noqa: E402
 
 FAST_FLAGS = ("-std=c99", "-O3", "-march=native", "-fPIC", *STRICT_WARNINGS)
@@ -62,18 +63,22 @@ class Case:
         """Elements of the whole batch."""
         return self.n * self.c * int(np.prod(self.spatial, dtype=np.int64))
 
-    def spec_text(self, threads: int) -> str:
-        """Return the YAML spec of this case (row-major, PyTorch's order of dimensions)."""
+    def spec_text(self, threads: int, runtime: bool = False) -> str:
+        """Return the YAML spec of this case (row-major, PyTorch's order of dimensions);
+        runtime: the spatial sizes left to run time (null)."""
         s = "S" * len(self.spatial)
+        spatial = ["~"] * len(self.spatial) if runtime else list(self.spatial)
         if not self.spatial:
             fmt, size = "BC", [self.c]
         elif self.layout == "NCHW":
-            fmt, size = f"BC{s}", [self.c, *self.spatial]
+            fmt, size = f"BC{s}", [self.c, *spatial]
         else:
-            fmt, size = f"B{s}C", [*self.spatial, self.c]
-        name = f"bench_{self.shape.lower()}_{self.layout.lower()}_t{threads}"
+            fmt, size = f"B{s}C", [*spatial, self.c]
+        name = (f"bench_{self.shape.lower()}_{self.layout.lower()}_t{threads}"
+                f"{'_rt' if runtime else ''}")
+        size_text = "[" + ", ".join(map(str, size)) + "]"
         return (f"name: {name}\nnum_groups: {self.g}\nformat: {fmt}\nlayout: row-major\n"
-                f"input_size: {size}\nthreads: {threads}\n")
+                f"input_size: {size_text}\nthreads: {threads}\n")
 
 
 def cases(shapes: list[str]) -> list[Case]:
@@ -193,9 +198,9 @@ def copy_bandwidth(nbytes: int, min_time: float) -> float:
     return 2 * src.nbytes / (us * 1e-6)
 
 
-def build(case: Case, threads: int):
+def build(case: Case, threads: int, runtime: bool = False):
     """Return (plan, lib, ffi) of the generated C for a case, built with FAST_FLAGS."""
-    spec = parse_spec(case.spec_text(threads), Path("."), "bench")
+    spec = parse_spec(case.spec_text(threads, runtime), Path("."), "bench")
     plan = lower(spec.layers[0])
     sources = list(render_c(plan, "bench.yaml"))
     module = build_c_module((plan,), sources, flags=FAST_FLAGS)
@@ -296,6 +301,48 @@ def fmt(v: float | None, digits: int = 1) -> str:
     return f"{v:.{digits}f}"
 
 
+def runtime_table(shapes: list[str], min_time: float, torch) -> None:
+    """Print each shape built with its spatial sizes at run time beside the fixed-size build,
+    PyTorch (1 thread) and the hot floor, timed in turns in one run."""
+    rows = [["shape", "layout", "C fixed", "C runtime", "runtime/fixed", "torch 1t",
+             "torch/runtime", "floor hot", "runtime/floor", "runtime kernel"]]
+    rng = np.random.default_rng(0)
+    for case in cases(shapes):
+        if not case.spatial:
+            continue                     # E has no spatial size to leave to run time
+        x_nchw = rng.standard_normal((case.n, case.c, *case.spatial)).astype(np.float32)
+        x = page_aligned(np.moveaxis(x_nchw, 1, -1).copy() if case.layout == "NHWC"
+                         else x_nchw)
+        y = page_aligned(np.zeros_like(x))
+        fns = {}
+        kinds = {}
+        for label, runtime in (("fixed", False), ("runtime", True)):
+            plan, lib, ffi = build(case, 1, runtime)
+            px, py = ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", y)
+            fn = getattr(lib, f"{plan.prefix}_predict")
+            args = (px, py, case.n, *(case.spatial if runtime else ()))
+            fns[label] = (lambda f=fn, a=args: f(*a))
+            kinds[label] = lower_c(plan).kernel.kind
+        copy_src, copy_dst = page_aligned(np.ones_like(x)), page_aligned(np.zeros_like(x))
+        fns["copy"] = lambda: np.copyto(copy_dst, copy_src)
+        if torch is not None:
+            torch.set_num_threads(1)
+            fns["torch"] = torch_runner(torch, x_nchw, case, 1, case.layout == "NHWC")
+        t = interleaved_us(fns, min_time)
+        med = {k: statistics.median(v) for k, v in t.items()}
+        rows.append([case.shape, case.layout, fmt(med["fixed"]), fmt(med["runtime"]),
+                     fmt(ratio(t["runtime"], t["fixed"]), 2),
+                     fmt(med.get("torch")), fmt(ratio(t["torch"], t["runtime"]), 2)
+                     if torch is not None else "-", fmt(med["copy"]),
+                     fmt(ratio(t["runtime"], t["copy"]), 2), kinds["runtime"]])
+        print("  ".join(rows[-1]), file=sys.stderr, flush=True)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    print("# runtime: the spatial sizes as size_t arguments (input_size entries ~); "
+          "runtime/fixed: goal <= 1.15; medians of the interleaved rounds' ratios")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print its table; return the exit status."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -303,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="short timings (for tests)")
     ap.add_argument("--no-others", action="store_true",
                     help="time only the generated C (no PyTorch/ONNX Runtime/NumPy)")
+    ap.add_argument("--runtime-sizes", action="store_true",
+                    help="time each shape with its spatial sizes given at run time beside the "
+                         "fixed-size build and PyTorch, instead of the main table")
     args = ap.parse_args(argv)
     shapes = [s.strip().upper() for s in args.shapes.split(",") if s.strip()]
     unknown = [s for s in shapes if s not in SHAPES]
@@ -315,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_others:
         import torch as _torch
         torch = _torch
+    if args.runtime_sizes:
+        runtime_table(shapes, min_time, torch)
+        return 0
     flusher = Flusher()
     dram_bw = copy_bandwidth(4 * LAST_LEVEL_CACHE, min_time)
     print(f"# cpu: {os.cpu_count()} cores; copy bandwidth beyond the last-level cache "

@@ -193,6 +193,9 @@ class CKernel:
     safe_scale_literal: str = ""         # scale * rstd overflow; such calls take the portable
                                          # nest (the wide job) instead
     stack_bytes: int = 0                 # the fast shape's stack arrays, in bytes
+    runtime: bool = False                # extents from sizes given at run time: the loops'
+                                         # bounds, blocks and remainders are computed there
+    pilot_count: str = ""                # runtime: the elements the pilot's loop has
 
 
 def _pow2_floor(n: int) -> int:
@@ -394,15 +397,18 @@ def largest_group(plan: Plan) -> int:
 
 
 def _runtime_kernel(plan: Plan, threads: int) -> CKernel:
-    """Return the kernel of a layer with sizes known only at run time: the portable nest (and
-    the compact one at -Os), with the loop extents and strides from the sizes, compensated
-    sums and the rescue scaled for the largest group the bounds allow."""
+    """Return the kernel of a layer with sizes known only at run time, by the rules of the
+    fixed sizes as far as they do not depend on the sizes: the runs kernel where the group's
+    statistics read contiguous runs (its blocks, lane steps and remainder counted at run
+    time, every block folded), else the portable nest; the compact nest at -Os. Sums are
+    compensated and the rescue scaled for the largest group the bounds allow."""
     dt = plan.dtype
+    layout = plan.layout
+    size = dt.bytes
+    cpg = plan.channels_per_group
     rescue = dt.rescue_exponent_for(largest_group(plan))
-    return CKernel(
-        kind="strided",
-        reason="strided kernel: the portable nest over the sizes given at run time",
-        lanes=1, halvings=(), jobs_per_observation=plan.num_groups,
+    stats, group = layout.stats_loops, layout.group_loops
+    common = dict(
         threads=threads, parallel_min_elements=PARALLEL_MIN_ELEMENTS, stats_unroll=STATS_UNROLL,
         rescue_unit_literal=dt.literal(2.0 ** -rescue), rescue_unit_text=f"2^-{rescue}",
         rescue_epsilon_literal=dt.literal(float(dt.round(plan.layer.epsilon
@@ -412,9 +418,52 @@ def _runtime_kernel(plan: Plan, threads: int) -> CKernel:
         fpu_sqrt=FPU_SQRT.get(dt.name, ("", 0))[0],
         fpu_sqrt_flag=FPU_SQRT.get(dt.name, ("", 0))[1],
         fma=dt.spelling.fma, fast_fma_macro=dt.spelling.fast_fma_macro,
-        compensated=True, pilot_samples=1, pilot_stride="1",
-        pilot_scale_literal=dt.literal(1.0), group_stride=0,
-        simd_groups=0, simd_vectors=0, simd_tree=(), simd_order=())
+        compensated=True, pilot_samples=PILOT_SAMPLES, pilot_scale_literal="",
+        group_stride=0, simd_groups=0, simd_vectors=0, simd_tree=(), simd_order=(),
+        runtime=True)
+    innermost_contiguous = bool(stats) and stats[-1].stride == 1 and not stats[-1].runtime_stride
+    channel_fastest = bool(group) and group[-1].is_channel and cpg > 1
+    if innermost_contiguous and (not channel_fastest or cpg * size <= CHANNEL_ARRAY_BYTES) \
+            and (layout.group_contiguous or not layout.channels_last):
+        run, apply_run = stats[-1], group[-1]
+        lanes = max(LANE_BYTES // size, MIN_LANES)
+        kernel = CKernel(
+            kind="runs",
+            reason=(f"runs kernel: {lanes} partial sums per contiguous run of "
+                    f"{run.extent_expr} (sizes at run time), folded every "
+                    f"{lanes * BLOCK_TERMS} elements; "
+                    + ("per-channel a[], b[] (channels fastest)" if channel_fastest
+                       else "a and b folded per channel")),
+            lanes=lanes, halvings=_halvings(lanes), jobs_per_observation=plan.num_groups,
+            stats_outer=tuple(stats[:-1]), stats_run=run, block_elements=lanes * BLOCK_TERMS,
+            apply_outer=tuple(group[:-1]), apply_run=apply_run,
+            channel_fastest=channel_fastest,
+            stack_bytes=6 * lanes * size + (2 * cpg * size if channel_fastest else 0),
+            pilot_stride=run.stride_expr, pilot_count=run.extent_expr, **common)
+    elif layout.channels_last and (bk := _block_groups(plan, threads)):
+        rows = tuple(lp for lp in group if not lp.is_channel)
+        along = rows[-1]
+        kernel = CKernel(
+            kind="rows",
+            reason=(f"rows kernel: {bk} group{'s' if bk > 1 else ''} ({bk * cpg} channels) "
+                    "swept row by row with one accumulator per channel (rows at run time, "
+                    f"folded every {BLOCK_TERMS})"),
+            lanes=1, halvings=(), jobs_per_observation=plan.num_groups // bk,
+            row_loops=rows, block_groups=bk, block_channels=bk * cpg,
+            rows_per_fold=BLOCK_TERMS, stack_bytes=10 * bk * cpg * size,
+            pilot_stride=along.stride_expr, pilot_count=along.extent_expr, **common)
+    else:
+        kernel = None
+    if kernel is not None:
+        safe = safe_scale(plan)
+        if safe < dt.accumulator.largest:
+            kernel = replace(kernel, scale_guard=True, safe_scale_literal=dt.literal(safe))
+        assert kernel.stack_bytes <= MAX_STACK_BYTES, kernel
+        return kernel
+    return CKernel(
+        kind="strided",
+        reason="strided kernel: the portable nest over the sizes given at run time",
+        lanes=1, halvings=(), jobs_per_observation=plan.num_groups, pilot_stride="1", **common)
 
 
 def safe_scale(plan: Plan) -> float:

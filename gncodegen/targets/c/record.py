@@ -33,6 +33,7 @@ class CRecord(TargetRecord):
     sums_uses: frozenset = frozenset()   # which of them the group sums, the group apply and a
     apply_uses: frozenset = frozenset()  # job read (a job passes its nests theirs)
     job_uses: frozenset = frozenset()
+    rows_uses: frozenset = frozenset()   # ... and the rows kernel's block sums
 
 
 def _uses(loops: tuple[Loop, ...]) -> frozenset[str]:
@@ -84,6 +85,7 @@ def lower_c(plan: Plan, threads: int | None = None) -> CRecord:
     ordered, sums, apply, job = runtime_values(plan, dt.spelling.ctype, kernel.group_stride)
     return CRecord(
         runtime_params=ordered, sums_uses=sums, apply_uses=apply, job_uses=job,
+        rows_uses=_uses(kernel.row_loops),
         plan=plan, ctype=dt.spelling.ctype, acc=dt.spelling,
         epsilon_literal=dt.literal(plan.layer.epsilon),
         inv_group_numel_literal=dt.literal(1.0 / plan.group_numel) if plan.group_numel else "",
