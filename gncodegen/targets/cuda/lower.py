@@ -219,8 +219,11 @@ def rescue_plan(numel: int, dtype: str, acc: str, epsilon: float) -> Rescue | No
 
 
 
-def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan:
-    """Return the CudaPlan for one layer."""
+def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan | CudaRuntimePlan:
+    """Return the CudaPlan for one layer (a CudaRuntimePlan where its sizes are given at run
+    time)."""
+    if plan.runtime_sizes:
+        return lower_cuda_runtime(plan)
     opts = options or CudaOptions()
     layer = plan.layer
     sc = CUDA_SCALARS[layer.dtype]
@@ -323,3 +326,75 @@ def chosen_variant(cp: CudaPlan, batch: int, cc_major: int, sms: int,
     env = DispatchEnv(batch * cp.plan.num_groups, cc_major, sms * cp.min_blocks_per_sm,
                       aligned, pool)
     return evaluate(cp.dispatch, env)
+
+
+# --------------------------------------------------------------------------- runtime sizes
+
+# A layer whose sizes are given at run time runs one kernel: a block of RUNTIME_THREADS
+# threads per (observation, group), looping over the group with the index arithmetic of the
+# call's shape (computed on the host from the sizes), loads of one element.
+RUNTIME_THREADS = 256
+# A runtime size without a bound is taken at this for the rescue's scaling.
+UNBOUNDED_GROUP = 1 << 40
+
+
+@dataclass(frozen=True)
+class CudaRuntimePlan(TargetRecord):
+    """The CUDA target's record of a layer with sizes given at run time: what runtime.cu.j2
+    prints. The group's loops keep their order; the host turns the sizes into each loop's
+    extent, divisor and stride for the call."""
+
+    plan: Plan
+    scalar: CudaScalar
+    archs: tuple[int, ...]
+    threads: int
+    rescue: Rescue | None
+    epsilon_literal: str
+    scale_literals: tuple[str, ...]
+    offset_literals: tuple[str, ...]
+    params_in_constant: bool
+    style: Style
+    summary: tuple[str, ...]
+    max_grid: int = GRID_LIMIT        # blocks one launch may have (batch * groups)
+    split: None = None                # no split kernels (the header says so by this)
+
+    @property
+    def params_space(self) -> str:
+        """Where the baked parameters live: __constant__, or __device__ (global) memory."""
+        return "__constant__" if self.params_in_constant else "__device__"
+
+    @property
+    def loops(self):
+        """The loops of the group's nest, slowest first."""
+        return self.plan.layout.group_loops
+
+
+def lower_cuda_runtime(plan: Plan) -> CudaRuntimePlan:
+    """Return the CUDA record of a layer with sizes given at run time."""
+    layer = plan.layer
+    sc = CUDA_SCALARS[layer.dtype]
+    archs = CUDA_ARCH.value(layer)
+    acc = "double" if sc.acc == "double" else "single"
+    largest = plan.channels_per_group * (layer.fixed_numel // layer.num_channels)
+    for r in plan.runtime_sizes:
+        largest *= r.max if r.max is not None else UNBOUNDED_GROUP
+    rescue = rescue_plan(max(2, min(largest, UNBOUNDED_GROUP)), layer.dtype, sc.acc,
+                         layer.epsilon)
+    lines = list(plan.summary[:6])
+    lines.append(f"CUDA: {sc.elem} in memory, {sc.acc} accumulation; archs "
+                 f"{', '.join(f'sm_{a}' for a in archs)}")
+    lines.append(f"kernel runtime_group_kernel (any arch): a block of {RUNTIME_THREADS} threads "
+                 "per (observation, group) loops over the group twice, its index arithmetic "
+                 "from the call's sizes; loads of one element, compensated sums")
+    if rescue is not None:
+        lines.append(f"overflow rescue: a group whose sum of squares overflows {sc.acc} is "
+                     f"summed again with d scaled by {rescue.unit_text}")
+    return CudaRuntimePlan(
+        plan=plan, scalar=sc, archs=archs, threads=RUNTIME_THREADS, rescue=rescue,
+        epsilon_literal=c_literal(layer.epsilon, acc),
+        scale_literals=c_literals(plan.scale_values, acc),
+        offset_literals=c_literals(plan.offset_values, acc),
+        params_in_constant=2 * plan.num_channels * DTYPES[acc].bytes <= CONSTANT_PARAM_BYTES,
+        style=Style("__device__ __forceinline__", DTYPES[acc].spelling, "acc_t", "group_stats",
+                    "finish", "split_mean", "inv_numel", "kEpsilon", inv_param=True),
+        summary=tuple(lines))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ...plan import Plan
 from ...render import Source, render_template
-from .lower import CudaOptions, CudaPlan, lower_cuda
+from .lower import CudaOptions, CudaPlan, CudaRuntimePlan, lower_cuda
 from .options import CUDA_ARCH
 
 
@@ -27,12 +27,13 @@ def offset_terms(cp: CudaPlan) -> list[tuple[str, str]]:
 
 
 def render_cuda(plan: Plan, spec_name: str, options: CudaOptions | None = None,
-                cuda_plan: CudaPlan | None = None) -> tuple[Source, Source]:
+                cuda_plan: CudaPlan | CudaRuntimePlan | None = None) -> tuple[Source, Source]:
     """Return the CUDA header and source for one layer."""
     cp = cuda_plan or lower_cuda(plan, options)
     ctx = dict(plan=plan, cp=cp, spec_name=spec_name, offset_terms=offset_terms)
+    source = "cuda/runtime.cu.j2" if isinstance(cp, CudaRuntimePlan) else "cuda/source.cu.j2"
     return (Source(f"{plan.prefix}_cuda.h", render_template("cuda/header.h.j2", **ctx)),
-            Source(f"{plan.prefix}.cu", render_template("cuda/source.cu.j2", **ctx)))
+            Source(f"{plan.prefix}.cu", render_template(source, **ctx)))
 
 
 def cmake_project_name(spec_stem: str) -> str:

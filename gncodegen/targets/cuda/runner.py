@@ -135,13 +135,17 @@ class CallResult:
 
 def run_call(exe: Path, plan: Plan, mode: str, batch: int, x: np.ndarray,
              scale: np.ndarray | None = None, offset: np.ndarray | None = None,
-             env: dict | None = None, timeout: float = 600) -> CallResult:
-    """Run the driver once and return its output and y (None when the call failed)."""
+             env: dict | None = None, timeout: float = 600,
+             sizes: tuple[int, ...] = ()) -> CallResult:
+    """Run the driver once and return its output and y (None when the call failed).
+
+    sizes: the runtime sizes of the call (the driver reads them after the batch)."""
     dtype = plan.layer.dtype
     with tempfile.TemporaryDirectory(prefix="gn-cuda-") as tmp:
         t = Path(tmp)
         (t / "x.bin").write_bytes(to_bits(x, dtype))
-        args = [str(exe), mode, str(batch), str(t / "x.bin"), str(t / "y.bin")]
+        call = str(batch) + (":" + ",".join(map(str, sizes)) if sizes else "")
+        args = [str(exe), mode, call, str(t / "x.bin"), str(t / "y.bin")]
         if scale is not None:
             (t / "s.bin").write_bytes(to_bits(scale, dtype))
             (t / "o.bin").write_bytes(to_bits(offset, dtype))
@@ -164,7 +168,8 @@ def cuda_runner(plan: Plan, exe: Path, env: dict | None = None) -> Runner:
             mode = "inplace_params" if params else "inplace"
         else:
             mode = "params" if params else "baked"
-        res = run_call(exe, plan, mode, case.batch, case.x, case.scale, case.offset, env)
+        res = run_call(exe, plan, mode, case.batch, case.x, case.scale, case.offset, env,
+                       sizes=case.sizes)
         if res.y is None:
             raise RuntimeError(f"{plan.prefix} CUDA driver failed ({res.returncode}): "
                                f"{res.stdout.strip()} {res.stderr.strip()[-2000:]}")
