@@ -274,6 +274,53 @@ def test_c_in_place_matches_out_of_place(dtype):
     assert np.array_equal(out, inp, equal_nan=True)
 
 
+# --------------------------------------------------------------------------- runtime sizes
+
+# The same classes through layers whose sizes but C are given at run time, called at the
+# LAYERS sizes: the same memory, judged against the fixed layer's reference.
+RUNTIME_LAYERS = ["sscb_g4_126", "nhwc_g2_4096", "cbt_g3_odd", "sscb_g1_65536"]
+
+
+def runtime_layer_for(name: str, dtype: str):
+    """Return (the layer with its non-C sizes at run time, those sizes) of a numerics layer."""
+    fmt, layout, size, groups, eps = LAYERS[name]
+    labels = [ch for ch in fmt if ch != "B"]
+    layer = make_layer(name=f"{name}_{dtype}_rt", num_groups=groups, format=fmt, layout=layout,
+                       input_size=[s if ch == "C" else None for ch, s in zip(labels, size)],
+                       dtype=dtype, epsilon=eps)
+    return layer, tuple(s for ch, s in zip(labels, size) if ch != "C")
+
+
+_runtime_modules: dict = {}
+
+
+def c_runtime_module(dtype: str, flags: tuple[str, ...]):
+    """Return {layer name: (runtime layer, sizes, runner)}, built once per dtype and flags."""
+    key = (dtype, flags)
+    if key not in _runtime_modules:
+        pairs = [runtime_layer_for(n, dtype) for n in RUNTIME_LAYERS]
+        plans, module = build_layers(*(layer for layer, _ in pairs), flags=flags)
+        _runtime_modules[key] = {n: (sizes, c_runner(p, module))
+                                 for n, (_, sizes), p in zip(RUNTIME_LAYERS, pairs, plans)}
+    return _runtime_modules[key]
+
+
+@pytest.mark.parametrize("cls", classes_for("c"))
+@pytest.mark.parametrize("layer_name", RUNTIME_LAYERS)
+@pytest.mark.parametrize("flags", [pytest.param(HOST_FLAGS, id="fast-O2"),
+                                   pytest.param(SIZE_FLAGS, id="compact-Os")])
+@pytest.mark.parametrize("dtype", ["single", "double"])
+def test_c_runtime_sizes_input_class(dtype, flags, layer_name, cls):
+    """The runtime-size C kernels on one input class, as the fixed-size ones are judged."""
+    sizes, run = c_runtime_module(dtype, flags)[layer_name]
+    layer = layer_for(layer_name, dtype)
+    x = make_input(layer, cls, seed=zlib.crc32(f"{layer_name}/{cls.name}".encode()))
+    scale, offset = params(layer, seed=7)
+    y = run(Case(cls.name, x, BATCH, scale=scale, offset=offset, sizes=sizes))
+    judge(layer, cls, y, x, scale, offset,
+          f"C runtime sizes {dtype} {flags[1]} {layer_name} / {cls.name}")
+
+
 # --------------------------------------------------------------------------- CUDA target
 
 
@@ -299,6 +346,38 @@ def cuda_runner_for(layer_name: str, dtype: str):
 
 
 CUDA_LAYERS = ["sscb_g4_256", "nhwc_g2_4096", "cb_channelwise"]
+CUDA_RUNTIME_LAYERS = ["sscb_g4_126", "nhwc_g2_4096"]
+
+
+def cuda_runtime_runner_for(layer_name: str, dtype: str):
+    """Return (sizes, runner) of the generated CUDA of a numerics layer with runtime sizes."""
+    from gncodegen.targets.cuda.lower import lower_cuda
+    from gncodegen.targets.cuda.render import render_cuda
+    from gncodegen.targets.cuda.runner import build_harness, cuda_runner, gpu_name
+
+    key = (layer_name, dtype, "runtime")
+    if key not in _harnesses:
+        layer, sizes = runtime_layer_for(layer_name, dtype)
+        plan = lower(layer)
+        cp = lower_cuda(plan)
+        sources = list(render_cuda(plan, "numerics.yaml", cuda_plan=cp))
+        mode = "gpu" if gpu_name() else "emulation"
+        _harnesses[key] = (sizes, cuda_runner(plan, build_harness(plan, cp, sources, mode)))
+    return _harnesses[key]
+
+
+@pytest.mark.parametrize("cls", classes_for("cuda"))
+@pytest.mark.parametrize("layer_name", CUDA_RUNTIME_LAYERS)
+@pytest.mark.parametrize("dtype", ["single", "double", "half", "bfloat16"])
+def test_cuda_runtime_sizes_input_class(dtype, layer_name, cls):
+    """The runtime-size CUDA kernel on one input class, as the fixed-size ones are judged."""
+    sizes, run = cuda_runtime_runner_for(layer_name, dtype)
+    layer = layer_for(layer_name, dtype)
+    x = make_input(layer, cls, seed=zlib.crc32(f"{layer_name}/{cls.name}".encode()))
+    scale, offset = params(layer, seed=7)
+    y = run(Case(cls.name, x, BATCH, scale=scale, offset=offset, sizes=sizes))
+    judge(layer, cls, y, x, scale, offset,
+          f"CUDA runtime sizes {dtype} {layer_name} / {cls.name}")
 
 
 @pytest.mark.parametrize("cls", classes_for("cuda"))
