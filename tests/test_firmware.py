@@ -647,10 +647,11 @@ def test_cli_firmware_group_runs_every_target(tmp_path):
 
 # --------------------------------------------------------------------------- generated projects
 
-# One build per core family: Armv7-M with an FPU, Armv6-M without, RISC-V, AArch64 Linux; and
-# single, double and several layers among them.
+# One build per core family: Armv7-M with an FPU, Armv6-M without, RISC-V, AArch64 Linux,
+# Armv8-M; and single, double, several layers and a runtime size among them.
 PROJECTS = {"cortex-m4": "matlab_gn", "cortex-m0": "features_channelwise",
-            "riscv32": "multi_layer", "aarch64-linux": "nhwc_rowmajor"}
+            "riscv32": "multi_layer", "aarch64-linux": "nhwc_rowmajor",
+            "cortex-m33": "sequence_runtime"}
 
 
 def _project(tmp_path, target: str):

@@ -183,6 +183,30 @@ def test_runtime_layers_verify_on_firmware_at_both_levels(target):
                                                   for c in run.report.cases if not c.passed])
 
 
+def test_firmware_footprint_gives_buffers_at_the_bound(tmp_path):
+    """A bounded layer's footprint row gives x and y at the bound; an unbounded one says it
+    cannot (-)."""
+    from click.testing import CliRunner
+
+    from gncodegen.cli import main
+    import json
+    spec = tmp_path / "fw.yaml"
+    spec.write_text("layers:\n"
+                    "  - {name: bounded, num_groups: 2, format: CBT, input_size: [4, {max: 50}]}\n"
+                    "  - {name: unbounded, num_groups: 2, format: CBT, input_size: [4, ~]}\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["build", str(spec), "--target", "cortex-m4",
+                                       "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    fp = json.loads((out / "manifest.json").read_text())["cortex-m4"]["footprint"]
+    assert fp["bounded"]["buffer_bytes_per_observation"] == 2 * 4 * 50 * 4
+    assert fp["unbounded"]["buffer_bytes_per_observation"] is None
+    assert fp["bounded"]["budget"] == {"text": 512, "stack": 96}
+    row = next(ln for ln in result.output.splitlines() if ln.startswith("unbounded ")
+               and "cortex-m4  -Os" in ln)
+    assert "  -  " in row
+
+
 def test_cli_builds_runtime_layers_on_every_target(tmp_path):
     spec = tmp_path / "rt.yaml"
     spec.write_text("name: rt\nnum_groups: 2\nformat: CBT\ninput_size: [4, {max: 64}]\n")
