@@ -64,3 +64,17 @@ def test_unknown_shape_is_a_usage_error(bench):
     with pytest.raises(SystemExit) as exc:
         bench.main(["--shapes", "Z"])
     assert exc.value.code == 2
+
+
+def test_runtime_sizes_table_times_both_builds(bench, capsys):
+    """--runtime-sizes: each layout of a shape built with its spatial sizes at run time, timed
+    beside the fixed build, PyTorch and the floor, through the kernel the rules pick."""
+    assert bench.main(["--shapes", "A,E", "--quick", "--runtime-sizes"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = next(line for line in out if line.lstrip().startswith("shape")).split()
+    for column in ("fixed", "runtime", "runtime/fixed", "torch/runtime", "runtime/floor"):
+        assert column in header
+    rows = [line.split() for line in out if line.split()[:1] == ["A"]]
+    assert [r[1] for r in rows] == ["NCHW", "NHWC"]               # E has no spatial size
+    assert [r[-1] for r in rows] == ["runs", "rows"]
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
