@@ -254,7 +254,8 @@ def lower(layer: Layer) -> Plan:
                    for r in runtime)),
         f"memory order, fastest first: {_dims_text(layout)}",
         access,
-        f"dtype {layer.dtype}, epsilon {layer.epsilon!r}",
+        f"dtype {layer.dtype}, epsilon {layer.epsilon!r}"
+        + (f"; then {layer.activation.describe()}, fused" if layer.activation.fused else ""),
         f"scale: {layer.scale_source}; offset: {layer.offset_source}",
     )  # each target's kernel comment says how it computes (numerics differ per target)
     return Plan(

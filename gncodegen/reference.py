@@ -147,7 +147,7 @@ def reference_pieces(x: np.ndarray, layer: Layer, batch: int, scale=None, offset
             rstd = 1.0 / np.sqrt(np.float64(var) + layer.epsilon)
             pieces = zip(_chunks(view, (s, o)), _chunks(target, ()))
             for (c, (cs, co)), (t, _) in pieces:
-                yield t, ((shifted(c) - m1) - m2) * rstd * cs + co
+                yield t, layer.activation.apply(((shifted(c) - m1) - m2) * rstd * cs + co)
 
 
 def group_norm_reference(x: np.ndarray, layer: Layer, batch: int,

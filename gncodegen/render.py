@@ -8,6 +8,8 @@ from pathlib import Path
 
 import jinja2
 
+from .activations import literals as activation_literals
+
 from .plan import Loop
 
 
@@ -93,6 +95,7 @@ def environment() -> jinja2.Environment:
     env.filters["dedent"] = dedent
     env.filters["value_lines"] = value_lines
     env.tests["printed"] = printed
+    env.globals["activation_literals"] = activation_literals
     return env
 
 

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .activations import NONE, Activation, parse_activation
 from .errors import SpecError
 from .fields import parse_choice, parse_int, parse_number
 from .files import read_regular
@@ -72,6 +73,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "offset_learn_rate_factor": ("OffsetLearnRateFactor",),
     "scale_l2_factor": ("ScaleL2Factor",),
     "offset_l2_factor": ("OffsetL2Factor",),
+    "activation": ("Activation",),
 }
 ALIASES = {alias: key for key, aliases in KEYS.items() for alias in (key, *aliases)}
 REQUIRED = ("num_groups", "format", "input_size")
@@ -123,6 +125,7 @@ class Layer:
     scale_l2_factor: float = 1.0
     offset_l2_factor: float = 1.0
     options: tuple[tuple[str, Any], ...] = ()    # the targets' own keys (gncodegen.options)
+    activation: Activation = NONE                # applied to the normalized, scaled output
     num_groups_given: str = ""
     field_prefix: str = ""
 
@@ -311,6 +314,7 @@ def _parse_layer(doc: dict, prefix: str, default_name: str, base_dir: Path,
                for k in ("scale_learn_rate_factor", "offset_learn_rate_factor",
                          "scale_l2_factor", "offset_l2_factor")}
     own = tuple((o.key, o.parse(get(o.key, o.default), fname(o.key))) for o in options)
+    activation = parse_activation(get("activation"), fname("activation"))
 
     params = {}
     for which, default_init, stream in (("scale", "ones", 0), ("offset", "zeros", 1)):
@@ -329,7 +333,7 @@ def _parse_layer(doc: dict, prefix: str, default_name: str, base_dir: Path,
         input_size=input_size, epsilon=epsilon, dtype=dtype,
         scale=params["scale"][0], offset=params["offset"][0],
         scale_source=params["scale"][1], offset_source=params["offset"][1],
-        options=own, num_groups_given=groups_given,
+        options=own, num_groups_given=groups_given, activation=activation,
         field_prefix=prefix, **factors,
     )
 

@@ -208,6 +208,14 @@ def iter_cases(layer: Layer, seed: int = 0, max_batch: int = 4) -> Iterator[Case
     yield Case("caller's scale and offset", _normal(rng, bmax * numel, storage), bmax,
                scale=dt.round(rng.normal(1.0, 0.5, layer.num_channels)),
                offset=dt.round(rng.normal(0.0, 0.5, layer.num_channels)))
+    if layer.activation.fused:
+        # z = scale*x^ + offset across about +-30: both sides of 0, a clipped ReLU's ceiling,
+        # the saturation of sigmoid and tanh, elu's exponential side.
+        rng = stream(6)
+        c = layer.num_channels
+        yield Case("activation regions", _normal(rng, bmax * numel, storage), bmax,
+                   scale=dt.round(rng.choice([-1.0, 1.0], c) * rng.uniform(3.0, 8.0, c)),
+                   offset=dt.round(rng.normal(0.0, 4.0, c)))
 
 
 def make_cases(layer: Layer, seed: int = 0, max_batch: int = 4) -> list[Case]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from ...activations import literals
 from ...dtypes import Spelling, c_literals
 from ...plan import Loop, Plan
 from ...render import printed
@@ -34,6 +35,7 @@ class CRecord(TargetRecord):
     apply_uses: frozenset = frozenset()  # job read (a job passes its nests theirs)
     job_uses: frozenset = frozenset()
     rows_uses: frozenset = frozenset()   # ... and the rows kernel's block sums
+    activation_literals: dict = field(default_factory=dict)   # the fused activation's constants
 
 
 def _uses(loops: tuple[Loop, ...]) -> frozenset[str]:
@@ -86,6 +88,7 @@ def lower_c(plan: Plan, threads: int | None = None) -> CRecord:
     return CRecord(
         runtime_params=ordered, sums_uses=sums, apply_uses=apply, job_uses=job,
         rows_uses=_uses(kernel.row_loops),
+        activation_literals=literals(plan.layer.activation, dt.acc),
         plan=plan, ctype=dt.spelling.ctype, acc=dt.spelling,
         epsilon_literal=dt.literal(plan.layer.epsilon),
         inv_group_numel_literal=dt.literal(1.0 / plan.group_numel) if plan.group_numel else "",

@@ -29,7 +29,8 @@ from ..base import CliOption, Outcome, RunOptions, Target
 from ..c import CTarget, spec_file_name
 from ..c.record import CRecord, as_record
 from .boards import BOARDS, STACK_BUDGET, TEXT_BUDGET, Board, require_tool
-from .footprint import (ALLOWED_CALLS, Footprint, FootprintRow, check_object_calls,
+from .footprint import (ALLOWED_CALLS, Footprint, FootprintRow, activation_calls,
+                        check_object_calls,
                         footprint_flags, footprint_table, measure_footprint)
 from .harness import (firmware_cases, harness_for, hex_literal, measured_instructions,
                       measured_stack, parse_output, render_harness)
@@ -67,14 +68,33 @@ def parse_budget(value, fld: str) -> int:
 # Sizes given at run time cost text of their own: checking them, the strides from them, and
 # compensated sums whatever the group's length (about 70 bytes on the Cortex-M4 at -Os).
 RUNTIME_TEXT_BUDGET = 512
+# What a fused activation may add on the Cortex-M4 at -Os (text, stack), measured on the
+# MATLAB example: a comparison or two (relu +12 B, clipped-relu +44 B, +8 B of stack), or a
+# call of the math library, whose frame and the registers saved around it cost most of the
+# stack (elu +48 B, gelu with tanh +88 B of text; +72 to +88 B of stack).
+ACTIVATION_ALLOWANCE = {"piecewise": (48, 16), "libm": (96, 96)}
+
+
+def budgets(layer) -> tuple[int, int]:
+    """Return the (text, stack) budget of a layer: the spec's, else the core's own for its
+    sizes and fused activation."""
+    text = TEXT_BUDGET_OPTION.value(layer)
+    stack = STACK_BUDGET_OPTION.value(layer)
+    extra = (0, 0)
+    if layer.activation.fused:
+        extra = ACTIVATION_ALLOWANCE["libm" if layer.activation.libm else "piecewise"]
+    base = RUNTIME_TEXT_BUDGET if layer.runtime_sizes else TEXT_BUDGET
+    return text or base + extra[0], stack or STACK_BUDGET + extra[1]
 
 TEXT_BUDGET_OPTION = SpecOption(
     "text_budget", ("TextBudget",), "auto", parse_budget,
     f"bytes of kernel text a single-precision layer may take on the Cortex-M4 at -Os "
-    f"(auto: {TEXT_BUDGET}, {RUNTIME_TEXT_BUDGET} with runtime sizes)")
+    f"(auto: {TEXT_BUDGET}, {RUNTIME_TEXT_BUDGET} with runtime sizes, more with a fused "
+    f"activation)")
 STACK_BUDGET_OPTION = SpecOption(
-    "stack_budget", ("StackBudget",), STACK_BUDGET, parse_budget,
-    "bytes of stack a single-precision layer may use on the Cortex-M4 at -Os")
+    "stack_budget", ("StackBudget",), "auto", parse_budget,
+    f"bytes of stack a single-precision layer may use on the Cortex-M4 at -Os (auto: "
+    f"{STACK_BUDGET}, more with a fused activation)")
 
 
 @dataclass(frozen=True)
@@ -131,12 +151,13 @@ def verify_layer_on(board: Board, layer: CRecord | Plan, layer_sources: list[Sou
             # The image ran the very code measured: add what its calls really used and ran.
             footprint = replace(footprint, stack_measured=measured_stack(printout),
                                 instructions=measured_instructions(printout, board, cases))
-        bad = check_object_calls(footprint, layer.dtype, board.soft_float)
+        fused = activation_calls(layer.activation, layer.dtype)
+        bad = check_object_calls(footprint, layer.dtype, board.soft_float, fused)
         if bad:
             raise VerificationError(
                 f"{plan.prefix}: the {board.name} object calls {', '.join(bad)}; "
                 f"{layer.dtype} precision may call only "
-                f"{', '.join(sorted(ALLOWED_CALLS[layer.dtype]))}"
+                f"{', '.join(sorted(ALLOWED_CALLS[layer.dtype] | fused))}"
                 f"{' and the float helpers' if board.soft_float else ''}")
     return LayerRun(report, footprint, image.path, measured_stack(printout),
                     measured_instructions(printout, board, cases))
@@ -193,9 +214,7 @@ class FirmwareTarget(CTarget):
                 reports.append(run.report)
             assert fp is not None
             dtype = plan.layer.dtype
-            text_budget = TEXT_BUDGET_OPTION.value(plan.layer) or (
-                RUNTIME_TEXT_BUDGET if plan.runtime_sizes else TEXT_BUDGET)
-            budget = ((text_budget, STACK_BUDGET_OPTION.value(plan.layer))
+            budget = (budgets(plan.layer)
                       if fp.budget_applies(dtype) else None)
             bound = bound_numel(plan)
             buffers = None if bound is None else 2 * bound * plan.dtype.bytes

@@ -142,14 +142,21 @@ def measure_footprint(plan: Plan, source: Source, header: Source,
     return fp
 
 
-def check_object_calls(fp: Footprint, dtype: str, soft_float: bool = False) -> list[str]:
+def activation_calls(activation, dtype: str) -> frozenset[str]:
+    """Return the math functions a fused activation calls in a precision (expf, tanhf, ...)."""
+    suffix = "f" if dtype == "single" else ""
+    return frozenset(f"{name}{suffix}" for name in activation.libm)
+
+
+def check_object_calls(fp: Footprint, dtype: str, soft_float: bool = False,
+                       activation_allows: frozenset[str] = frozenset()) -> list[str]:
     """Return the outside calls a layer must not make (empty when all are allowed).
 
     Single precision may call sqrtf and nothing else: no double arithmetic helpers
     (__aeabi_d*), no sqrt, no heap, no I/O; on a core without an FPU also the float helpers
-    (__aeabi_f*).
+    (__aeabi_f*); a fused activation also the math functions it needs (activation_allows).
     """
-    allowed = ALLOWED_CALLS[dtype] | COMPILER_CALLS
+    allowed = ALLOWED_CALLS[dtype] | COMPILER_CALLS | activation_allows
     helpers = [SOFT_DOUBLE_HELPER] if dtype == "double" else []
     if soft_float:
         helpers.append(SOFT_FLOAT_HELPER)
