@@ -63,9 +63,9 @@ class Case:
         """Elements of the whole batch."""
         return self.n * self.c * int(np.prod(self.spatial, dtype=np.int64))
 
-    def spec_text(self, threads: int, runtime: bool = False) -> str:
+    def spec_text(self, threads: int, runtime: bool = False, activation: str = "") -> str:
         """Return the YAML spec of this case (row-major, PyTorch's order of dimensions);
-        runtime: the spatial sizes left to run time (null)."""
+        runtime: the spatial sizes left to run time (null); activation: one to fuse."""
         s = "S" * len(self.spatial)
         spatial = ["~"] * len(self.spatial) if runtime else list(self.spatial)
         if not self.spatial:
@@ -75,10 +75,11 @@ class Case:
         else:
             fmt, size = f"B{s}C", [*spatial, self.c]
         name = (f"bench_{self.shape.lower()}_{self.layout.lower()}_t{threads}"
-                f"{'_rt' if runtime else ''}")
+                f"{'_rt' if runtime else ''}{'_' + activation if activation else ''}")
         size_text = "[" + ", ".join(map(str, size)) + "]"
         return (f"name: {name}\nnum_groups: {self.g}\nformat: {fmt}\nlayout: row-major\n"
-                f"input_size: {size_text}\nthreads: {threads}\n")
+                f"input_size: {size_text}\nthreads: {threads}\n"
+                + (f"activation: {activation}\n" if activation else ""))
 
 
 def cases(shapes: list[str]) -> list[Case]:
@@ -198,9 +199,9 @@ def copy_bandwidth(nbytes: int, min_time: float) -> float:
     return 2 * src.nbytes / (us * 1e-6)
 
 
-def build(case: Case, threads: int, runtime: bool = False):
+def build(case: Case, threads: int, runtime: bool = False, activation: str = ""):
     """Return (plan, lib, ffi) of the generated C for a case, built with FAST_FLAGS."""
-    spec = parse_spec(case.spec_text(threads, runtime), Path("."), "bench")
+    spec = parse_spec(case.spec_text(threads, runtime, activation), Path("."), "bench")
     plan = lower(spec.layers[0])
     sources = list(render_c(plan, "bench.yaml"))
     module = build_c_module((plan,), sources, flags=FAST_FLAGS)
@@ -343,6 +344,56 @@ def runtime_table(shapes: list[str], min_time: float, torch) -> None:
           "runtime/fixed: goal <= 1.15; medians of the interleaved rounds' ratios")
 
 
+def fused_table(shapes: list[str], min_time: float, torch, activations: list[str]) -> None:
+    """Print each shape with an activation fused beside the same layer without it (the
+    activation's own cost), PyTorch running group norm then the activation as two ops, and the
+    hot floor, timed in turns in one run."""
+    rows = [["shape", "layout", "activation", "C plain", "C fused", "fused/plain", "torch 2 ops",
+             "torch/fused", "fused/floor"]]
+    rng = np.random.default_rng(0)
+    for case in cases(shapes):
+        x_nchw = rng.standard_normal((case.n, case.c, *case.spatial)).astype(np.float32)
+        x = page_aligned(np.moveaxis(x_nchw, 1, -1).copy() if case.layout == "NHWC"
+                         else x_nchw)
+        y = page_aligned(np.zeros_like(x))
+        plan, lib, ffi = build(case, 1)
+        px, py = ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", y)
+        plain = getattr(lib, f"{plan.prefix}_predict")
+        copy_src, copy_dst = page_aligned(np.ones_like(x)), page_aligned(np.zeros_like(x))
+        for act in activations:
+            fplan, flib, fffi = build(case, 1, activation=act)
+            fx, fy = fffi.from_buffer("float[]", x), fffi.from_buffer("float[]", y)
+            fused = getattr(flib, f"{fplan.prefix}_predict")
+            fns = {"plain": lambda f=plain: f(px, py, case.n),
+                   "fused": lambda f=fused: f(fx, fy, case.n),
+                   "copy": lambda: np.copyto(copy_dst, copy_src)}
+            if torch is not None:
+                torch.set_num_threads(1)
+                gn = torch_runner(torch, x_nchw, case, 1, case.layout == "NHWC")
+                t_in = torch.from_numpy(x_nchw)
+                f_act = {"relu": torch.relu, "swish": torch.nn.functional.silu,
+                         "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+                         "gelu": torch.nn.functional.gelu}[act]
+
+                def two_ops(t=t_in, fa=f_act):
+                    with torch.inference_mode():
+                        fa(torch.nn.functional.group_norm(t, case.g, None, None, 1e-5))
+                fns["torch"] = two_ops
+                del gn
+            t = interleaved_us(fns, min_time)
+            med = {k: statistics.median(v) for k, v in t.items()}
+            rows.append([case.shape, case.layout, act, fmt(med["plain"]), fmt(med["fused"]),
+                         fmt(ratio(t["fused"], t["plain"]), 2), fmt(med.get("torch")),
+                         fmt(ratio(t["torch"], t["fused"]), 2) if torch is not None else "-",
+                         fmt(ratio(t["fused"], t["copy"]), 2)])
+            print("  ".join(rows[-1]), file=sys.stderr, flush=True)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    print("# fused/plain: the activation's cost in the fused kernel (goal <= 1.1); torch/fused: "
+          "PyTorch's group_norm then the activation, two ops (goal >= 1.5)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print its table; return the exit status."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -353,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtime-sizes", action="store_true",
                     help="time each shape with its spatial sizes given at run time beside the "
                          "fixed-size build and PyTorch, instead of the main table")
+    ap.add_argument("--fused", default="",
+                    help="time each shape with these activations fused (e.g. relu,swish) beside "
+                         "the plain layer and PyTorch's two ops, instead of the main table")
     args = ap.parse_args(argv)
     shapes = [s.strip().upper() for s in args.shapes.split(",") if s.strip()]
     unknown = [s for s in shapes if s not in SHAPES]
@@ -367,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
         torch = _torch
     if args.runtime_sizes:
         runtime_table(shapes, min_time, torch)
+        return 0
+    if args.fused:
+        fused_table(shapes, min_time, torch, [a.strip() for a in args.fused.split(",")])
         return 0
     flusher = Flusher()
     dram_bw = copy_bandwidth(4 * LAST_LEVEL_CACHE, min_time)

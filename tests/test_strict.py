@@ -25,7 +25,8 @@ from gncodegen.targets import TARGETS
 from conftest import EXAMPLES, make_layer
 
 # Shapes the examples do not have: three spatial dims, a U dim, one group, no B, one element
-# per group, double with a runtime stride, tiny groups (the AVX-512 kernel).
+# per group, double with a runtime stride, tiny groups (the AVX-512 kernel), fused
+# activations, runtime sizes.
 EXTRA_LAYERS = {
     "sssc_3d": dict(name="s_3d", num_groups=2, format="SSSCB", input_size=[3, 2, 2, 4]),
     "u_dim": dict(name="s_u", num_groups=1, format="CUB", layout="row-major",
@@ -38,6 +39,19 @@ EXTRA_LAYERS = {
                        dtype="double"),
     "tiny_groups": dict(name="s_tiny", num_groups=8, format="BC", layout="row-major",
                         input_size=[256]),
+    # Fused activations: the source's own e^x and erf in single precision, the math
+    # library's in double (its loops unmarked), a piecewise one on a runtime size.
+    "swish": dict(name="s_swish", num_groups=2, format="SSCB", input_size=[4, 3, 4],
+                  activation="swish"),
+    "gelu_rows": dict(name="s_gelu", num_groups=2, format="BSSC", layout="row-major",
+                      input_size=[3, 3, 8], activation="gelu"),
+    "elu_tanh_double": dict(name="s_elu64", num_groups=2, format="CBT", input_size=[4, 5],
+                            dtype="double", activation={"type": "gelu", "approximation": "tanh"}),
+    "clipped_runtime": dict(name="s_clip", num_groups=2, format="SCB", layout="row-major",
+                            input_size=[None, 6], activation={"type": "clipped-relu",
+                                                              "ceiling": 6}),
+    "runtime_sizes": dict(name="s_rt", num_groups=2, format="SSCB",
+                          input_size=[None, {"max": 9}, 4]),
 }
 
 

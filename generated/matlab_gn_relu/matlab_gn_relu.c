@@ -34,7 +34,8 @@ static const float matlab_gn_relu_offset[20] = {
 /* The fused activation: relu (NaN stays NaN). */
 static float matlab_gn_relu_activate(float z)
 {
-    return z < 0.0f ? 0.0f : z;
+    const float zero = 0.0f; /* a variable: compared, a literal could promote z */
+    return z < zero ? zero : z;
 }
 
 #if defined(__OPTIMIZE_SIZE__)

@@ -178,7 +178,8 @@ __device__ __forceinline__ group_stats finish(acc_t s1, acc_t s2, acc_t unit = 1
 /* The fused activation: relu (NaN stays NaN). */
 __device__ __forceinline__ acc_t activate(acc_t z)
 {
-    return z < 0.0f ? 0.0f : z;
+    const acc_t zero = 0.0f; /* a variable: compared, a literal could promote z */
+    return z < zero ? zero : z;
 }
 
 template <bool BAKED>

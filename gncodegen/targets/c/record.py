@@ -36,6 +36,8 @@ class CRecord(TargetRecord):
     job_uses: frozenset = frozenset()
     rows_uses: frozenset = frozenset()   # ... and the rows kernel's block sums
     activation_literals: dict = field(default_factory=dict)   # the fused activation's constants
+    own_exp: bool = False           # single precision: the activation's e^x and erf are the
+                                    # source's own (no libm call, loops stay vectorizable)
 
 
 def _uses(loops: tuple[Loop, ...]) -> frozenset[str]:
@@ -89,6 +91,7 @@ def lower_c(plan: Plan, threads: int | None = None) -> CRecord:
         runtime_params=ordered, sums_uses=sums, apply_uses=apply, job_uses=job,
         rows_uses=_uses(kernel.row_loops),
         activation_literals=literals(plan.layer.activation, dt.acc),
+        own_exp=bool(plan.layer.activation.libm) and dt.acc == "single",
         plan=plan, ctype=dt.spelling.ctype, acc=dt.spelling,
         epsilon_literal=dt.literal(plan.layer.epsilon),
         inv_group_numel_literal=dt.literal(1.0 / plan.group_numel) if plan.group_numel else "",

@@ -143,9 +143,11 @@ def measure_footprint(plan: Plan, source: Source, header: Source,
 
 
 def activation_calls(activation, dtype: str) -> frozenset[str]:
-    """Return the math functions a fused activation calls in a precision (expf, tanhf, ...)."""
-    suffix = "f" if dtype == "single" else ""
-    return frozenset(f"{name}{suffix}" for name in activation.libm)
+    """Return the math functions a fused activation calls in a precision: none in single (the
+    source has its own e^x and erf), exp, expm1, erf or tanh in double."""
+    if dtype == "single":
+        return frozenset()
+    return frozenset(activation.libm)
 
 
 def check_object_calls(fp: Footprint, dtype: str, soft_float: bool = False,
