@@ -64,14 +64,17 @@ EXPORTED_MACRO_SUFFIXES = (
     "OBSERVATION_NUMEL", "H", "H_", "CUDA_H", "CUDA_MAX_BATCH", "CUDA_NUM_CHANNELS",
     "CUDA_NUM_GROUPS", "CUDA_EPSILON", "CUDA_OBSERVATION_NUMEL", "ALWAYS_INLINE", "AVX512",
     "INDEPENDENT", "JOBS_PER_OBSERVATION", "MAC", "UNROLLED", "INV_GROUP_NUMEL", "LARGEST",
-    "RESCUE_EPSILON", "RESCUE_UNIT", "SAFE_SCALE",
+    "RESCUE_EPSILON", "RESCUE_UNIT", "SAFE_SCALE", "FIXED_NUMEL", "CUDA_FIXED_NUMEL",
+    # the bounds of runtime sizes, named by label and rank
+    *(f"{cuda}MAX_{size}" for cuda in ("", "CUDA_")
+      for size in ("S1", "S2", "S3", "T", *(f"U{k}" for k in range(1, 8)))),
 )
 EXPORTED_SYMBOL_SUFFIXES = (
     "predict", "predict_with_params", "cuda_predict", "cuda_predict_with_params", "scale",
     "offset", "block_sums", "cuda", "finish", "group_apply", "group_sums", "groups", "job",
     "lane_sums", "order", "pilot", "split_mean", "sqrt", "stats", "sum_groups", "sum_pair",
     "fold", "scales_fold", "wide_job",
-    "tiny_groups",
+    "tiny_groups", "activate", "exp_neg",
 )
 
 _C_STANDARD = """

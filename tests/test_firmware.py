@@ -424,12 +424,15 @@ def test_single_precision_kernels_meet_the_budget(name, plan):
     fp = run.footprint
     assert run.report.passed, name
     assert (fp.cpu, fp.opt) == ("cortex-m4", "-Os")
-    assert fp.text <= fw.TEXT_BUDGET, fp
-    assert fp.stack <= fw.STACK_BUDGET, fp
-    assert 0 < run.measured_stack <= fw.STACK_BUDGET, fp
+    text_budget, stack_budget = fw.budgets(plan.layer)   # more for runtime sizes, activations
+    if not (plan.runtime_sizes or plan.layer.activation.fused):
+        assert (text_budget, stack_budget) == (fw.TEXT_BUDGET, fw.STACK_BUDGET)
+    assert fp.text <= text_budget, fp
+    assert fp.stack <= stack_budget, fp
+    assert 0 < run.measured_stack <= stack_budget, fp
     assert fp.stack_measured == run.measured_stack
     assert fp.calls == (), fp                            # vsqrt.f32, not sqrtf
-    assert fp.over_budget("single") == []
+    assert fp.over_budget("single", text_budget, stack_budget) == []
 
 
 @pytest.mark.parametrize("stem, plan", _example_plans(), ids=lambda v: getattr(v, "prefix", v))

@@ -70,7 +70,12 @@ def test_exported_identifiers_are_the_templates():
             macros |= set(re.findall(r"\{\{ ?(?:M|plan\.macro) ?\}\}_([A-Za-z0-9_]+)", text))
             symbols |= set(re.findall(r"\{\{ ?(?:P|plan\.prefix) ?\}\}_([A-Za-z0-9_]+)", text))
     assert macros and symbols
-    assert macros <= set(EXPORTED_MACRO_SUFFIXES), macros - set(EXPORTED_MACRO_SUFFIXES)
+    # A name the template completes (<N>_MAX_{{ size }}): the list holds its family.
+    listed = set(EXPORTED_MACRO_SUFFIXES)
+    families = {m for m in macros if m.endswith("_")}
+    assert all(any(s.startswith(m) for s in listed) for m in families), families
+    macros -= families
+    assert macros <= listed, macros - listed
     assert symbols <= set(EXPORTED_SYMBOL_SUFFIXES), symbols - set(EXPORTED_SYMBOL_SUFFIXES)
 
 
