@@ -15,6 +15,9 @@ from .dtypes import DType, dtype
 from .spec import Layer, RuntimeSize, Spec
 
 REDUCED_LABELS = "STU"
+# A runtime size without a bound counts as a group of up to 2^40 elements (far more than any
+# memory holds in one observation) where a kernel is sized for the largest group, the rescue.
+UNBOUNDED_GROUP = 1 << 40
 
 
 # --------------------------------------------------------------------------- memory layout
@@ -208,6 +211,8 @@ class Plan:
     summary: tuple[str, ...]    # lines of the plan comment in generated headers
     generator: str
     runtime_sizes: tuple[RuntimeSize, ...] = ()   # size_t arguments after batch
+    largest_group_numel: int = 0      # the most elements a group can have (runtime sizes at
+                                      # their bounds, an unbounded one at UNBOUNDED_GROUP)
     group_numel_expr: str = ""        # the element counts as C spells them from the sizes
     observation_numel_expr: str = ""
 
@@ -219,6 +224,13 @@ class Plan:
 
 def _dims_text(layout: Layout) -> str:
     return ", ".join(f"{d.label} {'batch' if d.size is None else d.size}" for d in layout.dims)
+
+
+def _largest_group(fixed_group: int, runtime: tuple[RuntimeSize, ...]) -> int:
+    most = fixed_group
+    for r in runtime:
+        most *= r.max if r.max is not None else UNBOUNDED_GROUP
+    return min(most, UNBOUNDED_GROUP) if runtime else fixed_group
 
 
 def lower(layer: Layer) -> Plan:
@@ -267,6 +279,7 @@ def lower(layer: Layer) -> Plan:
         offset_values=tuple(float(v) for v in offset),
         summary=summary, generator=f"gncodegen {__version__}",
         runtime_sizes=runtime, group_numel_expr=group_text,
+        largest_group_numel=_largest_group(cpg * (fixed // layer.num_channels), runtime),
         observation_numel_expr=sym_product(fixed, names),
     )
 

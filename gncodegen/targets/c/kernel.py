@@ -382,20 +382,6 @@ def plan_kernel(plan: Plan, threads: int | None = None) -> CKernel:
     return kernel
 
 
-# A runtime size without a bound is taken at this for the rescue's scaling (a group of up to
-# 2^40 elements: far more than any memory holds in one observation).
-UNBOUNDED_GROUP = 1 << 40
-
-
-def largest_group(plan: Plan) -> int:
-    """Return the most elements a group can have: every runtime size at its bound."""
-    layer = plan.layer
-    most = plan.channels_per_group * (layer.fixed_numel // layer.num_channels)
-    for r in plan.runtime_sizes:
-        most *= r.max if r.max is not None else UNBOUNDED_GROUP
-    return min(most, UNBOUNDED_GROUP)
-
-
 def _runtime_kernel(plan: Plan, threads: int) -> CKernel:
     """Return the kernel of a layer with sizes known only at run time, by the rules of the
     fixed sizes as far as they do not depend on the sizes: the runs kernel where the group's
@@ -406,7 +392,7 @@ def _runtime_kernel(plan: Plan, threads: int) -> CKernel:
     layout = plan.layout
     size = dt.bytes
     cpg = plan.channels_per_group
-    rescue = dt.rescue_exponent_for(largest_group(plan))
+    rescue = dt.rescue_exponent_for(plan.largest_group_numel)
     stats, group = layout.stats_loops, layout.group_loops
     common = dict(
         threads=threads, parallel_min_elements=PARALLEL_MIN_ELEMENTS, stats_unroll=STATS_UNROLL,

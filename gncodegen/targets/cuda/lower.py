@@ -334,8 +334,6 @@ def chosen_variant(cp: CudaPlan, batch: int, cc_major: int, sms: int,
 # threads per (observation, group), looping over the group with the index arithmetic of the
 # call's shape (computed on the host from the sizes), loads of one element.
 RUNTIME_THREADS = 256
-# A runtime size without a bound is taken at this for the rescue's scaling.
-UNBOUNDED_GROUP = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -375,11 +373,7 @@ def lower_cuda_runtime(plan: Plan) -> CudaRuntimePlan:
     sc = CUDA_SCALARS[layer.dtype]
     archs = CUDA_ARCH.value(layer)
     acc = "double" if sc.acc == "double" else "single"
-    largest = plan.channels_per_group * (layer.fixed_numel // layer.num_channels)
-    for r in plan.runtime_sizes:
-        largest *= r.max if r.max is not None else UNBOUNDED_GROUP
-    rescue = rescue_plan(max(2, min(largest, UNBOUNDED_GROUP)), layer.dtype, sc.acc,
-                         layer.epsilon)
+    rescue = rescue_plan(max(2, plan.largest_group_numel), layer.dtype, sc.acc, layer.epsilon)
     lines = list(plan.summary[:6])
     lines.append(f"CUDA: {sc.elem} in memory, {sc.acc} accumulation; archs "
                  f"{', '.join(f'sm_{a}' for a in archs)}")

@@ -21,9 +21,9 @@ from ...reference import group_norm_reference
 from ...verify import ODD_SIZE
 from ...render import Source, render_template
 from ..c.record import CRecord
-from .boards import AARCH64_SYSROOT, Board
+from .boards import Board
 from .harness import hex_literal
-from .qemu import RUNTIME, render_linker_script
+from .qemu import RUNTIME, emulator_args, render_linker_script
 
 # The program's input: element i is a hash of i (two multiply-xorshift rounds), its top 24
 # bits k giving (k - 2^23) / 2^22 in [-2, 2): exact in float and double, and the same here.
@@ -90,11 +90,9 @@ def demo_layer(rec: CRecord) -> DemoLayer:
 
 
 def run_command(board: Board) -> tuple[str, ...]:
-    """Return how the project's program runs under QEMU, its path to be appended."""
-    if board.bare_metal:
-        return (board.runner, "-machine", board.machine, "-nographic", "-monitor", "none",
-                *board.qemu_flags, "-semihosting-config", "enable=on,target=native", "-kernel")
-    return (board.runner, "-L", AARCH64_SYSROOT)
+    """Return how the project's program runs under QEMU (as the verification runs it, output
+    to the terminal), its path to be appended."""
+    return (board.runner, *emulator_args(board))
 
 
 def project_for(board: Board, records: tuple[CRecord, ...], spec_name: str) -> Project:

@@ -100,12 +100,23 @@ def run_command(image: Image, output: Path) -> list[str]:
     board = image.board
     if board.bare_metal:
         icount = ("-icount", f"shift={ICOUNT_SHIFT}") if board.counts_instructions else ()
-        return [require_tool(board.runner), "-machine", board.machine, "-nographic",
-                "-monitor", "none", *icount, *board.qemu_flags,
-                "-chardev", f"file,id=harness,path={output}",
-                "-semihosting-config", "enable=on,target=native,chardev=harness",
-                "-kernel", str(image.path)]
-    return [require_tool(board.runner), "-L", AARCH64_SYSROOT, str(image.path)]
+        return [require_tool(board.runner), *emulator_args(board, icount, (
+            "-chardev", f"file,id=harness,path={output}",
+            "-semihosting-config", "enable=on,target=native,chardev=harness")),
+            str(image.path)]
+    return [require_tool(board.runner), *emulator_args(board), str(image.path)]
+
+
+def emulator_args(board: Board, before: tuple[str, ...] = (),
+                  semihosting: tuple[str, ...] = ("-semihosting-config",
+                                                  "enable=on,target=native")) -> tuple[str, ...]:
+    """Return the emulator's arguments for a board, the program's path to follow: the machine
+    without a display or monitor, `before` and the board's own flags, semihosting (to stdout
+    unless told otherwise) and -kernel on bare metal; the C library's root on Linux."""
+    if board.bare_metal:
+        return ("-machine", board.machine, "-nographic", "-monitor", "none", *before,
+                *board.qemu_flags, *semihosting, "-kernel")
+    return ("-L", AARCH64_SYSROOT)
 
 
 def run_image(image: Image, timeout: float = QEMU_TIMEOUT_S) -> str:
