@@ -56,3 +56,10 @@ def parse_choice(value: Any, fld: str, choices: dict[str, str]) -> str:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise SpecError(fld, f"'{preview(value)}' is not one of {words}{hint}")
     return canon
+
+
+def parse_switch(value: Any, fld: str) -> bool:
+    """Return a yes/no spec value: YAML's true or false (no other spelling is guessed at)."""
+    if not isinstance(value, bool):
+        raise SpecError(fld, f"must be true or false, got {preview(value)}")
+    return value

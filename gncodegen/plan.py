@@ -267,7 +267,7 @@ def lower(layer: Layer) -> Plan:
         f"memory order, fastest first: {_dims_text(layout)}",
         access,
         f"dtype {layer.dtype}, epsilon {layer.epsilon!r}"
-        + (f"; then {layer.activation.describe()}, fused" if layer.activation.fused else ""),
+        + (f"; {layer.fusion_text()}" if layer.fused else ""),
         f"scale: {layer.scale_source}; offset: {layer.offset_source}",
     )  # each target's kernel comment says how it computes (numerics differ per target)
     return Plan(

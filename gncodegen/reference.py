@@ -109,8 +109,21 @@ def _sum(chunks) -> float:
     return math.fsum(parts) if all(math.isfinite(p) for p in parts) else sum(parts)
 
 
+def skip_sum(x: np.ndarray, skip: np.ndarray, storage: np.dtype) -> np.ndarray:
+    """Return x + skip as the layer sees it: the exact sum rounded once to the storage type
+    (what an unfused add in that type gives), as a new array of that type."""
+    out = np.empty(np.size(x), dtype=storage)
+    flat_x, flat_k = np.ravel(x), np.ravel(skip)
+    for start in range(0, out.size, CHUNK):
+        stop = start + CHUNK
+        out[start:stop] = (flat_x[start:stop].astype(np.float64)
+                           + flat_k[start:stop].astype(np.float64))
+    return out
+
+
 def reference_pieces(x: np.ndarray, layer: Layer, batch: int, scale=None, offset=None,
-                     like: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                     like: np.ndarray | None = None, ada_scale=None, ada_shift=None
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (piece of like, the reference's float64 values for it) over every element.
 
     like is a flat buffer in the layer's layout (the output to fill, or one to compare); the
@@ -121,7 +134,10 @@ def reference_pieces(x: np.ndarray, layer: Layer, batch: int, scale=None, offset
     pilot: x - pilot is exact for inputs of a narrower type, so a mean far from zero costs no
     precision, which subtracting a rounded float64 mean would, about 1e-12 at mean 1e4): the
     mean of x - pilot, a refinement of it, then the biased variance, as MATLAB, ONNX and
-    PyTorch define it. scale and offset default to the layer's own parameters.
+    PyTorch define it. scale and offset default to the layer's own parameters. An adaptive
+    layer's z = scale*x^ + offset becomes z*(1 + ada_scale[n, c]) + ada_shift[n, c] (flat
+    batch x channels arrays) before the activation; a skip layer's x is already x + skip
+    (skip_sum).
     """
     scale = np.asarray(layer.scale if scale is None else scale, dtype=np.float64)
     offset = np.asarray(layer.offset if offset is None else offset, dtype=np.float64)
@@ -129,11 +145,19 @@ def reference_pieces(x: np.ndarray, layer: Layer, batch: int, scale=None, offset
     dst = to_logical(np.empty(src.size) if like is None else np.ravel(like), layer, batch)
     c_axis = group_channel_axis(layer)
     cpg = layer.channels_per_group
-    for c0, idx in group_indices(layer, batch):
+    if layer.adaptive:
+        gains = 1.0 + np.asarray(ada_scale, dtype=np.float64).reshape(-1, layer.num_channels)
+        shifts = np.asarray(ada_shift, dtype=np.float64).reshape(-1, layer.num_channels)
+    for k, (c0, idx) in enumerate(group_indices(layer, batch)):
         view, target = src[idx], dst[idx]
         shape = [1] * view.ndim
         shape[c_axis] = cpg
         s, o = scale[c0:c0 + cpg].reshape(shape), offset[c0:c0 + cpg].reshape(shape)
+        if layer.adaptive:
+            # z*g + h = scale*g*x^ + (offset*g + h), in float64 as exactly as z itself
+            n = k // layer.num_groups
+            g = gains[n, c0:c0 + cpg].reshape(shape)
+            s, o = s * g, o * g + shifts[n, c0:c0 + cpg].reshape(shape)
         n = view.size
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             pilot = np.float64(view[(0,) * view.ndim])
@@ -151,10 +175,15 @@ def reference_pieces(x: np.ndarray, layer: Layer, batch: int, scale=None, offset
 
 
 def group_norm_reference(x: np.ndarray, layer: Layer, batch: int,
-                         scale=None, offset=None) -> np.ndarray:
+                         scale=None, offset=None, skip=None, ada_scale=None,
+                         ada_shift=None) -> np.ndarray:
     """Return y = group_norm(x) in float64 for a flat buffer in the layer's layout (see
-    reference_pieces for how it is computed)."""
+    reference_pieces for how it is computed), with the layer's fusions."""
     out = np.empty(np.size(x), dtype=np.float64)
-    for piece, values in reference_pieces(x, layer, batch, scale, offset, like=out):
+    if layer.skip:
+        from .dtypes import dtype
+        x = skip_sum(x, skip, dtype(layer.dtype).numpy)
+    for piece, values in reference_pieces(x, layer, batch, scale, offset, like=out,
+                                          ada_scale=ada_scale, ada_shift=ada_shift):
         piece[...] = values
     return out

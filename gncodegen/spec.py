@@ -20,7 +20,7 @@ import numpy as np
 
 from .activations import NONE, Activation, parse_activation
 from .errors import SpecError
-from .fields import parse_choice, parse_int, parse_number
+from .fields import parse_choice, parse_int, parse_number, parse_switch
 from .files import read_regular
 from .names import parse_name
 from .options import SpecOption
@@ -74,6 +74,8 @@ KEYS: dict[str, tuple[str, ...]] = {
     "scale_l2_factor": ("ScaleL2Factor",),
     "offset_l2_factor": ("OffsetL2Factor",),
     "activation": ("Activation",),
+    "skip": ("Skip",),
+    "adaptive": ("Adaptive",),
 }
 ALIASES = {alias: key for key, aliases in KEYS.items() for alias in (key, *aliases)}
 REQUIRED = ("num_groups", "format", "input_size")
@@ -126,6 +128,8 @@ class Layer:
     offset_l2_factor: float = 1.0
     options: tuple[tuple[str, Any], ...] = ()    # the targets' own keys (gncodegen.options)
     activation: Activation = NONE                # applied to the normalized, scaled output
+    skip: bool = False          # normalizes x + skip (an extra input), optionally written to `sum`
+    adaptive: bool = False      # modulated per observation and channel by ada_scale, ada_shift
     num_groups_given: str = ""
     field_prefix: str = ""
 
@@ -142,6 +146,27 @@ class Layer:
     def channels_per_group(self) -> int:
         """Channels in each group."""
         return self.num_channels // self.num_groups
+
+    @property
+    def fusion_args(self) -> tuple[str, ...]:
+        """The fusion arguments every entry point takes after scale and offset, in order:
+        skip and sum (skip), ada_scale and ada_shift (adaptive)."""
+        return (("skip", "sum") if self.skip else ()) + (
+            ("ada_scale", "ada_shift") if self.adaptive else ())
+
+    @property
+    def fused(self) -> bool:
+        """True when anything is fused around the normalization (activation, skip, adaptive)."""
+        return self.activation.fused or self.skip or self.adaptive
+
+    def fusion_text(self) -> str:
+        """What is fused around the normalization, in words ("" for a plain layer)."""
+        parts = (["x + skip normalized (written to sum unless it is NULL)"] if self.skip else [])
+        if self.adaptive:
+            parts.append("z*(1 + ada_scale) + ada_shift per observation and channel")
+        if self.activation.fused:
+            parts.append(f"then {self.activation.describe()}")
+        return "; ".join(parts) + (", fused" if parts else "")
 
     @property
     def runtime_sizes(self) -> tuple[RuntimeSize, ...]:
@@ -315,6 +340,8 @@ def _parse_layer(doc: dict, prefix: str, default_name: str, base_dir: Path,
                          "scale_l2_factor", "offset_l2_factor")}
     own = tuple((o.key, o.parse(get(o.key, o.default), fname(o.key))) for o in options)
     activation = parse_activation(get("activation"), fname("activation"))
+    skip = parse_switch(get("skip", False), fname("skip"))
+    adaptive = parse_switch(get("adaptive", False), fname("adaptive"))
 
     params = {}
     for which, default_init, stream in (("scale", "ones", 0), ("offset", "zeros", 1)):
@@ -334,7 +361,7 @@ def _parse_layer(doc: dict, prefix: str, default_name: str, base_dir: Path,
         scale=params["scale"][0], offset=params["offset"][0],
         scale_source=params["scale"][1], offset_source=params["offset"][1],
         options=own, num_groups_given=groups_given, activation=activation,
-        field_prefix=prefix, **factors,
+        skip=skip, adaptive=adaptive, field_prefix=prefix, **factors,
     )
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from .dtypes import dtype
 from .errors import TargetUnavailable
 from .reference import (canonical, group_channel_axis, group_indices, reference_pieces,
-                        to_logical)
+                        skip_sum, to_logical)
 from .spec import Layer
 
 # Largest batch the verification uses: bounded so a case stays a few MiB.
@@ -34,6 +34,15 @@ class Case:
     scale: np.ndarray | None = None   # None: the baked parameters (<name>_predict)
     offset: np.ndarray | None = None
     sizes: tuple[int, ...] = ()       # the runtime sizes of the call (format order)
+    skip: np.ndarray | None = None    # a skip layer's second input, like x
+    want_sum: bool = False            # ... and whether the call asks for x + skip (else NULL)
+    ada_scale: np.ndarray | None = None   # an adaptive layer's batch x channels modulation
+    ada_shift: np.ndarray | None = None
+
+    def fusion_values(self) -> dict[str, np.ndarray | None]:
+        """Return the case's fusion inputs by argument name (sum: None, the runner's to fill)."""
+        return {"skip": self.skip, "sum": None, "ada_scale": self.ada_scale,
+                "ada_shift": self.ada_shift}
 
 
 @dataclass(frozen=True)
@@ -115,7 +124,9 @@ def verification_bytes(layer: Layer, max_batch: int = 4) -> int:
         return max(verification_bytes(layer.at_sizes(s), max_batch)
                    for s in verification_sizes(layer))
     numel = verification_batch(layer, max_batch) * layer.observation_numel
-    return 3 * numel * dtype(layer.dtype).bytes + VERIFY_BASE_BYTES
+    # x, y and the in-place copy; with a skip also skip, sum and the reference's x + skip
+    buffers = 6 if layer.skip else 3
+    return buffers * numel * dtype(layer.dtype).bytes + VERIFY_BASE_BYTES
 
 
 def available_memory() -> int:
@@ -187,6 +198,25 @@ def iter_cases(layer: Layer, seed: int = 0, max_batch: int = 4) -> Iterator[Case
             for case in iter_cases(layer.at_sizes(sizes), seed, max_batch):
                 yield replace(case, name=f"{case.name}, {label}", sizes=sizes)
         return
+    storage = dtype(layer.dtype).numpy
+    numel = layer.observation_numel
+    bmax = verification_batch(layer, max_batch)
+
+    def stream(k: int) -> np.random.Generator:
+        return np.random.default_rng((seed, k))
+
+    for k, case in enumerate(_plain_cases(layer, seed, max_batch)):
+        yield _fused(layer, case, stream(100 + k), storage) if layer.fused else case
+    if layer.skip:
+        # sum NULL: x + skip goes through y (or, in place, through x itself)
+        for k, in_place in enumerate((False, True)):
+            case = Case(f"skip without sum{', in place' if in_place else ''}",
+                        _normal(stream(7 + k), bmax * numel, storage), bmax, in_place=in_place)
+            yield replace(_fused(layer, case, stream(9 + k), storage), want_sum=False)
+
+
+def _plain_cases(layer: Layer, seed: int, max_batch: int) -> Iterator[Case]:
+    """Yield the cases of every layer (fixed sizes), before any fusion inputs are added."""
     dt = dtype(layer.dtype)
     storage = dt.numpy
     numel = layer.observation_numel
@@ -216,6 +246,26 @@ def iter_cases(layer: Layer, seed: int = 0, max_batch: int = 4) -> Iterator[Case
         yield Case("activation regions", _normal(rng, bmax * numel, storage), bmax,
                    scale=dt.round(rng.choice([-1.0, 1.0], c) * rng.uniform(3.0, 8.0, c)),
                    offset=dt.round(rng.normal(0.0, 4.0, c)))
+
+
+def _fused(layer: Layer, case: Case, rng: np.random.Generator, storage: np.dtype) -> Case:
+    """Return a case with a fused layer's extra inputs: a skip of the same kind as x (constant
+    per group where x is, so x + skip is too) with sum asked for, and a random modulation per
+    observation and channel."""
+    dt = dtype(layer.dtype)
+    out = case
+    if layer.skip:
+        if case.name == "constant groups":
+            skip = _per_group(layer, case.batch, lambda r, k: np.full(k, r.normal(0, 1)), rng,
+                              storage)
+        else:
+            skip = _normal(rng, case.x.size, storage)
+        out = replace(out, skip=skip, want_sum=True)
+    if layer.adaptive:
+        count = case.batch * layer.num_channels
+        out = replace(out, ada_scale=dt.round(rng.normal(0.0, 0.5, count)),
+                      ada_shift=dt.round(rng.normal(0.0, 0.5, count)))
+    return out
 
 
 def make_cases(layer: Layer, seed: int = 0, max_batch: int = 4) -> list[Case]:
@@ -271,13 +321,27 @@ def compare_with_reference(y: np.ndarray, case: Case, layer: Layer, scale: np.nd
     """Return how a case's output compares with the reference, computed a piece at a time
     beside it (no float64 copy of the whole output)."""
     tally = _Tally()
-    for y_piece, ref_piece in reference_pieces(case.x, layer, case.batch, scale, offset, like=y):
+    x = case.x if case.skip is None else skip_sum(case.x, case.skip, dtype(layer.dtype).numpy)
+    for y_piece, ref_piece in reference_pieces(x, layer, case.batch, scale, offset, like=y,
+                                               ada_scale=case.ada_scale,
+                                               ada_shift=case.ada_shift):
         tally.add(y_piece, ref_piece)
     return tally.result(tolerance, case.name)
 
 
-# A runner takes (case) and returns the output buffer (in the storage type, or float64).
-Runner = Callable[[Case], np.ndarray]
+def compare_sum(written: np.ndarray, case: Case, layer: Layer) -> CaseResult:
+    """Return how a skip layer's sum output compares with x + skip rounded once to the storage
+    type: it must be exactly that (any target adds two values of the type and rounds once)."""
+    want = skip_sum(case.x, case.skip, dtype(layer.dtype).numpy)
+    result = compare(written, want, 0.0, f"{case.name}: sum")
+    exact = np.array_equal(np.asarray(written, dtype=np.float64), want.astype(np.float64),
+                           equal_nan=True)
+    return replace(result, passed=exact)
+
+
+# A runner takes (case) and returns the output buffer (in the storage type, or float64), or
+# (y, sum) for a case that asks for a skip layer's sum.
+Runner = Callable[[Case], "np.ndarray | tuple[np.ndarray, np.ndarray]"]
 
 
 def verify_layer(layer: Layer, target: str, runner_name: str, run: Runner,
@@ -290,12 +354,19 @@ def verify_layer(layer: Layer, target: str, runner_name: str, run: Runner,
         scale = dt.round(layer.scale) if case.scale is None else case.scale
         offset = dt.round(layer.offset) if case.offset is None else case.offset
         y = run(case)
+        written = None
+        if isinstance(y, tuple):
+            y, written = y
+        if case.want_sum and written is None:
+            raise RuntimeError(f"{layer.name}: the {target} run of {case.name!r} returned no sum")
         if np.size(y) != np.size(case.x):
             raise RuntimeError(f"{layer.name}: the {target} run of {case.name!r} returned "
                                f"{np.size(y)} values for {np.size(case.x)}")
         fixed = layer.at_sizes(case.sizes) if layer.runtime_sizes else layer
         results.append(compare_with_reference(y, case, fixed, scale, offset, tol))
-        del y, case  # the next case is made while these would still be held
+        if written is not None:
+            results.append(compare_sum(written, case, fixed))
+        del y, written, case  # the next case is made while these would still be held
     return Report(layer.name, target, runner_name, tol, tuple(results))
 
 

@@ -52,6 +52,16 @@ EXTRA_LAYERS = {
                                                               "ceiling": 6}),
     "runtime_sizes": dict(name="s_rt", num_groups=2, format="SSCB",
                           input_size=[None, {"max": 9}, 4]),
+    # The skip and the modulation on each kernel kind (runs, rows, strided, runtime sizes).
+    "diffusion_runs": dict(name="s_dif", num_groups=2, format="BCSS", layout="row-major",
+                           input_size=[4, 3, 3], skip=True, adaptive=True, activation="swish"),
+    "skip_rows": dict(name="s_skr", num_groups=2, format="BSSC", layout="row-major",
+                      input_size=[3, 3, 8], skip=True),
+    "adaptive_strided_double": dict(name="s_ada64", num_groups=3, format="SSCB",
+                                    layout="row-major", input_size=[3, 2, 6], adaptive=True,
+                                    dtype="double"),
+    "fused_runtime": dict(name="s_furt", num_groups=2, format="CBT", input_size=[4, None],
+                          skip=True, adaptive=True),
 }
 
 

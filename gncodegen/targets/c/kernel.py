@@ -333,7 +333,7 @@ def plan_kernel(plan: Plan, threads: int | None = None) -> CKernel:
                  + (2 * cpg * size if channel_fastest else 0))
         simd = _simd_groups(plan, channel_fastest, common["group_stride"],
                             bool(stats[:-1] or group[:-1]))
-        if simd and not plan.layer.activation.fused:   # the AVX-512 path stores plain y
+        if simd and not plan.layer.fused:   # the AVX-512 path stores plain y of plain x
             common.update(simd_groups=simd, simd_vectors=plan.group_numel // SIMD_LANES)
         kernel = CKernel(
             kind="runs",

@@ -36,9 +36,11 @@ def cdef_for(rec: CRecord) -> str:
     """Return the cffi declarations of one layer's C entry points."""
     t, prefix = rec.ctype, rec.plan.prefix
     sizes = "".join(f", size_t {r.name}" for r in rec.plan.runtime_sizes)
-    return (f"int {prefix}_predict(const {t} *x, {t} *y, size_t batch{sizes});\n"
+    fusion = "".join(f", {'' if n == 'sum' else 'const '}{t} *{n}"
+                     for n in rec.plan.layer.fusion_args)
+    return (f"int {prefix}_predict(const {t} *x, {t} *y, size_t batch{sizes}{fusion});\n"
             f"int {prefix}_predict_with_params(const {t} *x, {t} *y, size_t batch{sizes}, "
-            f"const {t} *scale, const {t} *offset);\n")
+            f"const {t} *scale, const {t} *offset{fusion});\n")
 
 
 def with_openmp(layers: tuple[CRecord | Plan, ...], flags: tuple[str, ...]) -> tuple[str, ...]:
@@ -114,20 +116,26 @@ def c_runner(layer: CRecord | Plan, module) -> Runner:
     predict = getattr(lib, f"{plan.prefix}_predict")
     predict_with = getattr(lib, f"{plan.prefix}_predict_with_params")
 
-    def run(case: Case) -> np.ndarray:
+    def buffer(values) -> object:
+        return ffi.from_buffer(f"{ctype}[]", np.ascontiguousarray(values, dtype=np_dtype))
+
+    def run(case: Case):
         x = np.array(case.x, dtype=np_dtype)  # a copy: in-place cases must not touch case.x
         y = x if case.in_place else np.full_like(x, np.nan)
         px = ffi.from_buffer(f"{ctype}[]", x)
         py = px if case.in_place else ffi.from_buffer(f"{ctype}[]", y)
+        written = np.full_like(x, np.nan) if case.want_sum else None
+        given = case.fusion_values()
+        fusion = [ffi.from_buffer(f"{ctype}[]", written) if name == "sum" and case.want_sum
+                  else ffi.NULL if name == "sum" else buffer(given[name])
+                  for name in plan.layer.fusion_args]
         if case.scale is None:
-            rc = predict(px, py, case.batch, *case.sizes)
+            rc = predict(px, py, case.batch, *case.sizes, *fusion)
         else:
-            s = np.ascontiguousarray(case.scale, dtype=np_dtype)
-            o = np.ascontiguousarray(case.offset, dtype=np_dtype)
-            rc = predict_with(px, py, case.batch, *case.sizes,
-                              ffi.from_buffer(f"{ctype}[]", s), ffi.from_buffer(f"{ctype}[]", o))
+            rc = predict_with(px, py, case.batch, *case.sizes, buffer(case.scale),
+                              buffer(case.offset), *fusion)
         if rc != 0:
             raise RuntimeError(f"{plan.prefix}_predict returned {rc}")
-        return y
+        return y if written is None else (y, written)
 
     return run

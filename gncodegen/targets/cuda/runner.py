@@ -131,15 +131,18 @@ class CallResult:
     stdout: str
     stderr: str
     y: np.ndarray | None
+    sum: np.ndarray | None = None   # a skip layer's x + skip, where the call asked for it
 
 
 def run_call(exe: Path, plan: Plan, mode: str, batch: int, x: np.ndarray,
              scale: np.ndarray | None = None, offset: np.ndarray | None = None,
              env: dict | None = None, timeout: float = 600,
-             sizes: tuple[int, ...] = ()) -> CallResult:
+             sizes: tuple[int, ...] = (), fusion: dict | None = None,
+             want_sum: bool = False) -> CallResult:
     """Run the driver once and return its output and y (None when the call failed).
 
-    sizes: the runtime sizes of the call (the driver reads them after the batch)."""
+    sizes: the runtime sizes of the call (the driver reads them after the batch); fusion: the
+    fusion inputs by name (skip, ada_scale, ada_shift); want_sum: read back a sum."""
     dtype = plan.layer.dtype
     with tempfile.TemporaryDirectory(prefix="gn-cuda-") as tmp:
         t = Path(tmp)
@@ -150,29 +153,41 @@ def run_call(exe: Path, plan: Plan, mode: str, batch: int, x: np.ndarray,
             (t / "s.bin").write_bytes(to_bits(scale, dtype))
             (t / "o.bin").write_bytes(to_bits(offset, dtype))
             args += [str(t / "s.bin"), str(t / "o.bin")]
+        for name, values in (fusion or {}).items():
+            if values is not None:
+                (t / f"{name}.bin").write_bytes(to_bits(values, dtype))
+                args.append(f"{name}={t / f'{name}.bin'}")
+        if want_sum:
+            args.append(f"sum={t / 'sum.bin'}")
         full_env = {**os.environ, **(env or {})}
         proc = subprocess.run(args, capture_output=True, text=True, env=full_env,
                               timeout=timeout, check=False)
         y = None
         if proc.returncode == 0 and (t / "y.bin").is_file():
             y = from_bits((t / "y.bin").read_bytes(), dtype)
-    return CallResult(proc.returncode, proc.stdout, proc.stderr, y)
+        written = None
+        if want_sum and proc.returncode == 0 and (t / "sum.bin").is_file():
+            written = from_bits((t / "sum.bin").read_bytes(), dtype)
+    return CallResult(proc.returncode, proc.stdout, proc.stderr, y, written)
 
 
 def cuda_runner(plan: Plan, exe: Path, env: dict | None = None) -> Runner:
     """Return a verify Runner that calls the layer's CUDA entry points through the driver."""
 
-    def run(case: Case) -> np.ndarray:
+    def run(case: Case):
         params = case.scale is not None
         if case.in_place:
             mode = "inplace_params" if params else "inplace"
         else:
             mode = "params" if params else "baked"
+        fusion = {k: v for k, v in case.fusion_values().items() if v is not None}
         res = run_call(exe, plan, mode, case.batch, case.x, case.scale, case.offset, env,
-                       sizes=case.sizes)
-        if res.y is None:
+                       sizes=case.sizes, fusion=fusion, want_sum=case.want_sum)
+        if res.y is None or (case.want_sum and res.sum is None):
             raise RuntimeError(f"{plan.prefix} CUDA driver failed ({res.returncode}): "
                                f"{res.stdout.strip()} {res.stderr.strip()[-2000:]}")
+        if case.want_sum:
+            return res.y, res.sum
         return res.y
 
     return run

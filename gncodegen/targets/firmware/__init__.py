@@ -73,6 +73,10 @@ RUNTIME_TEXT_BUDGET = 512
 # source's own e^x (and erf) with the activation around it (elu +228 B, gelu +356 B of text,
 # +48 to +56 B of stack; no call of the math library).
 ACTIVATION_ALLOWANCE = {"piecewise": (48, 16), "exponential": (384, 64)}
+# ... and a skip or a modulation, measured alike on three layouts (SSCB, CBT, channels-last
+# BSSC): the sweep that adds skip into t (+84 to +96 B of text, +8 to +16 B of stack), the
+# gain and shift per element (+72 to +80 B, +24 B); both together +164 to +192 B, +32 to +48 B.
+FUSION_ALLOWANCE = {"skip": (112, 16), "adaptive": (96, 32)}
 
 
 def budgets(layer) -> tuple[int, int]:
@@ -83,6 +87,9 @@ def budgets(layer) -> tuple[int, int]:
     extra = (0, 0)
     if layer.activation.fused:
         extra = ACTIVATION_ALLOWANCE["exponential" if layer.activation.libm else "piecewise"]
+    for key in ("skip", "adaptive"):
+        if getattr(layer, key):
+            extra = (extra[0] + FUSION_ALLOWANCE[key][0], extra[1] + FUSION_ALLOWANCE[key][1])
     base = RUNTIME_TEXT_BUDGET if layer.runtime_sizes else TEXT_BUDGET
     return text or base + extra[0], stack or STACK_BUDGET + extra[1]
 
@@ -90,11 +97,11 @@ TEXT_BUDGET_OPTION = SpecOption(
     "text_budget", ("TextBudget",), "auto", parse_budget,
     f"bytes of kernel text a single-precision layer may take on the Cortex-M4 at -Os "
     f"(auto: {TEXT_BUDGET}, {RUNTIME_TEXT_BUDGET} with runtime sizes, more with a fused "
-    f"activation)")
+    f"activation, skip or modulation)")
 STACK_BUDGET_OPTION = SpecOption(
     "stack_budget", ("StackBudget",), "auto", parse_budget,
     f"bytes of stack a single-precision layer may use on the Cortex-M4 at -Os (auto: "
-    f"{STACK_BUDGET}, more with a fused activation)")
+    f"{STACK_BUDGET}, more with a fused activation, skip or modulation)")
 
 
 @dataclass(frozen=True)

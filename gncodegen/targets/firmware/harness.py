@@ -37,6 +37,10 @@ class HarnessCase:
     scale_literals: tuple[str, ...] = ()
     offset_literals: tuple[str, ...] = ()
     sizes: tuple[int, ...] = ()      # the runtime sizes of the call
+    skip_literals: tuple[str, ...] = ()       # a skip layer's second input
+    want_sum: bool = False                    # ... and whether the call asks for the sum
+    ada_scale_literals: tuple[str, ...] = ()  # an adaptive layer's modulation
+    ada_shift_literals: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,8 +84,15 @@ def harness_for(plan: Plan, board: Board, cases: list[Case]) -> Harness:
         if case.scale is not None:
             params = (tuple(hex_literal(v, dt) for v in case.scale),
                       tuple(hex_literal(v, dt) for v in case.offset))
+        exact = lambda values: tuple(hex_literal(v, dt) for v in values)   # noqa: E731
+        fusion = {}
+        if case.skip is not None:
+            fusion.update(skip_literals=exact(case.skip), want_sum=case.want_sum)
+        if case.ada_scale is not None:
+            fusion.update(ada_scale_literals=exact(case.ada_scale),
+                          ada_shift_literals=exact(case.ada_shift))
         hcases.append(HarnessCase(case.name, case.batch, case.in_place, len(case.x), lits,
-                                  *params, sizes=case.sizes))
+                                  *params, sizes=case.sizes, **fusion))
     return Harness(board.name, tuple(hcases), max(c.numel for c in hcases),
                    measure_stack=board.measures_stack, count=board.counts_instructions,
                    count_case=counted_case(cases))
@@ -106,9 +117,12 @@ def render_harness(layer: CRecord | Plan, harness: Harness) -> Source:
 def case_bytes(cases: list[Case], dtype: str) -> tuple[int, int]:
     """Return (bytes of constants, bytes of the work buffer) a set of cases needs."""
     size = 8 if dtype == "double" else 4
-    const = sum(len(c.x) * size + (0 if c.scale is None else 2 * len(c.scale) * size)
+    const = sum((len(c.x) + (0 if c.scale is None else 2 * len(c.scale))
+                 + (0 if c.skip is None else len(c.skip))
+                 + (0 if c.ada_scale is None else 2 * len(c.ada_scale))) * size
                 for c in cases)
-    return const, max(len(c.x) for c in cases) * size
+    sums = any(c.want_sum for c in cases)   # a second work buffer takes the sum
+    return const, (2 if sums else 1) * max(len(c.x) for c in cases) * size
 
 
 def firmware_cases(layer: Layer, board: Board, seed: int = 0) -> list[Case]:
@@ -158,8 +172,10 @@ def measured_instructions(text: str, board: Board, cases: list[Case]) -> int | N
     return board.instructions(counts[-1]) if counts else None
 
 
-def parse_output(text: str, plan: Plan, cases: list[Case]) -> dict[str, np.ndarray]:
-    """Return case name -> outputs (float64) from a harness's printout; raise on anything odd."""
+def parse_output(text: str, plan: Plan, cases: list[Case]
+                 ) -> dict[str, np.ndarray | tuple[np.ndarray, np.ndarray]]:
+    """Return case name -> outputs (float64) from a harness's printout, (y, sum) for a case
+    that asks for a skip layer's sum; raise on anything odd."""
     dtype = np.dtype("<u8" if plan.dtype.bytes == 8 else "<u4")
     float_type = np.float64 if plan.dtype.bytes == 8 else np.float32
     digits = 2 * plan.dtype.bytes
@@ -179,17 +195,21 @@ def parse_output(text: str, plan: Plan, cases: list[Case]) -> dict[str, np.ndarr
         rc, numel = int(m.group(3)), int(m.group(4))
         if rc != 0:
             raise VerificationError(f"{plan.prefix}: case '{case.name}' returned {rc}")
-        rows = 0
-        while (rows < math.ceil(numel / HEX_PER_LINE) and i + 1 + rows < len(lines)
-               and hex_line.fullmatch(lines[i + 1 + rows])):
-            rows += 1
-        words = " ".join(lines[i + 1:i + 1 + rows]).split()
-        if len(words) != numel:
-            raise VerificationError(f"{plan.prefix}: case '{case.name}' printed {len(words)} "
-                                    f"values, expected {numel}")
-        bits = np.array([int(w, 16) for w in words], dtype=dtype)
-        outputs[case.name] = bits.view(float_type).astype(np.float64)
-        i += 1 + rows
+        blocks = []
+        for _ in range(2 if case.want_sum else 1):   # y, then the sum
+            rows = 0
+            while (rows < math.ceil(numel / HEX_PER_LINE) and i + 1 + rows < len(lines)
+                   and hex_line.fullmatch(lines[i + 1 + rows])):
+                rows += 1
+            words = " ".join(lines[i + 1:i + 1 + rows]).split()
+            if len(words) != numel:
+                raise VerificationError(f"{plan.prefix}: case '{case.name}' printed "
+                                        f"{len(words)} values, expected {numel}")
+            bits = np.array([int(w, 16) for w in words], dtype=dtype)
+            blocks.append(bits.view(float_type).astype(np.float64))
+            i += rows
+        outputs[case.name] = blocks[0] if len(blocks) == 1 else (blocks[0], blocks[1])
+        i += 1
     if i >= len(lines) or lines[i] != "api ok":
         raise VerificationError(f"{plan.prefix}: the API checks failed on the target: "
                                 f"{lines[i] if i < len(lines) else 'no output'}")

@@ -43,6 +43,8 @@ class DemoLayer:
     sum_bound: str           # |sum - expected| the tolerance allows
     sum_sq: str              # ... and its sum of squares
     sum_sq_bound: str
+    skip: bool = False       # a skip layer normalizes x + x (skip is x itself, no sum)
+    adaptive: bool = False   # ... an adaptive one is modulated by zeros (its identity)
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,9 @@ def demo_layer(rec: CRecord) -> DemoLayer:
     # Runtime sizes at an odd size within their bounds: one of the sizes verification ran.
     sizes = tuple((r.name, min(ODD_SIZE, r.max or ODD_SIZE)) for r in plan.runtime_sizes)
     layer = plan.layer.at_sizes(tuple(v for _, v in sizes)) if sizes else plan.layer
-    y = group_norm_reference(demo_input(layer.observation_numel), layer, 1)
+    x = demo_input(layer.observation_numel)
+    zeros = np.zeros(layer.num_channels)
+    y = group_norm_reference(x, layer, 1, skip=x, ada_scale=zeros, ada_shift=zeros)
     tol = dtype_info(plan.layer.dtype).tolerance
     n = y.size
     peak = float(np.max(np.abs(y))) if n else 0.0
@@ -86,7 +90,8 @@ def demo_layer(rec: CRecord) -> DemoLayer:
     sum_sq_bound = n * err * (2.0 * peak + err)
     lit = lambda v: hex_literal(float(v), "double")   # noqa: E731 (exact double literals)
     return DemoLayer(plan.prefix, plan.macro, rec.ctype, n, sizes, lit(np.sum(y)),
-                     lit(sum_bound), lit(np.sum(y * y)), lit(sum_sq_bound))
+                     lit(sum_bound), lit(np.sum(y * y)), lit(sum_sq_bound),
+                     skip=layer.skip, adaptive=layer.adaptive)
 
 
 def run_command(board: Board) -> tuple[str, ...]:
