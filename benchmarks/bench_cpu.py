@@ -63,9 +63,11 @@ class Case:
         """Elements of the whole batch."""
         return self.n * self.c * int(np.prod(self.spatial, dtype=np.int64))
 
-    def spec_text(self, threads: int, runtime: bool = False, activation: str = "") -> str:
+    def spec_text(self, threads: int, runtime: bool = False, activation: str = "",
+                  skip: bool = False, adaptive: bool = False) -> str:
         """Return the YAML spec of this case (row-major, PyTorch's order of dimensions);
-        runtime: the spatial sizes left to run time (null); activation: one to fuse."""
+        runtime: the spatial sizes left to run time (null); activation, skip, adaptive: what
+        to fuse."""
         s = "S" * len(self.spatial)
         spatial = ["~"] * len(self.spatial) if runtime else list(self.spatial)
         if not self.spatial:
@@ -75,11 +77,13 @@ class Case:
         else:
             fmt, size = f"B{s}C", [*spatial, self.c]
         name = (f"bench_{self.shape.lower()}_{self.layout.lower()}_t{threads}"
-                f"{'_rt' if runtime else ''}{'_' + activation if activation else ''}")
+                f"{'_rt' if runtime else ''}{'_' + activation if activation else ''}"
+                f"{'_skip' if skip else ''}{'_ada' if adaptive else ''}")
         size_text = "[" + ", ".join(map(str, size)) + "]"
         return (f"name: {name}\nnum_groups: {self.g}\nformat: {fmt}\nlayout: row-major\n"
                 f"input_size: {size_text}\nthreads: {threads}\n"
-                + (f"activation: {activation}\n" if activation else ""))
+                + (f"activation: {activation}\n" if activation else "")
+                + ("skip: true\n" if skip else "") + ("adaptive: true\n" if adaptive else ""))
 
 
 def cases(shapes: list[str]) -> list[Case]:
@@ -199,9 +203,11 @@ def copy_bandwidth(nbytes: int, min_time: float) -> float:
     return 2 * src.nbytes / (us * 1e-6)
 
 
-def build(case: Case, threads: int, runtime: bool = False, activation: str = ""):
+def build(case: Case, threads: int, runtime: bool = False, activation: str = "",
+          skip: bool = False, adaptive: bool = False):
     """Return (plan, lib, ffi) of the generated C for a case, built with FAST_FLAGS."""
-    spec = parse_spec(case.spec_text(threads, runtime, activation), Path("."), "bench")
+    spec = parse_spec(case.spec_text(threads, runtime, activation, skip, adaptive), Path("."),
+                      "bench")
     plan = lower(spec.layers[0])
     sources = list(render_c(plan, "bench.yaml"))
     module = build_c_module((plan,), sources, flags=FAST_FLAGS)
@@ -344,54 +350,92 @@ def runtime_table(shapes: list[str], min_time: float, torch) -> None:
           "runtime/fixed: goal <= 1.15; medians of the interleaved rounds' ratios")
 
 
-def fused_table(shapes: list[str], min_time: float, torch, activations: list[str]) -> None:
-    """Print each shape with an activation fused beside the same layer without it (the
-    activation's own cost), PyTorch running group norm then the activation as two ops, and the
-    hot floor, timed in turns in one run."""
-    rows = [["shape", "layout", "activation", "C plain", "C fused", "fused/plain", "torch 2 ops",
-             "torch/fused", "fused/floor"]]
+# What --fused takes beyond activation names: the skip, the modulation, and both with swish
+# (a diffusion block), as (activation, skip, adaptive).
+FUSIONS = {"skip": ("", True, False), "adaptive": ("", False, True),
+           "diffusion": ("swish", True, True)}
+
+
+def fused_table(shapes: list[str], min_time: float, torch, fusions: list[str]) -> None:
+    """Print each shape with a fusion beside the same layer without it (the fusion's own cost),
+    PyTorch running the same as separate ops (the add, group norm, the modulation, the
+    activation), and the hot floor, timed in turns in one run. The floor moves the bytes the
+    fused layer must: a copy of x, or with a skip x + skip into y (np.add)."""
+    rows = [["shape", "layout", "fusion", "C plain", "C fused", "fused/plain", "torch ops",
+             "torch/fused", "fused/floor", "plain/copy"]]
     rng = np.random.default_rng(0)
     for case in cases(shapes):
         x_nchw = rng.standard_normal((case.n, case.c, *case.spatial)).astype(np.float32)
-        x = page_aligned(np.moveaxis(x_nchw, 1, -1).copy() if case.layout == "NHWC"
-                         else x_nchw)
+        k_nchw = rng.standard_normal(x_nchw.shape).astype(np.float32)
+
+        def ours(v):
+            return page_aligned(np.moveaxis(v, 1, -1).copy() if case.layout == "NHWC" else v)
+        x, skip = ours(x_nchw), ours(k_nchw)
         y = page_aligned(np.zeros_like(x))
+        gain = page_aligned(rng.normal(0.0, 0.5, (case.n, case.c)).astype(np.float32))
+        shift = page_aligned(rng.normal(0.0, 0.5, (case.n, case.c)).astype(np.float32))
         plan, lib, ffi = build(case, 1)
         px, py = ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", y)
         plain = getattr(lib, f"{plan.prefix}_predict")
         copy_src, copy_dst = page_aligned(np.ones_like(x)), page_aligned(np.zeros_like(x))
-        for act in activations:
-            fplan, flib, fffi = build(case, 1, activation=act)
-            fx, fy = fffi.from_buffer("float[]", x), fffi.from_buffer("float[]", y)
+        for token in fusions:
+            act, with_skip, with_ada = FUSIONS.get(token, (token, False, False))
+            fplan, flib, fffi = build(case, 1, activation=act, skip=with_skip,
+                                      adaptive=with_ada)
+            buf = lambda a: fffi.from_buffer("float[]", a)   # noqa: E731
+            extra = ((buf(skip), fffi.NULL) if with_skip else ()) + (
+                (buf(gain), buf(shift)) if with_ada else ())
+            fx, fy = buf(x), buf(y)
             fused = getattr(flib, f"{fplan.prefix}_predict")
             fns = {"plain": lambda f=plain: f(px, py, case.n),
-                   "fused": lambda f=fused: f(fx, fy, case.n),
+                   "fused": lambda f=fused, e=extra: f(fx, fy, case.n, *e),
                    "copy": lambda: np.copyto(copy_dst, copy_src)}
+            if with_skip:
+                fns["floor"] = lambda: np.add(x, skip, out=copy_dst)
             if torch is not None:
                 torch.set_num_threads(1)
-                gn = torch_runner(torch, x_nchw, case, 1, case.layout == "NHWC")
-                t_in = torch.from_numpy(x_nchw)
-                f_act = {"relu": torch.relu, "swish": torch.nn.functional.silu,
+                t_in, t_skip = torch.from_numpy(x_nchw), torch.from_numpy(k_nchw)
+                shape = (case.n, case.c) + (1,) * len(case.spatial)
+                t_gain = torch.from_numpy(gain).reshape(shape)
+                t_shift = torch.from_numpy(shift).reshape(shape)
+                if case.layout == "NHWC":
+                    t_in, t_skip = (torch_runner_input(torch, v) for v in (x_nchw, k_nchw))
+                f_act = {"": None, "relu": torch.relu, "swish": torch.nn.functional.silu,
                          "sigmoid": torch.sigmoid, "tanh": torch.tanh,
                          "gelu": torch.nn.functional.gelu}[act]
 
-                def two_ops(t=t_in, fa=f_act):
+                def ops(t=t_in, k=t_skip, fa=f_act, sk=with_skip, ad=with_ada):
                     with torch.inference_mode():
-                        fa(torch.nn.functional.group_norm(t, case.g, None, None, 1e-5))
-                fns["torch"] = two_ops
-                del gn
+                        z = torch.nn.functional.group_norm(t + k if sk else t, case.g, None,
+                                                           None, 1e-5)
+                        if ad:
+                            z = z * (1 + t_gain) + t_shift
+                        if fa is not None:
+                            z = fa(z)
+                fns["torch"] = ops
             t = interleaved_us(fns, min_time)
             med = {k: statistics.median(v) for k, v in t.items()}
-            rows.append([case.shape, case.layout, act, fmt(med["plain"]), fmt(med["fused"]),
+            floor = t["floor"] if with_skip else t["copy"]
+            rows.append([case.shape, case.layout, token, fmt(med["plain"]), fmt(med["fused"]),
                          fmt(ratio(t["fused"], t["plain"]), 2), fmt(med.get("torch")),
                          fmt(ratio(t["torch"], t["fused"]), 2) if torch is not None else "-",
-                         fmt(ratio(t["fused"], t["copy"]), 2)])
+                         fmt(ratio(t["fused"], floor), 2), fmt(ratio(t["plain"], t["copy"]), 2)])
             print("  ".join(rows[-1]), file=sys.stderr, flush=True)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
-    print("# fused/plain: the activation's cost in the fused kernel (goal <= 1.1); torch/fused: "
-          "PyTorch's group_norm then the activation, two ops (goal >= 1.5)")
+    print("# fused/plain: what the fusion costs in the fused kernel (goal <= 1.1 for an "
+          "activation; a skip also reads a second tensor); torch/fused: PyTorch's separate ops "
+          "(goal >= 1.5); fused/floor beside plain/copy: each against the bytes it must move")
+
+
+def torch_runner_input(torch, v: np.ndarray):
+    """Return an NCHW array as PyTorch's channels-last tensor (a sequence as an (N, T, C)
+    buffer seen as (N, C, T))."""
+    t = torch.from_numpy(v)
+    if t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.permute(0, 2, 1).contiguous().permute(0, 2, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,8 +449,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="time each shape with its spatial sizes given at run time beside the "
                          "fixed-size build and PyTorch, instead of the main table")
     ap.add_argument("--fused", default="",
-                    help="time each shape with these activations fused (e.g. relu,swish) beside "
-                         "the plain layer and PyTorch's two ops, instead of the main table")
+                    help="time each shape with these fused (activations such as relu,swish, "
+                         "and skip, adaptive, diffusion) beside the plain layer and PyTorch's "
+                         "separate ops, instead of the main table")
     args = ap.parse_args(argv)
     shapes = [s.strip().upper() for s in args.shapes.split(",") if s.strip()]
     unknown = [s for s in shapes if s not in SHAPES]
