@@ -154,6 +154,25 @@ def build(spec: str, out_dir: str | None, target: str, no_verify: bool, allow_co
     click.echo(f"wrote {_clean(out)}/: {names}, manifest.json")
 
 
+@main.command("import")
+@click.argument("model")
+@click.option("-o", "--output", "out_dir", help="Folder for <model stem>.yaml and .npz "
+              "[default: the working directory].")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D0xD1x...",
+              help="An ONNX input's shape where the model leaves it open (? for a size left "
+                   "to run time); may be given for several inputs.")
+def import_(model: str, out_dir: str | None, input_shapes: tuple[str, ...]) -> None:
+    """Find the group normalizations of MODEL (.onnx, or .pt2 from torch.export.save) and
+    write them as a spec with their parameters beside it."""
+    from .importer import import_model, table
+
+    try:
+        result = import_model(model, out_dir, input_shapes)
+    except GncodegenError as exc:
+        _fail(exc)
+    click.echo(_clean(table(result), keep_newlines=True))
+
+
 @main.command()
 @click.argument("spec")
 @target_option
