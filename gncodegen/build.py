@@ -108,3 +108,96 @@ def write_sources(folder: Path, sources) -> None:
     """Write each Source into folder under its name."""
     for src in sources:
         (folder / src.name).write_text(src.text)
+
+
+# The cache keeps at most this many bytes ($GNCODEGEN_CACHE_MAX: a number of bytes, or with a
+# K, M or G suffix); past it, the entries built longest ago are removed after a command's run.
+DEFAULT_CACHE_MAX = 2 << 30
+# An entry younger than this is never pruned to the cap (only by `gncodegen cache clean`).
+FRESH_SECONDS = 600
+
+
+def parse_bytes(text: str) -> int:
+    """Return a size written as 123, 300M or 2G in bytes; raise ValueError otherwise."""
+    text = text.strip().upper().removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    number = text[:-1] if scale > 1 else text
+    if not number.isdigit():
+        raise ValueError(text)
+    return int(number) * scale
+
+
+def cache_limit() -> int:
+    """Return the cache's size cap in bytes ($GNCODEGEN_CACHE_MAX, else DEFAULT_CACHE_MAX)."""
+    env = os.environ.get("GNCODEGEN_CACHE_MAX")
+    if not env:
+        return DEFAULT_CACHE_MAX
+    try:
+        return parse_bytes(env)
+    except ValueError:
+        raise TargetUnavailable(f"GNCODEGEN_CACHE_MAX: '{env}' is not a size (e.g. 2G, 500M)")
+
+
+def cache_entries(root: Path | None = None) -> list[tuple[Path, int, float]]:
+    """Return (folder, bytes, when built) of every finished entry in the cache, oldest first."""
+    root = cache_root() if root is None else root
+    out = []
+    try:
+        entries = [e for e in os.scandir(root)
+                   if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
+    except OSError:
+        return []
+    for entry in entries:
+        size = 0
+        for folder, _, names in os.walk(entry.path):
+            for name in names:
+                try:
+                    size += os.lstat(os.path.join(folder, name)).st_size
+                except OSError:
+                    pass
+        try:
+            when = entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        out.append((Path(entry.path), size, when))
+    return sorted(out, key=lambda e: e[2])
+
+
+def prune_cache(limit: int | None = None, root: Path | None = None) -> tuple[int, int]:
+    """Remove the entries built longest ago until the cache holds at most limit bytes (all of
+    them for limit 0); return (entries removed, bytes freed)."""
+    limit = cache_limit() if limit is None else limit
+    entries = cache_entries(root)
+    total = sum(size for _, size, _ in entries)
+    removed = freed = 0
+    now = time.time()
+    for folder, size, when in entries:
+        if total <= limit:
+            break
+        if limit and now - when < FRESH_SECONDS:
+            continue            # just built: another process may be about to use it
+        shutil.rmtree(folder, ignore_errors=True)
+        total -= size
+        removed += 1
+        freed += size
+    return removed, freed
+
+
+# How often a command's run looks at the cache's size (a stamp file in the cache records when).
+PRUNE_EVERY_SECONDS = 600
+PRUNE_STAMP = ".pruned"
+
+
+def prune_cache_now_and_then() -> None:
+    """Prune the cache to its cap unless that was done in the last PRUNE_EVERY_SECONDS."""
+    root = cache_root()
+    stamp = root / PRUNE_STAMP
+    try:
+        if time.time() - stamp.stat().st_mtime < PRUNE_EVERY_SECONDS:
+            return
+    except FileNotFoundError:
+        pass
+    if not root.is_dir():
+        return
+    stamp.touch()
+    prune_cache(root=root)

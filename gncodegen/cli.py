@@ -15,8 +15,8 @@ import click
 from . import __version__
 from .errors import GncodegenError, SpecError
 from .output import check_output, write_output
-from .pipeline import Result, load_spec, run, run_spec
-from .targets import RunOptions, cli_options, resolve_targets, target_choices
+from .pipeline import Result, load_spec, merge_earlier, run, run_spec
+from .targets import RunOptions, cli_options, resolve_targets, target_help
 from .text import unsafe_char
 
 INTERRUPTED = 130   # 128 + SIGINT, as shells report a command that Ctrl-C stopped
@@ -36,7 +36,10 @@ def _report(result: Result, verified: bool) -> str:
                 rows.append([p.prefix, t.name, "-", "no", "-", "-", "not verified"])
             continue
         for r in outcome.reports:
-            rows.append([r.layer, t.name, r.runner, "yes", f"{r.max_rel:.2g}",
+            # CUDA without nvcc was compiled for the host emulation only (g++)
+            compiled = ("g++ only" if t.name == "cuda" and not any(
+                c.case.startswith("nvcc") for c in r.cases) else "yes")
+            rows.append([r.layer, t.name, r.runner, compiled, f"{r.max_rel:.2g}",
                          f"{r.tolerance:g}", "pass" if r.passed else "FAIL"])
     lines = [_table(rows)]
     for outcome in result.outcomes.values():
@@ -92,9 +95,19 @@ class _Main(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-target_option = click.option(
-    "--target", "-t", default="c", show_default=True,
-    type=click.Choice(target_choices(), case_sensitive=False), help="What to generate.")
+def _keep_cache_small() -> None:
+    """Prune the build cache to its cap after a command's run, at most once in a while (the
+    walk over every entry takes a moment); never fails the command."""
+    from .build import prune_cache_now_and_then
+
+    try:
+        prune_cache_now_and_then()
+    except (GncodegenError, OSError):
+        pass
+
+
+target_option = click.option("--target", "-t", default="c", show_default=True,
+                             help=target_help())
 allow_code_option = click.option(
     "--allow-code", is_flag=True, help="Allow module:function initializers to run Python code.")
 keep_option = click.option("--keep", is_flag=True, help="Print where the build folder is.")
@@ -147,9 +160,13 @@ def build(spec: str, out_dir: str | None, target: str, no_verify: bool, allow_co
         if not result.passed:
             click.echo("error: verification failed; nothing was written", err=True)
             sys.exit(1)
-        write_output(out, {s.name: s.text for s in result.sources}, result.manifest)
+        files, manifest, notes = merge_earlier(result, out)
+        write_output(out, files, manifest)
     except GncodegenError as exc:
         _fail(exc)
+    _keep_cache_small()
+    for note in notes:
+        click.echo(_clean(note))
     names = ", ".join(s.name for s in result.sources)
     click.echo(f"wrote {_clean(out)}/: {names}, manifest.json")
 
@@ -186,6 +203,7 @@ def verify(spec: str, target: str, allow_code: bool, keep: bool, **values: str) 
                      options=run_options(keep, values))
     except GncodegenError as exc:
         _fail(exc)
+    _keep_cache_small()
     click.echo(_report(result, verified=True))
     if not result.passed:
         sys.exit(1)
@@ -194,8 +212,7 @@ def verify(spec: str, target: str, allow_code: bool, keep: bool, **values: str) 
 @main.command()
 @click.argument("spec")
 @click.option("--target", "-t", default="all", show_default=True,
-              type=click.Choice(target_choices(), case_sensitive=False),
-              help="Whose choices to print.")
+              help="Whose choices to print (as for build).")
 @allow_code_option
 def show(spec: str, target: str, allow_code: bool) -> None:
     """Print the resolved layers of SPEC, their plans and each target's choices."""
@@ -215,6 +232,7 @@ def show(spec: str, target: str, allow_code: bool) -> None:
             ("input_size", " x ".join(map(str, layer.input_size))),
             ("epsilon", repr(layer.epsilon)),
             ("dtype", layer.dtype),
+            ("fused", layer.fusion_text().removesuffix(", fused") or "nothing"),
             ("scale", f"{layer.scale_source}: {_preview(plan.scale_values)}"),
             ("offset", f"{layer.offset_source}: {_preview(plan.offset_values)}"),
             ("learn rate factors", f"scale {layer.scale_learn_rate_factor:g}, "
@@ -234,6 +252,37 @@ def show(spec: str, target: str, allow_code: bool) -> None:
                 click.echo(f"    {option.key}: {shown}")
             for line in t.describe(result.records[t.name][i])[len(plan.summary):]:
                 click.echo(f"    {line}")
+
+
+@main.group()
+def cache() -> None:
+    """See or empty the build cache ($GNCODEGEN_CACHE, else ~/.cache/gncodegen)."""
+
+
+@cache.command("info")
+def cache_info() -> None:
+    """Print where the cache is, how many builds it holds and their size."""
+    from .build import cache_entries, cache_limit, cache_root
+
+    try:
+        limit = cache_limit()
+    except GncodegenError as exc:
+        _fail(exc)
+    entries = cache_entries()
+    total = sum(size for _, size, _ in entries)
+    click.echo(f"cache: {_clean(str(cache_root()))}")
+    click.echo(f"{len(entries)} build{'' if len(entries) == 1 else 's'}, "
+               f"{total / 2**20:.1f} MiB (kept under {limit / 2**20:.0f} MiB: "
+               "GNCODEGEN_CACHE_MAX)")
+
+
+@cache.command("clean")
+def cache_clean() -> None:
+    """Remove every build in the cache (they are made again when needed)."""
+    from .build import prune_cache
+
+    removed, freed = prune_cache(0)
+    click.echo(f"removed {removed} build{'' if removed == 1 else 's'}, {freed / 2**20:.1f} MiB")
 
 
 def _preview(values: tuple[float, ...], n: int = 4) -> str:

@@ -14,7 +14,9 @@ from pathlib import Path
 from . import __version__
 from .errors import GncodegenError, SpecError
 from .plan import Plan, lower_spec
+from .progress import say
 from .render import Source
+from .text import counted
 from . import spec as specs
 from .spec import Spec
 from .verify import check_verifiable
@@ -126,6 +128,56 @@ def run_spec(spec: Spec, targets: tuple[Target, ...], verify: bool = True,
     outcomes: dict[str, Outcome] = {}
     if verify:
         for t in targets:
+            say(f"{t.name}: building and verifying {counted(len(spec.layers), 'layer')}")
             outcomes[t.name] = t.verify(spec, records[t.name], sources, options)
     return Result(spec, plans, targets, records, tuple(sources), outcomes,
                   manifest_text(spec, targets, sources, outcomes))
+
+
+def merge_earlier(result: Result, out_dir: str | Path) -> tuple[dict[str, str], str, list[str]]:
+    """Return the files and manifest to write for a build into out_dir, and what was kept or
+    dropped of what is there, in words.
+
+    The rule: a build rewrites the files of the targets it built. Another target's files that an
+    earlier build of the same spec (the same bytes, the same gncodegen) wrote into the folder
+    are kept, with their verification figures, and the manifest lists both builds' targets; an
+    earlier build of anything else is replaced whole, and the build says which targets' files
+    it removed.
+    """
+    from .output import MANIFEST, owned_files, resolve_output
+
+    files = {s.name: s.text for s in result.sources}
+    final = resolve_output(out_dir)
+    if not final.is_dir() or not owned_files(final):
+        return files, result.manifest, []
+    try:
+        old = json.loads((final / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return files, result.manifest, []
+    built = [t.name for t in result.targets]
+    others = [t for t in old.get("targets", []) if t not in built]
+    if not others:
+        return files, result.manifest, []
+    same = (old.get("spec", {}).get("sha256") == result.spec.sha256
+            and old.get("generator") == f"gncodegen {__version__}")
+    if not same:
+        return files, result.manifest, [
+            f"removed the files of {', '.join(others)}: they were built from another spec, or "
+            "another version of it or of gncodegen"]
+    for name in old.get("files", {}):
+        if name not in files:
+            files[name] = (final / name).read_text(encoding="utf-8")
+    new = json.loads(result.manifest)
+    targets = [t for t in TARGETS if t in built or t in others]
+    doc = {key: new[key] for key in ("generator", "spec", "layers")}
+    doc["targets"] = targets
+    doc["files"] = {name: hashlib.sha256(files[name].encode()).hexdigest()
+                    for name in sorted(files)}
+    doc["verification"] = [v for v in old.get("verification", []) if v.get("target") in others]
+    doc["verification"] += new.get("verification", [])
+    for t in targets:
+        section = new.get(t) if t in built else old.get(t)
+        if section:
+            doc[t] = section
+    return files, json.dumps(doc, indent=2, sort_keys=False) + "\n", [
+        f"kept the files of {', '.join(others)} from the earlier build of this spec"]

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from . import __version__
+from .text import counted
 from .dtypes import DType, dtype
 from .spec import Layer, RuntimeSize, Spec
 
@@ -248,7 +249,8 @@ def lower(layer: Layer) -> Plan:
     shape = "x".join(str(s) for s in layer.input_size)
     group_text = sym_product(cpg * (fixed // layer.num_channels), names)
     if layout.group_contiguous:
-        access = f"each group is one contiguous run of {group_text} elements"
+        access = (f"each group is one contiguous run of {group_text} "
+                  f"{'element' if group_text == '1' else 'elements'}")
     elif layout.channels_last:
         access = (f"channels are fastest: a group is {sym_product(fixed // layer.num_channels, names)} "
                   f"runs of {cpg} channel{'s' if cpg > 1 else ''}")
@@ -260,8 +262,8 @@ def lower(layer: Layer) -> Plan:
     batch_text = "batch count at run time" if layer.has_batch else "no B dimension: batch is 1"
     summary = (
         f"format {layer.format} ({layer.layout}), input {shape}, {batch_text}",
-        f"{layer.num_channels} channels in {layer.num_groups} groups of {cpg}; "
-        f"{group_text} elements per group"
+        f"{counted(layer.num_channels, 'channel')} in {counted(layer.num_groups, 'group')} "
+        f"of {cpg}; {group_text} {'element' if group_text == '1' else 'elements'} per group"
         + ("".join(f"; {r.name} at run time" + ("" if r.max is None else f", at most {r.max}")
                    for r in runtime)),
         f"memory order, fastest first: {_dims_text(layout)}",

@@ -112,3 +112,8 @@ def comment_problem(text: str) -> str | None:
     if found:
         return f"holds '{found.group()}', the C trigraph for a backslash"
     return None
+
+
+def counted(n: int, word: str) -> str:
+    """Return `1 group`, `2 groups`: a count and its noun, singular for one."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"

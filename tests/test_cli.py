@@ -40,7 +40,8 @@ def test_build_writes_sources_and_manifest(example, tmp_path):
     result = CliRunner().invoke(main, ["build", str(example), "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "matlab_gn  c" in result.output and "pass" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "matlab_gn.c", "matlab_gn.h"]
+    assert sorted(p.name for p in out.iterdir()) == ["CMakeLists.txt", "manifest.json",
+                                                     "matlab_gn.c", "matlab_gn.h"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["generator"] == f"gncodegen {__version__}"
     assert manifest["spec"]["sha256"] == hashlib.sha256(example.read_bytes()).hexdigest()

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from gncodegen.targets.cuda.lower import chosen_variant, lower_cuda, rescue_plan
-from gncodegen.targets.cuda.render import render_cmake, render_cuda
+from gncodegen.targets.cmake import render_cmake
+from gncodegen.targets.cuda.render import render_cuda
 from gncodegen.targets.cuda.runner import (build_harness, compile_check, cuda_runner, gpu_name,
                                 parse_ptxas, run_call)
 from gncodegen.plan import lower, lower_spec
@@ -173,12 +174,14 @@ def test_rendering_is_deterministic_and_prefixed():
     assert "atomic" not in source.text            # deterministic: no atomics at all
 
 
-def test_cmake_lists_cuda_and_optional_c_sources():
+def test_cmake_lists_find_the_c_and_cuda_sources_there():
     plans = lower_spec(load_spec(ROOT / "examples" / "multi_layer.yaml"))
     text = render_cmake(plans, "multi_layer.yaml", "multi_layer").text
-    assert "project(multi_layer LANGUAGES C CUDA)" in text
-    assert "80-real 90-real 90-virtual" in text
-    assert "encoder_gn.cu" in text and "if(EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/encoder_gn.c)" in text
+    assert "project(multi_layer VERSION" in text and "LANGUAGES C)" in text
+    assert "80-real 90-real 90-virtual" in text and "check_language(CUDA)" in text
+    layers = " ".join(p.prefix for p in plans)
+    assert f"foreach(layer {layers})" in text
+    assert "if(EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/${layer}.cu)" in text
 
 
 def test_parse_ptxas():
@@ -689,7 +692,7 @@ def test_cli_build_target_all_writes_c_cuda_cmake_and_the_ptxas_report(tmp_path)
 @needs_nvcc
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not on PATH")
-def test_cmake_builds_one_shared_library_from_c_and_cuda(tmp_path):
+def test_cmake_builds_the_c_and_the_cuda_library(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(["python3", "-m", "gncodegen.cli", "build",
                            str(ROOT / "examples" / "features_channelwise.yaml"), "--target", "all",
@@ -700,12 +703,14 @@ def test_cmake_builds_one_shared_library_from_c_and_cuda(tmp_path):
                 ["cmake", "--build", str(build)]):
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         assert res.returncode == 0, res.stdout + res.stderr
-    lib = build / "libfeatures_channelwise.so"
-    symbols = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True,
-                             text=True, check=True).stdout
-    for name in ("features_channelwise_predict", "features_channelwise_cuda_predict",
-                 "features_channelwise_cuda_predict_with_params"):
-        assert re.search(rf" T {name}$", symbols, re.M), name
+    for lib, names in (("libfeatures_channelwise.so", ("features_channelwise_predict",)),
+                       ("libfeatures_channelwise_cuda.so",
+                        ("features_channelwise_cuda_predict",
+                         "features_channelwise_cuda_predict_with_params"))):
+        symbols = subprocess.run(["nm", "-D", "--defined-only", str(build / lib)],
+                                 capture_output=True, text=True, check=True).stdout
+        for name in names:
+            assert re.search(rf" T {name}$", symbols, re.M), name
 
 
 # --------------------------------------------------------------------------- GPU

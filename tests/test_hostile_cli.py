@@ -120,12 +120,18 @@ def test_spec_name_not_utf8_and_output_name_not_utf8(scene: Path):
 @pytest.mark.parametrize("args,words", [
     (["build"], ["Missing argument 'SPEC'"]),
     (["build", "layer.yaml", "--frobnicate"], ["--frobnicate"]),
-    (["build", "layer.yaml", "--target", "z80"], ["z80"]),
     (["bogus"], ["bogus"]),
 ])
 def test_usage_errors_are_one_line(scene: Path, args: list[str], words: list[str]):
     before = tree(scene)
     refused(cli(scene, *args), "usage", *words)
+    assert tree(scene) == before
+
+
+def test_an_unknown_target_is_one_line_naming_the_option(scene: Path):
+    before = tree(scene)
+    refused(cli(scene, "build", "layer.yaml", "--target", "c,z80"), "--target",
+            "unknown target 'z80'", "several separated by commas")
     assert tree(scene) == before
 
 

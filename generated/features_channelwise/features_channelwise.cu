@@ -324,7 +324,7 @@ cudaError_t run(const elem_t *x, elem_t *y, size_t batch, const elem_t *scale,
                 (unsigned)((teams + 256 - 1) / 256), 256, 1,
                 stream, x, y, batch, scale, offset);
     }
-    /* warp: a group of 1 fits 1 lanes x 1 elements */
+    /* warp: a group of 1 fits 1 lane x 1 element */
     return launch_kernel(warp_kernel<1, 1, 1, BAKED>,
             (unsigned)((teams + 256 - 1) / 256), 256, 1,
             stream, x, y, batch, scale, offset);

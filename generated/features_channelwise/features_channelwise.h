@@ -6,9 +6,9 @@
 /*
  * Plan
  *   format CB (column-major), input 16, batch count at run time
- *   16 channels in 16 groups of 1; 1 elements per group
+ *   16 channels in 16 groups of 1; 1 element per group
  *   memory order, fastest first: C 16, B batch
- *   each group is one contiguous run of 1 elements
+ *   each group is one contiguous run of 1 element
  *   dtype single, epsilon 0.001
  *   scale: ones; offset: inline
  */

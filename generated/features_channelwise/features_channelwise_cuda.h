@@ -6,14 +6,14 @@
 /*
  * Plan
  *   format CB (column-major), input 16, batch count at run time
- *   16 channels in 16 groups of 1; 1 elements per group
+ *   16 channels in 16 groups of 1; 1 element per group
  *   memory order, fastest first: C 16, B batch
- *   each group is one contiguous run of 1 elements
+ *   each group is one contiguous run of 1 element
  *   dtype single, epsilon 0.001
  *   scale: ones; offset: inline
  *   CUDA: float in memory, float accumulation; loads of 1 element; archs sm_80, sm_90
- *   kernel warp (any arch): warp, 256 threads, 256 groups per block, 1 elements per thread in registers: a group of 1 fits 1 lanes x 1 elements
- *   kernel scalar (any arch): warp, 256 threads, 256 groups per block, 1 elements per thread in registers: x or y not aligned for vector loads
+ *   kernel warp (any arch): warp, 256 threads, 256 groups per block, 1 element per thread in registers: a group of 1 fits 1 lane x 1 element
+ *   kernel scalar (any arch): warp, 256 threads, 256 groups per block, 1 element per thread in registers: x or y not aligned for vector loads
  *   launch rules, in order (the first that holds picks the kernel):
  *     scalar: x or y not vector-aligned
  *     warp: otherwise

@@ -6,7 +6,7 @@
 /*
  * Plan
  *   format SSCB (column-major), input 6x6x8, batch count at run time
- *   8 channels in 1 groups of 8; 288 elements per group
+ *   8 channels in 1 group of 8; 288 elements per group
  *   memory order, fastest first: S1 6, S2 6, C 8, B batch
  *   each group is one contiguous run of 288 elements
  *   dtype double, epsilon 1e-06

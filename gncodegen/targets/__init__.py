@@ -6,7 +6,7 @@ cannot serve raises TargetUnavailable naming what is missing.
 
 from __future__ import annotations
 
-from ..errors import TargetUnavailable
+from ..errors import SpecError
 from ..options import SpecOption
 from .base import CliOption, Outcome, RunOptions, Target, TargetRecord
 from . import c, cuda, firmware
@@ -21,13 +21,26 @@ TARGET_GROUPS = {"all": ("c", "cuda"), "firmware": tuple(t.name for t in firmwar
 
 
 def resolve_targets(name: str) -> tuple[Target, ...]:
-    """Return the targets a --target value names."""
-    names = TARGET_GROUPS.get(name, (name,))
-    missing = [n for n in names if n not in TARGETS]
-    if missing:
-        raise TargetUnavailable(f"unknown target '{missing[0]}' "
-                                f"(choose from {', '.join(target_choices())})")
+    """Return the targets a --target value names: one name, a group (all, firmware), or a
+    comma-separated list of them, each target once in the order given."""
+    names: list[str] = []
+    for part in name.lower().split(","):
+        part = part.strip()
+        for n in TARGET_GROUPS.get(part, (part,)):
+            if n not in TARGETS:
+                raise SpecError("--target", f"unknown target '{n}' (choose from "
+                                            f"{', '.join(target_choices())}, or several "
+                                            "separated by commas)")
+            if n not in names:
+                names.append(n)
     return tuple(TARGETS[n] for n in names)
+
+
+def target_help() -> str:
+    """Return what --target takes, for the command line's help."""
+    groups = "; ".join(f"{g} = {', '.join(ts)}" for g, ts in TARGET_GROUPS.items())
+    return (f"What to generate: {', '.join(TARGETS)}, a group ({groups}), or several "
+            "separated by commas, e.g. c,cortex-m4.")
 
 
 def target_choices() -> list[str]:
@@ -55,4 +68,5 @@ def cli_options() -> tuple[CliOption, ...]:
 
 
 __all__ = ["CliOption", "Outcome", "RunOptions", "Target", "TargetRecord", "TARGETS",
-           "TARGET_GROUPS", "resolve_targets", "target_choices", "cli_options", "spec_options"]
+           "TARGET_GROUPS", "resolve_targets", "target_choices", "target_help", "cli_options",
+           "spec_options"]

@@ -6,6 +6,7 @@ from ...plan import Plan
 from ...render import Source, render_template
 from ...spec import Spec
 from ..base import Outcome, RunOptions, Target
+from ..cmake import render_cmake
 from ...verify import verify_layer
 from .record import THREADS, CRecord, as_record, lower_c
 from .runner import build_c_module, c_runner
@@ -25,9 +26,11 @@ def render_c(layer: CRecord | Plan, spec_name: str) -> tuple[Source, Source]:
             Source(f"{prefix}.c", render_template("c/source.c.j2", **ctx)))
 
 
-def c_sources(sources: list[Source]) -> list[Source]:
-    """Return the C target's files among a build's sources."""
-    return [s for s in sources if s.name.endswith((".c", ".h")) and not s.name.endswith("_cuda.h")]
+def c_sources(sources: list[Source], records: tuple[CRecord, ...]) -> list[Source]:
+    """Return the layers' own C files among a build's sources (a build of several targets
+    also holds a firmware project's program and start-up code)."""
+    names = {f"{r.plan.prefix}{ext}" for r in records for ext in (".c", ".h")}
+    return [s for s in sources if s.name in names]
 
 
 class CTarget(Target):
@@ -42,12 +45,14 @@ class CTarget(Target):
         return lower_c(plan)
 
     def render(self, spec: Spec, records: tuple[CRecord, ...]) -> list[Source]:
+        """Return every layer's `<name>.h` and `<name>.c`, and the folder's CMakeLists.txt."""
         name = spec_file_name(spec)
-        return [src for rec in records for src in render_c(rec, name)]
+        return [*(src for rec in records for src in render_c(rec, name)),
+                render_cmake(tuple(r.plan for r in records), name, spec.stem)]
 
     def verify(self, spec: Spec, records: tuple[CRecord, ...], sources: list[Source],
                options: RunOptions) -> Outcome:
-        module = build_c_module(records, c_sources(sources), keep=options.keep)
+        module = build_c_module(records, c_sources(sources, records), keep=options.keep)
         return Outcome(tuple(verify_layer(r.plan.layer, "c", "host", c_runner(r, module))
                              for r in records))
 

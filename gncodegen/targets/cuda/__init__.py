@@ -17,7 +17,9 @@ from ..base import Outcome, RunOptions, Target
 from ..c import spec_file_name
 from .lower import GROUP_LIMIT, CudaPlan, lower_cuda
 from .options import CUDA_ARCH, CUDA_RUNNER
-from .render import render_cmake, render_cuda
+from ..cmake import render_cmake
+from ...progress import say
+from .render import render_cuda
 from .runner import build_harness, compile_check, cuda_runner, gpu_name
 
 
@@ -83,6 +85,7 @@ class CudaTarget(Target):
             plan = cp.plan
             checks = []
             if have_nvcc:
+                say(f"cuda: {plan.prefix}: nvcc for {', '.join(f'sm_{a}' for a in cp.archs)}")
                 resources = compile_check(plan, cp, sources)
                 kernels[plan.prefix] = [r.as_dict() for r in resources]
                 for arch in cp.archs:
@@ -90,6 +93,7 @@ class CudaTarget(Target):
                                  for r in resources if r.arch == arch)
                     checks.append(CaseResult(f"nvcc sm_{arch}: no spills or stack",
                                              float(spills), 0.0, 0, spills == 0))
+            say(f"cuda: {plan.prefix}: {'on the GPU' if gpu else 'under the host emulation'}")
             exe = build_harness(plan, cp, sources, mode, keep=options.keep)
             report = verify_layer(plan.layer, "cuda", runner, cuda_runner(plan, exe))
             reports.append(replace(report, cases=report.cases + tuple(checks)))

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from ...plan import Plan
+from ...text import counted
 
 WARP = 32
 MAX_CLUSTER = 8            # the portable cluster size limit
@@ -214,7 +215,8 @@ def _warp_variant(numel: int, vec: int, opts: CudaOptions, e_max: int) -> Varian
     threads = opts.warp_team_block
     assert threads % WARP == 0 and threads % lanes == 0
     return Variant("warp", "warp", threads, lanes, 1, vec, items, threads // lanes, False,
-                   f"a group of {numel} fits {lanes} lanes x {items * vec} elements")
+                   f"a group of {numel} fits {counted(lanes, 'lane')} x "
+                   f"{counted(items * vec, 'element')}")
 
 
 def _block_variant(name: str, numel: int, vec: int, cluster: int, threads: int,

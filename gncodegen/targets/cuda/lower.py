@@ -49,6 +49,7 @@ import numpy as np
 
 from ...dtypes import DTYPES, c_literal, c_literals
 from ...plan import Plan
+from ...text import counted
 from ..base import TargetRecord
 from ..cfamily import Style
 from .dispatch import (FEW_BLOCKS, MISALIGNED, SM90, DispatchEnv, Rule, dispatch_rules,
@@ -277,7 +278,7 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan | Cud
         lines.append(f"kernel {v.name} ({where}): {v.strategy}, {v.threads} threads"
                      + (f" x {v.cluster}-block cluster" if v.cluster > 1 else "")
                      + (f", {v.teams_per_block} groups per block" if v.teams_per_block > 1 else "")
-                     + (f", {v.elements_per_thread} elements per thread in registers"
+                     + (f", {counted(v.elements_per_thread, 'element')} per thread in registers"
                         if v.items else ", two sweeps over memory")
                      + f": {v.why}")
     lines.append("launch rules, in order (the first that holds picks the kernel):")

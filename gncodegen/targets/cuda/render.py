@@ -1,11 +1,11 @@
-"""Rendering of the CUDA target: `<name>.cu`, `<name>_cuda.h` and the output's CMakeLists.txt."""
+"""Rendering of the CUDA target: `<name>.cu` and `<name>_cuda.h` (the folder's CMakeLists.txt is
+targets/cmake.py's)."""
 
 from __future__ import annotations
 
 from ...plan import Plan
 from ...render import Source, render_template
 from .lower import CudaOptions, CudaPlan, CudaRuntimePlan, lower_cuda
-from .options import CUDA_ARCH
 
 
 def offset_terms(cp: CudaPlan) -> list[tuple[str, str]]:
@@ -34,21 +34,3 @@ def render_cuda(plan: Plan, spec_name: str, options: CudaOptions | None = None,
     source = "cuda/runtime.cu.j2" if isinstance(cp, CudaRuntimePlan) else "cuda/source.cu.j2"
     return (Source(f"{plan.prefix}_cuda.h", render_template("cuda/header.h.j2", **ctx)),
             Source(f"{plan.prefix}.cu", render_template(source, **ctx)))
-
-
-def cmake_project_name(spec_stem: str) -> str:
-    """Return the CMake project and library name for a spec (its stem as an identifier)."""
-    name = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in spec_stem)
-    return name if name and not name[0].isdigit() else f"gn_{name}"
-
-
-def render_cmake(plans: tuple[Plan, ...], spec_name: str, spec_stem: str) -> Source:
-    """Return a CMakeLists.txt that builds one shared library from the C and CUDA sources."""
-    archs = sorted({a for p in plans for a in CUDA_ARCH.value(p.layer)})
-    c_sources = [f"{p.prefix}.c" for p in plans if p.layer.dtype in ("single", "double")]
-    cuda_sources = [f"{p.prefix}.cu" for p in plans]
-    text = render_template("cuda/CMakeLists.txt.j2", plans=plans, spec_name=spec_name,
-                           project=cmake_project_name(spec_stem), archs=archs,
-                           c_sources=c_sources, cuda_sources=cuda_sources,
-                           generator=plans[0].generator)
-    return Source("CMakeLists.txt", text)

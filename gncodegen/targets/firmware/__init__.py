@@ -35,6 +35,7 @@ from .footprint import (ALLOWED_CALLS, Footprint, FootprintRow, activation_calls
 from .harness import (firmware_cases, harness_for, hex_literal, measured_instructions,
                       measured_stack, parse_output, render_harness)
 from .project import project_for, render_project
+from ...progress import say
 from .qemu import build_image, render_linker_script, run_image, support_sources
 from .strict import STRICT_CONFIGS, STRICT_OPTS, check_strict
 
@@ -210,6 +211,7 @@ class FirmwareTarget(CTarget):
             layer_sources = list(_layer_pair(plan, sources))
             fp = None
             for opt in self.board.verified_opts:
+                say(f"{self.board.name}: {plan.prefix} at {opt} under {self.board.runner_name}")
                 run = verify_layer_on(self.board, rec, layer_sources, keep=options.keep, opt=opt)
                 reports.append(run.report)
                 if run.footprint is not None and (fp is None or run.footprint.stack_measured

@@ -2,7 +2,8 @@
 layer on one observation and checks it, with a Makefile, a CMake toolchain file and the
 board's start-up code, so `make run` (or CMake's `run` target) builds it and runs it under QEMU.
 
-Every board of a build renders the same Makefile, CMakeLists.txt and program; what differs per
+Every board of a build renders the same Makefile and program (and the folder's one
+CMakeLists.txt, targets/cmake.py, builds it with a core's toolchain file); what differs per
 board lives in its own files (`<board>.mk`, `<board>.cmake`, `<board>.ld`), so one folder can
 hold the project for several cores.
 """
@@ -119,8 +120,6 @@ def render_project(project: Project) -> list[Source]:
     ctx = dict(project=project, board=board, generator=f"gncodegen {__version__}")
     files = [Source("fw_demo.c", render_template("firmware/project/fw_demo.c.j2", **ctx)),
              Source("Makefile", render_template("firmware/project/Makefile.j2", **ctx)),
-             Source("CMakeLists.txt", render_template("firmware/project/CMakeLists.txt.j2",
-                                                      **ctx)),
              Source(f"{board.name}.mk", render_template("firmware/project/board.mk.j2", **ctx)),
              Source(f"{board.name}.cmake", render_template("firmware/project/toolchain.cmake.j2",
                                                            **ctx))]
