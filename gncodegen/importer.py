@@ -278,7 +278,7 @@ def _onnx_group_norms(g: _OnnxGraph) -> tuple[list[Found], list[Skipped]]:
     found: list[Found] = []
     skipped: list[Skipped] = []
     for k, node in enumerate(g.nodes):
-        label = node.name or f"{node.op_type}_{k}"
+        label = _scope_name(node) or node.name or f"{node.op_type}_{k}"
         try:
             item = _onnx_node(g, node, label)
         except _Skip as why:
@@ -287,6 +287,21 @@ def _onnx_group_norms(g: _OnnxGraph) -> tuple[list[Found], list[Skipped]]:
         if item is not None:
             found.append(item)
     return found, skipped
+
+
+def _scope_name(node) -> str:
+    """Return the module path PyTorch's dynamo exporter records for a node (`encoder/norm1`),
+    or "" where it recorded none."""
+    import ast
+
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = [str(p) for p in ast.literal_eval(prop.value) if p]
+            except (ValueError, SyntaxError):
+                return ""
+            return "/".join(scopes[:-1] if len(scopes) > 1 else scopes)
+    return ""
 
 
 class _Skip(Exception):

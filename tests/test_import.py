@@ -200,6 +200,24 @@ def test_torch_onnx_exporter_models_match_onnx_runtime(tmp_path, opset):
     _close(lib["norm2"](h), block(x).detach().numpy())
 
 
+def test_torch_dynamo_exporter_model_matches_onnx_runtime(tmp_path):
+    """PyTorch's newer exporter (torch.onnx.export(dynamo=True), through onnxscript) names
+    the modules in the nodes' metadata."""
+    pytest.importorskip("onnxscript")
+    block = _trained()
+    x = torch.randn(2, 32, 6, 5)
+    path = tmp_path / "block_dynamo.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(block, (x,), str(path), dynamo=True, verbose=False,
+                          dynamic_shapes={"x": {0: torch.export.Dim("n")}})
+    result = import_model(path, tmp_path / "o")
+    names = [layer["name"] for layer in yaml.safe_load(result.spec_path.read_text())["layers"]]
+    assert names == ["norm1", "norm2"]
+    lib = gncodegen.compile(result.spec_path)
+    _close(lib["norm2"](lib["norm1"](x.numpy())), _ort(path, {"x": x.numpy()}))
+
+
 def test_torch_export_program_matches_pytorch(tmp_path):
     block = _trained()
     x = torch.randn(2, 32, 6, 5)
