@@ -16,6 +16,7 @@ from . import __version__
 from .errors import GncodegenError, SpecError
 from .output import check_output, write_output
 from .pipeline import Result, load_spec, merge_earlier, run, run_spec
+from .report import with_report
 from .targets import RunOptions, cli_options, resolve_targets, target_help
 from .text import unsafe_char
 
@@ -161,6 +162,7 @@ def build(spec: str, out_dir: str | None, target: str, no_verify: bool, allow_co
             click.echo("error: verification failed; nothing was written", err=True)
             sys.exit(1)
         files, manifest, notes = merge_earlier(result, out)
+        files, manifest = with_report(result.spec, files, manifest)
         write_output(out, files, manifest)
     except GncodegenError as exc:
         _fail(exc)
@@ -168,7 +170,7 @@ def build(spec: str, out_dir: str | None, target: str, no_verify: bool, allow_co
     for note in notes:
         click.echo(_clean(note))
     names = ", ".join(s.name for s in result.sources)
-    click.echo(f"wrote {_clean(out)}/: {names}, manifest.json")
+    click.echo(f"wrote {_clean(out)}/: {names}, report.html, manifest.json")
 
 
 @main.command("import")

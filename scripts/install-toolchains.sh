@@ -3,7 +3,8 @@
 # Ubuntu: the Arm bare-metal compiler with newlib, QEMU for Arm system and user mode, the AArch64
 # Linux cross compiler with its C library, the RISC-V bare-metal compiler with picolibc and QEMU
 # for RISC-V, the s390x cross compiler (a target that evaluates float arithmetic in double),
-# clang, valgrind, and make and cmake for the generated firmware projects.
+# clang, valgrind, make and cmake for the generated firmware projects, and a headless Chromium
+# that opens the code-generation report as a user's browser would.
 #
 # Idempotent: installs only the packages that are missing (apt-get update runs only then) and
 # prints nothing when everything is already there. Run as root, or with sudo available.
@@ -21,12 +22,13 @@ PACKAGES=(
     gcc-s390x-linux-gnu libc6-dev-s390x-cross
     clang
     valgrind
+    chromium
 )
 # Commands the tests run; each must exist once the packages are in.
 COMMANDS=(
     gcc g++ make cmake arm-none-eabi-gcc arm-none-eabi-size arm-none-eabi-nm qemu-system-arm
     qemu-aarch64 aarch64-linux-gnu-gcc riscv64-unknown-elf-gcc qemu-system-riscv32
-    s390x-linux-gnu-gcc clang valgrind
+    s390x-linux-gnu-gcc clang valgrind chromium
 )
 
 fail() {

@@ -489,8 +489,8 @@ def good_output(tmp_path_factory) -> Path:
     proc = subprocess.run([*CLI, "build", "layer.yaml", "-o", "out", "--no-verify"], cwd=root,
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in (root / "out").iterdir()) == ["CMakeLists.txt", "layer.c",
-                                                                 "layer.h", "manifest.json"]
+    assert sorted(p.name for p in (root / "out").iterdir()) == [
+        "CMakeLists.txt", "layer.c", "layer.h", "manifest.json", "report.html"]
     return root / "out"
 
 

@@ -41,7 +41,7 @@ def test_build_writes_sources_and_manifest(example, tmp_path):
     assert result.exit_code == 0, result.output
     assert "matlab_gn  c" in result.output and "pass" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["CMakeLists.txt", "manifest.json",
-                                                     "matlab_gn.c", "matlab_gn.h"]
+                                                     "matlab_gn.c", "matlab_gn.h", "report.html"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["generator"] == f"gncodegen {__version__}"
     assert manifest["spec"]["sha256"] == hashlib.sha256(example.read_bytes()).hexdigest()
