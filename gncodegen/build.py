@@ -111,7 +111,8 @@ def write_sources(folder: Path, sources) -> None:
 
 
 # The cache keeps at most this many bytes ($GNCODEGEN_CACHE_MAX: a number of bytes, or with a
-# K, M or G suffix); past it, the entries built longest ago are removed after a command's run.
+# K, M or G suffix); past it, the entries built longest ago are removed after a command's run
+# (built, not used: an entry is not touched when it is read).
 DEFAULT_CACHE_MAX = 2 << 30
 # An entry younger than this is never pruned to the cap (only by `gncodegen cache clean`).
 FRESH_SECONDS = 600
@@ -138,16 +139,38 @@ def cache_limit() -> int:
         raise TargetUnavailable(f"GNCODEGEN_CACHE_MAX: '{env}' is not a size (e.g. 2G, 500M)")
 
 
-def cache_entries(root: Path | None = None) -> list[tuple[Path, int, float]]:
-    """Return (folder, bytes, when built) of every finished entry in the cache, oldest first."""
-    root = cache_root() if root is None else root
-    out = []
+# Cache folders whose every child is an entry of its own (the firmware images, the strict
+# compile stamps, the footprint measurements); the others are entries themselves.
+NESTED_CACHES = ("firmware", "strict", "footprint")
+
+
+def _finished(parent: str) -> list[os.DirEntry]:
+    """Return the finished entries in a folder: not the `.name.random` work folders of builds
+    in progress, nor the cache's own dot files."""
     try:
-        entries = [e for e in os.scandir(root)
-                   if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
+        return [e for e in os.scandir(parent) if not e.name.startswith(".")]
     except OSError:
         return []
-    for entry in entries:
+
+
+def cache_entries(root: Path | None = None) -> list[tuple[Path, int, float]]:
+    """Return (path, bytes, when built) of every finished entry in the cache, oldest first."""
+    root = cache_root() if root is None else root
+    candidates = []
+    for entry in _finished(str(root)):
+        if entry.name in NESTED_CACHES and entry.is_dir(follow_symlinks=False):
+            candidates += _finished(entry.path)
+        elif entry.is_dir(follow_symlinks=False):
+            candidates.append(entry)
+    out = []
+    for entry in candidates:
+        try:
+            when = entry.stat(follow_symlinks=False).st_mtime
+            if not entry.is_dir(follow_symlinks=False):
+                out.append((Path(entry.path), entry.stat(follow_symlinks=False).st_size, when))
+                continue
+        except OSError:
+            continue
         size = 0
         for folder, _, names in os.walk(entry.path):
             for name in names:
@@ -155,10 +178,6 @@ def cache_entries(root: Path | None = None) -> list[tuple[Path, int, float]]:
                     size += os.lstat(os.path.join(folder, name)).st_size
                 except OSError:
                     pass
-        try:
-            when = entry.stat(follow_symlinks=False).st_mtime
-        except OSError:
-            continue
         out.append((Path(entry.path), size, when))
     return sorted(out, key=lambda e: e[2])
 
@@ -176,7 +195,10 @@ def prune_cache(limit: int | None = None, root: Path | None = None) -> tuple[int
             break
         if limit and now - when < FRESH_SECONDS:
             continue            # just built: another process may be about to use it
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            folder.unlink(missing_ok=True)
         total -= size
         removed += 1
         freed += size

@@ -317,11 +317,15 @@ def _need_shape(g: _OnnxGraph, name: str, rank_min: int = 2) -> list[int | None]
 
 
 def _finish(g: _OnnxGraph, label: str, op: str, pattern: str, keys: dict, scale, offset,
-            eps: float, x: str, out: str, fused: list[str]) -> Found:
+            eps: float, x: str, out: str, fused: list[str], own_activation=None) -> Found:
     dtype = g.dtype(x)
     if dtype is None:
         raise _Skip(f"its input '{x}' is not a float, double, float16 or bfloat16 tensor")
-    activation, _, act_ops = _onnx_activation(g, out)
+    if own_activation is not None:
+        # The node applies its own activation: one after it is not fused (a layer has one).
+        activation, act_ops = own_activation
+    else:
+        activation, _, act_ops = _onnx_activation(g, out)
     # ONNX keeps epsilon as a float: its shortest float text (1e-05, not 9.9999997e-06)
     keys = dict(keys, epsilon=float(str(np.float32(eps))), dtype=dtype)
     if activation is not None:
@@ -367,14 +371,19 @@ def _onnx_node(g: _OnnxGraph, node, label: str) -> Found | None:
         if op == "SkipGroupNorm":
             if len(node.input) > 4 and node.input[4]:
                 raise _Skip("its bias input (added with the skip) has no place in the layer")
+            skip_shape = g.shape(node.input[3])
+            if skip_shape is None or len(skip_shape) != len(shape) or any(
+                    a is not None and b is not None and a != b
+                    for a, b in zip(skip_shape, shape)) or (
+                    None in skip_shape[1:] and skip_shape[1:] != shape[1:]):
+                raise _Skip(f"its skip {skip_shape} is not shaped like its input {shape} (a "
+                            "skip broadcast over positions has no place in the layer)")
             keys["skip"] = True
             fused.append("skip add")
-        item = _finish(g, label, op, f"com.microsoft.{op}", keys, gamma, beta,
-                       g.attr(node, "epsilon", 1e-5), x, out, fused)
-        if int(g.attr(node, "activation", 0)) == 1:
-            item.keys["activation"] = "swish"
-            item.fused.append("activation=1 (swish)")
-        return item
+        own = ("swish", ["activation=1 (swish)"]) if int(g.attr(node, "activation", 0)) == 1 \
+            else None
+        return _finish(g, label, op, f"com.microsoft.{op}", keys, gamma, beta,
+                       g.attr(node, "epsilon", 1e-5), x, out, fused, own)
     if op == "InstanceNormalization" and domain == "ai.onnx":
         return _onnx_instance_pattern(g, node, label)
     return None

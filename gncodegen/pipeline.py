@@ -159,11 +159,12 @@ def merge_earlier(result: Result, out_dir: str | Path) -> tuple[dict[str, str], 
     if not others:
         return files, result.manifest, []
     same = (old.get("spec", {}).get("sha256") == result.spec.sha256
-            and old.get("generator") == f"gncodegen {__version__}")
+            and old.get("generator") == f"gncodegen {__version__}"
+            and _still_rendered(result, others, final))
     if not same:
         return files, result.manifest, [
-            f"removed the files of {', '.join(others)}: they were built from another spec, or "
-            "another version of it or of gncodegen"]
+            f"removed the files of {', '.join(others)}: they were built from another spec (or "
+            "its parameters), or another version of it or of gncodegen"]
     for name in old.get("files", {}):
         if name not in files:
             files[name] = (final / name).read_text(encoding="utf-8")
@@ -181,3 +182,19 @@ def merge_earlier(result: Result, out_dir: str | Path) -> tuple[dict[str, str], 
             doc[t] = section
     return files, json.dumps(doc, indent=2, sort_keys=False) + "\n", [
         f"kept the files of {', '.join(others)} from the earlier build of this spec"]
+
+
+def _still_rendered(result: Result, others: list[str], final: Path) -> bool:
+    """True when the other targets' files in the folder are exactly what this spec renders for
+    them now: the same spec file with other parameter files (a retrained .npz) is not the
+    same build, nor is a folder one of whose files has gone."""
+    try:
+        targets = tuple(TARGETS[t] for t in others)
+        sources = render_all(result.spec, targets,
+                             lower_targets(result.spec, result.plans, targets))
+        for src in sources:
+            if (final / src.name).read_text(encoding="utf-8") != src.text:
+                return False
+    except (GncodegenError, KeyError, OSError, UnicodeDecodeError):
+        return False
+    return True

@@ -139,6 +139,30 @@ def test_a_build_of_another_spec_says_what_it_removed(tmp_path):
     assert not (out / "matlab_gn.cu").exists()
 
 
+def test_retrained_parameters_are_another_build(tmp_path):
+    """The same spec file with another parameter file renders other sources: not kept."""
+    import numpy as np
+    out = tmp_path / "out"
+    spec = tmp_path / "p.yaml"
+    np.save(tmp_path / "scale.npy", np.full(20, 2.0, np.float32))
+    spec.write_text((EXAMPLES / "matlab_gn.yaml").read_text().replace(
+        "ScaleInitializer: ones", "Scale: {file: scale.npy}"))
+    _build(spec, out, "cuda")
+    np.save(tmp_path / "scale.npy", np.full(20, 5.0, np.float32))
+    printed = _build(spec, out, "c")
+    assert "removed the files of cuda" in printed and not (out / "matlab_gn.cu").exists()
+
+
+def test_a_kept_file_that_went_missing_is_no_crash(tmp_path):
+    out = tmp_path / "out"
+    _build(EXAMPLES / "matlab_gn.yaml", out, "c,cuda")
+    (out / "matlab_gn.cu").unlink()
+    # the CUDA build is no longer whole: not kept, and said so
+    printed = _build(EXAMPLES / "matlab_gn.yaml", out, "c")
+    assert "removed the files of cuda" in printed
+    assert not (out / "matlab_gn_cuda.h").exists()
+
+
 def test_target_takes_a_comma_list_and_names_an_unknown_one(tmp_path):
     out = tmp_path / "out"
     _build(EXAMPLES / "matlab_gn.yaml", out, "c,cortex-m4,c")

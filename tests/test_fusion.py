@@ -165,6 +165,22 @@ def test_c_scale_too_large_to_fold_takes_the_portable_nest_with_the_fusions():
     assert report.passed, report
 
 
+@pytest.mark.parametrize("shape", ["runs", "rows"])
+def test_c_a_gain_that_would_overflow_the_folded_scale_takes_the_portable_nest(shape):
+    """scale below the safe limit, but scale * (1 + ada_scale) * rstd beyond the largest float:
+    the folded a would overflow; the check counts the gain and the portable nest gets it right."""
+    layer = _layer(shape, "adaptive", name=f"fu_gain_{shape}")
+    plans, module = build_layers(layer)
+    base = next(c for c in make_cases(layer) if c.name == "caller's scale and offset")
+    scale = np.full(layer.num_channels, 1e35, np.float32)
+    x = (base.x.astype(np.float64) * 1e-3).astype(np.float32)
+    gain = np.full_like(base.ada_scale, 99.0)
+    report = verify_layer(layer, "c", "O2", c_runner(plans[0], module),
+                          [Case("folded gain", x, base.batch, scale=scale, offset=base.offset,
+                                ada_scale=gain, ada_shift=base.ada_shift)])
+    assert report.passed, report
+
+
 def test_c_contract_null_pointers_and_overlaps():
     layer = _layer("runs", "diffusion")
     plans, module = build_layers(layer)

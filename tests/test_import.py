@@ -147,6 +147,32 @@ def test_com_microsoft_skip_group_norm_fuses_the_skip(tmp_path):
     assert np.array_equal(total, x + k)
 
 
+def test_group_norm_with_its_own_swish_fuses_no_activation_after_it(tmp_path):
+    path = _hand_model(tmp_path, op="GroupNorm", domain="com.microsoft", per_group=False,
+                       shape=("n", 5, 6, 8), attrs={"groups": 4, "epsilon": 1e-5,
+                                                    "activation": 1}, after="Relu")
+    result = import_model(path, tmp_path / "o")
+    assert result.found[0].keys["activation"] == "swish"
+    assert "Relu" not in result.found[0].fused
+
+
+def test_skip_group_norm_with_a_broadcast_skip_is_reported_not_imported(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 6, 8])
+    k = helper.make_tensor_value_info("k", TensorProto.FLOAT, [2, 8])
+    inits = [numpy_helper.from_array(np.ones(8, np.float32), "s"),
+             numpy_helper.from_array(np.zeros(8, np.float32), "b")]
+    node = helper.make_node("SkipGroupNorm", ["x", "s", "b", "k"], ["y"], domain="com.microsoft",
+                            groups=4, epsilon=1e-5, activation=0)
+    graph = helper.make_graph([node], "g", [x, k], [helper.make_tensor_value_info("y", 1, None)],
+                              inits)
+    path = tmp_path / "bskip.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                      helper.make_opsetid("com.microsoft", 1)]),
+              str(path))
+    with pytest.raises(ImportFailed, match="not shaped like its input"):
+        import_model(path, tmp_path / "o")
+
+
 def test_skip_group_norm_with_a_bias_is_reported_not_imported(tmp_path):
     path = _hand_model(tmp_path, op="SkipGroupNorm", domain="com.microsoft", per_group=False,
                        shape=("n", 5, 6, 8), attrs={"groups": 4, "epsilon": 1e-5,

@@ -77,6 +77,17 @@ def test_the_cap_removes_the_oldest_builds_first(tmp_path):
     assert prune_cache(3500, root) == (1, 3000)          # entry0, the oldest, goes
     assert sorted(p.name for p in root.iterdir()) == ["entry1", "entry2"]
     assert prune_cache(0, root) == (2, 3000)
+    # the firmware images are entries one level down; a build in progress is never touched
+    nested = root / "firmware"
+    for name, size in (("img1", 500), (".img2.abc123", 700)):
+        (nested / name).mkdir(parents=True)
+        (nested / name / "image.elf").write_bytes(b"x" * size)
+        os.utime(nested / name, (old, old))
+    (root / "footprint").mkdir()
+    (root / "footprint" / "m.json").write_text("{}")
+    os.utime(root / "footprint" / "m.json", (old, old))
+    assert prune_cache(0, root) == (2, 502)
+    assert (nested / ".img2.abc123").is_dir() and not (nested / "img1").exists()
     assert parse_bytes("2G") == 2 << 30 and parse_bytes("500M") == 500 << 20
     assert parse_bytes("1234") == 1234
 

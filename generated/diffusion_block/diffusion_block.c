@@ -370,15 +370,19 @@ static void diffusion_block_wide_job(const float *x, float *y, const float *scal
     diffusion_block_group_apply(xg, y + base, scale + c0, offset + c0, mod_scale + c0, mod_shift + c0, pilot, st.shift, st.rstd);
 }
 
-/* Whether every scale folds into a = scale * rstd without overflow (a NaN does not). */
-static int diffusion_block_scales_fold(const float *scale)
+/* Whether every scale, times each observation's gain 1 + ada_scale, folds into
+   a = scale * rstd * gain without overflow (a NaN does not). */
+static int diffusion_block_scales_fold(const float *scale, const float *ada_scale, size_t batch)
 {
     /* A variable, not the literal: where float arithmetic is done in double
        (FLT_EVAL_METHOD 1), comparing with a float literal promotes the other side. */
     const float limit = DIFFUSION_BLOCK_SAFE_SCALE;
-    for (size_t c = 0; c < DIFFUSION_BLOCK_NUM_CHANNELS; ++c) {
-        if (!(scale[c] <= limit && scale[c] >= -limit)) {
-            return 0;
+    for (size_t n = 0; n < batch; ++n) {
+        for (size_t c = 0; c < DIFFUSION_BLOCK_NUM_CHANNELS; ++c) {
+            const float folded = scale[c] * (1.0f + ada_scale[n * DIFFUSION_BLOCK_NUM_CHANNELS + c]);
+            if (!(folded <= limit && folded >= -limit)) {
+                return 0;
+            }
         }
     }
     return 1;
@@ -532,8 +536,8 @@ int diffusion_block_predict_with_params(const float *x, float *y, size_t batch,
         float *added = sum != NULL ? sum : y; /* where each job puts x + skip to normalize it */
         const size_t jobs = batch * DIFFUSION_BLOCK_JOBS_PER_OBSERVATION;
 #if !defined(__OPTIMIZE_SIZE__)
-        if (!diffusion_block_scales_fold(scale)) {
-            /* scale * rstd could overflow: every group through the portable nest, which
+        if (!diffusion_block_scales_fold(scale, ada_scale, batch)) {
+            /* scale * rstd * gain could overflow: every group through the portable nest, which
                multiplies by the scale last (the compact nest always does). */
             for (size_t job = 0; job < batch * DIFFUSION_BLOCK_NUM_GROUPS; ++job) {
                 diffusion_block_wide_job(x, y, scale, offset, skip, added, ada_scale, ada_shift, job);

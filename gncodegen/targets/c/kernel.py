@@ -366,7 +366,9 @@ def plan_kernel(plan: Plan, threads: int | None = None) -> CKernel:
 
     if kernel.kind != "strided":
         safe = safe_scale(plan)
-        if safe < dt.accumulator.largest:
+        # A modulated layer folds each observation's gain into a too: always checked.
+        if safe < dt.accumulator.largest or plan.layer.adaptive:
+            safe = min(safe, dt.accumulator.largest)
             kernel = replace(kernel, scale_guard=True, safe_scale_literal=dt.literal(safe))
     assert kernel.stack_bytes <= MAX_STACK_BYTES, kernel
     assert kernel.lanes & (kernel.lanes - 1) == 0
@@ -442,7 +444,9 @@ def _runtime_kernel(plan: Plan, threads: int) -> CKernel:
         kernel = None
     if kernel is not None:
         safe = safe_scale(plan)
-        if safe < dt.accumulator.largest:
+        # A modulated layer folds each observation's gain into a too: always checked.
+        if safe < dt.accumulator.largest or plan.layer.adaptive:
+            safe = min(safe, dt.accumulator.largest)
             kernel = replace(kernel, scale_guard=True, safe_scale_literal=dt.literal(safe))
         assert kernel.stack_bytes <= MAX_STACK_BYTES, kernel
         return kernel
