@@ -218,13 +218,22 @@ class CompiledLayer:
         if scale is None:
             rc = self._predict(pointer(flat), pointer(y), batch, *sizes, *fusion)
         else:
-            params = [pointer(per_channel_param(self, v, w)) for v, w in
+            params = [pointer(self._parameter(v, w)) for v, w in
                       ((scale, "scale"), (offset, "offset"))]
             rc = self._predict_with(pointer(flat), pointer(y), batch, *sizes, *params, *fusion)
         if rc != 0:
             raise ArgumentError(f"layer '{self.name}': {self.plan.prefix}_predict returned {rc}")
         out = to_logical(y, fixed, batch)
         return (out, to_logical(written, fixed, batch)) if sum else out
+
+    def _parameter(self, value: Any, what: str) -> np.ndarray:
+        """Return a caller's scale or offset as the C takes it: num_channels values of the
+        layer's dtype (any shape that holds that many)."""
+        flat = self._array(value, what).reshape(-1)
+        if flat.size != self.layer.num_channels:
+            raise ArgumentError(f"layer '{self.name}': {what} has {flat.size} values, the "
+                                f"layer has {self.layer.num_channels} channels")
+        return np.ascontiguousarray(flat)
 
     def verify(self):
         """Return the verification Report of this build against the float64 reference (the
@@ -237,17 +246,6 @@ class CompiledLayer:
     def __repr__(self) -> str:
         return f"<gncodegen layer '{self.name}' {self.layer.format} {self.shape_text()} " \
                f"{self.layer.dtype}>"
-
-
-def per_channel_param(layer: CompiledLayer, value: Any, what: str) -> np.ndarray:
-    """Return a caller's scale or offset as the C takes it: num_channels values of the
-    layer's dtype (any shape that squeezes to that)."""
-    arr = layer._array(value, what)
-    flat = arr.reshape(-1)
-    if flat.size != layer.layer.num_channels:
-        raise ArgumentError(f"layer '{layer.name}': {what} has {flat.size} values, the layer "
-                            f"has {layer.layer.num_channels} channels")
-    return np.ascontiguousarray(flat)
 
 
 __all__ = ["load", "compile", "Library", "CompiledLayer", "ArgumentError"]

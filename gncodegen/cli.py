@@ -16,7 +16,9 @@ from . import __version__
 from .errors import GncodegenError, SpecError
 from .output import check_output, write_output
 from .pipeline import Result, load_spec, merge_earlier, run, run_spec
+from .describe import choice_lines, layer_rows, option_rows
 from .report import with_report
+from .text import counted
 from .targets import RunOptions, cli_options, resolve_targets, target_help
 from .text import unsafe_char
 
@@ -225,34 +227,17 @@ def show(spec: str, target: str, allow_code: bool) -> None:
     except GncodegenError as exc:
         _fail(exc)
     for i, plan in enumerate(result.plans):
-        layer = plan.layer
-        click.echo(f"layer {layer.name}")
-        rows = [
-            ("num_groups", f"{layer.num_groups} ({layer.num_groups_given})"),
-            ("num_channels", str(layer.num_channels)),
-            ("format", f"{layer.format} ({layer.layout})"),
-            ("input_size", " x ".join(map(str, layer.input_size))),
-            ("epsilon", repr(layer.epsilon)),
-            ("dtype", layer.dtype),
-            ("fused", layer.fusion_text().removesuffix(", fused") or "nothing"),
-            ("scale", f"{layer.scale_source}: {_preview(plan.scale_values)}"),
-            ("offset", f"{layer.offset_source}: {_preview(plan.offset_values)}"),
-            ("learn rate factors", f"scale {layer.scale_learn_rate_factor:g}, "
-                                   f"offset {layer.offset_learn_rate_factor:g}"),
-            ("L2 factors", f"scale {layer.scale_l2_factor:g}, offset {layer.offset_l2_factor:g}"),
-        ]
-        for key, value in rows:
+        click.echo(f"layer {plan.layer.name}")
+        for key, value in layer_rows(plan):
             click.echo(f"  {key:<20} {value}")
         click.echo("  plan")
         for line in plan.summary:
             click.echo(f"    {line}")
         for t in result.targets:
             click.echo(f"  target {t.name}")
-            for option in t.spec_options:
-                value = option.value(layer)
-                shown = ", ".join(map(str, value)) if isinstance(value, tuple) else str(value)
-                click.echo(f"    {option.key}: {shown}")
-            for line in t.describe(result.records[t.name][i])[len(plan.summary):]:
+            for key, value in option_rows(t, plan):
+                click.echo(f"    {key}: {value}")
+            for line in choice_lines(t, result.records[t.name][i], plan):
                 click.echo(f"    {line}")
 
 
@@ -273,7 +258,7 @@ def cache_info() -> None:
     entries = cache_entries()
     total = sum(size for _, size, _ in entries)
     click.echo(f"cache: {_clean(str(cache_root()))}")
-    click.echo(f"{len(entries)} build{'' if len(entries) == 1 else 's'}, "
+    click.echo(f"{counted(len(entries), 'build')}, "
                f"{total / 2**20:.1f} MiB (kept under {limit / 2**20:.0f} MiB: "
                "GNCODEGEN_CACHE_MAX)")
 
@@ -284,12 +269,7 @@ def cache_clean() -> None:
     from .build import prune_cache
 
     removed, freed = prune_cache(0)
-    click.echo(f"removed {removed} build{'' if removed == 1 else 's'}, {freed / 2**20:.1f} MiB")
-
-
-def _preview(values: tuple[float, ...], n: int = 4) -> str:
-    head = ", ".join(f"{v:.6g}" for v in values[:n])
-    return f"[{head}{', ...' if len(values) > n else ''}] ({len(values)} values)"
+    click.echo(f"removed {counted(removed, 'build')}, {freed / 2**20:.1f} MiB")
 
 
 if __name__ == "__main__":  # pragma: no cover

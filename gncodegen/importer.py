@@ -61,6 +61,7 @@ class ImportResult:
     params_path: Path
     found: list[Found]
     skipped: list[Skipped]
+    names: list[str] = field(default_factory=list)   # the layer name each Found got
 
 
 # --------------------------------------------------------------------------- shapes and names
@@ -587,7 +588,7 @@ def import_model(model: str | os.PathLike, out_dir: str | os.PathLike | None = N
     folder.mkdir(parents=True, exist_ok=True)
     _write_together(folder, {spec_path.name: _yaml_text(document, path),
                              params_path.name: _npz_bytes(arrays)})
-    return ImportResult(spec_path, params_path, found, skipped)
+    return ImportResult(spec_path, params_path, found, skipped, names)
 
 
 def _yaml_text(document: dict, source: Path) -> bytes:
@@ -640,7 +641,7 @@ def _write_together(folder: Path, files: dict[str, bytes]) -> None:
 def table(result: ImportResult) -> str:
     """Return the printed summary: what was imported (with what fused) and what was not."""
     rows = [("layer", "from", "format", "input_size", "groups", "fused")]
-    for item, layer in zip(result.found, _names(result)):
+    for item, layer in zip(result.found, result.names):
         k = item.keys
         size = "[" + ", ".join("~" if d is None else str(d) for d in k["input_size"]) + "]"
         rows.append((layer, f"{item.node} ({item.pattern})", k["format"], size,
@@ -653,9 +654,3 @@ def table(result: ImportResult) -> str:
     lines.append(f"wrote {result.spec_path} and {result.params_path.name}")
     return "\n".join(lines)
 
-
-def _names(result: ImportResult) -> list[str]:
-    import yaml
-
-    doc = yaml.safe_load(result.spec_path.read_text())
-    return [layer["name"] for layer in doc["layers"]]

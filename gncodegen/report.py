@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 
+from .describe import choice_lines, layer_rows, option_rows
 from .plan import lower_spec
 from .render import render_template
 from .spec import Spec
@@ -20,7 +21,7 @@ PLOT_DECADES = (-17, 0)
 
 
 def _targets_choices(spec: Spec, target_names: list[str]) -> list[dict]:
-    """Return each target's lines per layer, as `gncodegen show` prints them."""
+    """Return each target's options and choices per layer, as `gncodegen show` prints them."""
     from .targets import TARGETS
 
     plans = lower_spec(spec)
@@ -29,15 +30,9 @@ def _targets_choices(spec: Spec, target_names: list[str]) -> list[dict]:
         target = TARGETS.get(name)
         if target is None:
             continue
-        layers = []
-        for plan in plans:
-            lines = target.describe(target.lower(plan))[len(plan.summary):]
-            options = []
-            for option in target.spec_options:
-                value = option.value(plan.layer)
-                options.append((option.key, ", ".join(map(str, value))
-                                if isinstance(value, tuple) else str(value)))
-            layers.append({"name": plan.prefix, "options": options, "lines": list(lines)})
+        layers = [{"name": plan.prefix, "options": option_rows(target, plan),
+                   "lines": choice_lines(target, target.lower(plan), plan)}
+                  for plan in plans]
         out.append({"name": name, "description": target.description, "layers": layers})
     return out
 
@@ -74,18 +69,8 @@ def _plot(cases: dict[str, float], tolerance: float) -> dict:
 
 def render_report(spec: Spec, files: dict[str, str], manifest: dict) -> str:
     """Return report.html for a folder's files and its manifest (as merged for writing)."""
-    plans = lower_spec(spec)
-    layers = []
-    for plan in plans:
-        layer = plan.layer
-        rows = [("num_groups", f"{layer.num_groups} ({layer.num_groups_given})"),
-                ("num_channels", str(layer.num_channels)),
-                ("format", f"{layer.format} ({layer.layout})"),
-                ("input_size", " x ".join(map(str, layer.input_size))),
-                ("epsilon", repr(layer.epsilon)), ("dtype", layer.dtype),
-                ("fused", layer.fusion_text().removesuffix(", fused") or "nothing"),
-                ("scale", layer.scale_source), ("offset", layer.offset_source)]
-        layers.append({"name": layer.name, "rows": rows, "plan": list(plan.summary)})
+    layers = [{"name": plan.prefix, "rows": layer_rows(plan), "plan": list(plan.summary)}
+              for plan in lower_spec(spec)]
     verification = []
     for v in manifest.get("verification", []):
         verification.append({**v, "plot": _plot(v.get("cases", {}), v["tolerance"])})

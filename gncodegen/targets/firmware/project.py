@@ -10,7 +10,6 @@ hold the project for several cores.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,7 +53,6 @@ class Project:
 
     board: Board
     spec_name: str                   # the spec's file name
-    name: str                        # the CMake project's: the spec's stem as an identifier
     processor: str                   # CMAKE_SYSTEM_PROCESSOR
     layers: tuple[DemoLayer, ...]
     support: tuple[str, ...]         # the board's start-up and I/O sources
@@ -107,10 +105,9 @@ def project_for(board: Board, records: tuple[CRecord, ...], spec_name: str) -> P
     link = tuple(script if f == "image.ld" else f for f in board.link_flags)
     cmake_link = tuple("${CMAKE_CURRENT_LIST_DIR}/" + f if f == script else f for f in link)
     support = tuple(n for n in board.support if n.endswith(".c"))
-    stem = re.sub(r"\W", "_", spec_name.rsplit(".", 1)[0]) or "layers"
     processor = ("arm" if board.cc.startswith("arm-") else
                  "riscv32" if "riscv" in board.name else "aarch64")
-    return Project(board, spec_name, stem, processor, tuple(demo_layer(r) for r in records),
+    return Project(board, spec_name, processor, tuple(demo_layer(r) for r in records),
                    support, link, cmake_link, run_command(board))
 
 
