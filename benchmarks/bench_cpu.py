@@ -64,10 +64,10 @@ class Case:
         return self.n * self.c * int(np.prod(self.spatial, dtype=np.int64))
 
     def spec_text(self, threads: int, runtime: bool = False, activation: str = "",
-                  skip: bool = False, adaptive: bool = False) -> str:
+                  skip: bool = False, adaptive: bool = False, training: bool = False) -> str:
         """Return the YAML spec of this case (row-major, PyTorch's order of dimensions);
         runtime: the spatial sizes left to run time (null); activation, skip, adaptive: what
-        to fuse."""
+        to fuse; training: with the training entry points."""
         s = "S" * len(self.spatial)
         spatial = ["~"] * len(self.spatial) if runtime else list(self.spatial)
         if not self.spatial:
@@ -78,12 +78,14 @@ class Case:
             fmt, size = f"B{s}C", [*spatial, self.c]
         name = (f"bench_{self.shape.lower()}_{self.layout.lower()}_t{threads}"
                 f"{'_rt' if runtime else ''}{'_' + activation if activation else ''}"
-                f"{'_skip' if skip else ''}{'_ada' if adaptive else ''}")
+                f"{'_skip' if skip else ''}{'_ada' if adaptive else ''}"
+                f"{'_train' if training else ''}")
         size_text = "[" + ", ".join(map(str, size)) + "]"
         return (f"name: {name}\nnum_groups: {self.g}\nformat: {fmt}\nlayout: row-major\n"
                 f"input_size: {size_text}\nthreads: {threads}\n"
                 + (f"activation: {activation}\n" if activation else "")
-                + ("skip: true\n" if skip else "") + ("adaptive: true\n" if adaptive else ""))
+                + ("skip: true\n" if skip else "") + ("adaptive: true\n" if adaptive else "")
+                + ("training: true\n" if training else ""))
 
 
 def cases(shapes: list[str]) -> list[Case]:
@@ -204,10 +206,10 @@ def copy_bandwidth(nbytes: int, min_time: float) -> float:
 
 
 def build(case: Case, threads: int, runtime: bool = False, activation: str = "",
-          skip: bool = False, adaptive: bool = False):
+          skip: bool = False, adaptive: bool = False, training: bool = False):
     """Return (plan, lib, ffi) of the generated C for a case, built with FAST_FLAGS."""
-    spec = parse_spec(case.spec_text(threads, runtime, activation, skip, adaptive), Path("."),
-                      "bench")
+    spec = parse_spec(case.spec_text(threads, runtime, activation, skip, adaptive, training),
+                      Path("."), "bench")
     plan = lower(spec.layers[0])
     sources = list(render_c(plan, "bench.yaml"))
     module = build_c_module((plan,), sources, flags=FAST_FLAGS)
@@ -429,6 +431,74 @@ def fused_table(shapes: list[str], min_time: float, torch, fusions: list[str]) -
           "(goal >= 1.5); fused/floor beside plain/copy: each against the bytes it must move")
 
 
+def train_table(shapes: list[str], min_time: float, torch) -> None:
+    """Print each shape's training step: the generated forward_train and backward (one thread)
+    beside PyTorch's forward and autograd backward of group_norm (one thread, the weight and
+    bias requiring gradients), and each beside its floor, timed in turns in one run. The
+    floors move the bytes each must: forward_train a copy of x into y, backward x and dy read
+    and dx written (np.add(x, dy, out=dx))."""
+    rows = [["shape", "layout", "C fwd", "C bwd", "C step", "torch step", "torch/C",
+             "bwd floor", "bwd/floor", "step/floor"]]
+    rng = np.random.default_rng(0)
+    for case in cases(shapes):
+        x_nchw = rng.standard_normal((case.n, case.c, *case.spatial)).astype(np.float32)
+        dy_nchw = rng.standard_normal(x_nchw.shape).astype(np.float32)
+
+        def ours(v):
+            return page_aligned(np.moveaxis(v, 1, -1).copy() if case.layout == "NHWC" else v)
+        x, dy = ours(x_nchw), ours(dy_nchw)
+        y, dx = page_aligned(np.zeros_like(x)), page_aligned(np.zeros_like(x))
+        stats = np.zeros(case.n * case.g, dtype=np.float32)
+        mean, rstd = stats.copy(), stats.copy()
+        params = [np.zeros(case.c, dtype=np.float32) for _ in range(2)]
+        scale, offset = np.ones(case.c, dtype=np.float32), params[0].copy()
+        dscale, doffset = params[0].copy(), params[1].copy()
+        plan, lib, ffi = build(case, 1, training=True)
+        buf = lambda a: ffi.from_buffer("float[]", a)   # noqa: E731
+        px, py, pdy, pdx = buf(x), buf(y), buf(dy), buf(dx)
+        pm, pr, ps, po, pds, pdo = (buf(a) for a in (mean, rstd, scale, offset, dscale,
+                                                      doffset))
+        fwd = getattr(lib, f"{plan.prefix}_forward_train")
+        bwd = getattr(lib, f"{plan.prefix}_backward")
+        fwd(px, py, case.n, ps, po, pm, pr)
+        copy_dst = page_aligned(np.zeros_like(x))
+        fns = {"fwd": lambda: fwd(px, py, case.n, ps, po, pm, pr),
+               "bwd": lambda: bwd(px, pdy, pdx, pds, pdo, case.n, ps, po, pm, pr),
+               "step": lambda: (fwd(px, py, case.n, ps, po, pm, pr),
+                                bwd(px, pdy, pdx, pds, pdo, case.n, ps, po, pm, pr)),
+               "copy": lambda: np.copyto(copy_dst, x),
+               "bwd floor": lambda: np.add(x, dy, out=copy_dst)}
+        if torch is not None:
+            torch.set_num_threads(1)
+            t_x = (torch_runner_input(torch, x_nchw) if case.layout == "NHWC"
+                   else torch.from_numpy(x_nchw)).clone().requires_grad_(True)
+            t_dy = (torch_runner_input(torch, dy_nchw) if case.layout == "NHWC"
+                    else torch.from_numpy(dy_nchw))
+            t_w = torch.ones(case.c, requires_grad=True)
+            t_b = torch.zeros(case.c, requires_grad=True)
+
+            def torch_step():
+                out = torch.nn.functional.group_norm(t_x, case.g, t_w, t_b, 1e-5)
+                out.backward(t_dy)
+                t_x.grad = t_w.grad = t_b.grad = None
+            fns["torch"] = torch_step
+        t = interleaved_us(fns, min_time)
+        med = {k: statistics.median(v) for k, v in t.items()}
+        step_floor = [a + b for a, b in zip(t["copy"], t["bwd floor"])]
+        rows.append([case.shape, case.layout, fmt(med["fwd"]), fmt(med["bwd"]),
+                     fmt(med["step"]), fmt(med.get("torch")),
+                     fmt(ratio(t["torch"], t["step"]), 2) if torch is not None else "-",
+                     fmt(med["bwd floor"]), fmt(ratio(t["bwd"], t["bwd floor"]), 2),
+                     fmt(ratio(t["step"], step_floor), 2)])
+        print("  ".join(rows[-1]), file=sys.stderr, flush=True)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    print("# C step: forward_train + backward; torch/C: PyTorch's forward + backward over it "
+          "(goal >= 2); bwd/floor: backward over reading x, dy and writing dx (goal <= 1.3); "
+          "step/floor: the step over a copy plus that")
+
+
 def torch_runner_input(torch, v: np.ndarray):
     """Return an NCHW array as PyTorch's channels-last tensor (a sequence as an (N, T, C)
     buffer seen as (N, C, T))."""
@@ -448,6 +518,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtime-sizes", action="store_true",
                     help="time each shape with its spatial sizes given at run time beside the "
                          "fixed-size build and PyTorch, instead of the main table")
+    ap.add_argument("--train", action="store_true",
+                    help="time each shape's training step (forward_train + backward) beside "
+                         "PyTorch's forward + backward and the floors, instead of the main "
+                         "table")
     ap.add_argument("--fused", default="",
                     help="time each shape with these fused (activations such as relu,swish, "
                          "and skip, adaptive, diffusion) beside the plain layer and PyTorch's "
@@ -466,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
         torch = _torch
     if args.runtime_sizes:
         runtime_table(shapes, min_time, torch)
+        return 0
+    if args.train:
+        train_table(shapes, min_time, torch)
         return 0
     if args.fused:
         fused_table(shapes, min_time, torch, [a.strip() for a in args.fused.split(",")])

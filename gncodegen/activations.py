@@ -90,6 +90,42 @@ class Activation:
                                                 * (z + 0.044715 * z * z * z)))
             return 0.5 * z * (1.0 + _erf(z / math.sqrt(2.0)))
 
+    def derivative(self, z: np.ndarray) -> np.ndarray:
+        """Return d activation / dz at z in float64, as the backward pass applies it.
+
+        At the breakpoints it takes PyTorch's autograd conventions: relu's slope at 0 is 0,
+        leaky-relu's is its scale, clipped-relu's is 0 at 0 and at the ceiling, elu's is alpha.
+        """
+        k = self.kind
+        z = np.asarray(z, dtype=np.float64)
+        if k == "none":
+            return np.ones_like(z)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if k == "relu":
+                return np.where(z > 0, 1.0, 0.0)
+            if k == "leaky-relu":
+                return np.where(z > 0, 1.0, self.scale)
+            if k == "clipped-relu":
+                return np.where((z > 0) & (z < self.ceiling), 1.0, 0.0)
+            if k == "elu":
+                return np.where(z > 0, 1.0, self.alpha * np.exp(np.minimum(z, 0.0)))
+            if k == "sigmoid":
+                s = _sigmoid(z)
+                return s * (1.0 - s)
+            if k == "swish":
+                s = _sigmoid(z)
+                return s * (1.0 + z * (1.0 - s))
+            if k == "tanh":
+                t = np.tanh(z)
+                return 1.0 - t * t
+            if k == "gelu" and self.approximation == "tanh":
+                k0, k1 = math.sqrt(2.0 / math.pi), 0.044715
+                t = np.tanh(k0 * (z + k1 * z * z * z))
+                return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * k0 * (1.0 + 3.0 * k1 * z * z)
+            cdf = 0.5 * (1.0 + _erf(z / math.sqrt(2.0)))
+            pdf = np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+            return cdf + z * pdf
+
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     e = np.exp(-np.abs(z))
@@ -159,5 +195,5 @@ def literals(act: Activation, acc: str) -> dict[str, str]:
 
     values = {"zero": 0.0, "one": 1.0, "half": 0.5, "scale": act.scale, "ceiling": act.ceiling,
               "alpha": act.alpha, "gelu_k0": math.sqrt(2.0 / math.pi), "gelu_k1": 0.044715,
-              "inv_sqrt2": 1.0 / math.sqrt(2.0)}
+              "inv_sqrt2": 1.0 / math.sqrt(2.0), "inv_sqrt_2pi": 1.0 / math.sqrt(2.0 * math.pi)}
     return {k: c_literal(v, acc) for k, v in values.items()}

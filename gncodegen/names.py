@@ -65,6 +65,9 @@ EXPORTED_MACRO_SUFFIXES = (
     "CUDA_NUM_GROUPS", "CUDA_EPSILON", "CUDA_OBSERVATION_NUMEL", "ALWAYS_INLINE", "AVX512",
     "INDEPENDENT", "JOBS_PER_OBSERVATION", "MAC", "UNROLLED", "INV_GROUP_NUMEL", "LARGEST",
     "RESCUE_EPSILON", "RESCUE_UNIT", "SAFE_SCALE", "FIXED_NUMEL", "CUDA_FIXED_NUMEL",
+    # training layers
+    "ERR_STEP", "JOB_INLINE", "TRAIN_MAC", "NOINLINE", "SCALE_LEARN_RATE_FACTOR", "OFFSET_LEARN_RATE_FACTOR", "SCALE_L2_FACTOR",
+    "OFFSET_L2_FACTOR",
     # the bounds of runtime sizes, named by label and rank
     *(f"{cuda}MAX_{size}" for cuda in ("", "CUDA_")
       for size in ("S1", "S2", "S3", "T", *(f"U{k}" for k in range(1, 8)))),
@@ -75,6 +78,11 @@ EXPORTED_SYMBOL_SUFFIXES = (
     "lane_sums", "order", "pilot", "split_mean", "sqrt", "stats", "sum_groups", "sum_pair",
     "fold", "scales_fold", "wide_job",
     "tiny_groups", "activate", "exp_neg",
+    # training layers
+    "forward_train", "backward", "sgdm_update", "adam_update", "rmsprop_update",
+    "initial_scale", "initial_offset", "activate_grad", "backward_job", "backward_group",
+    "run_sums", "backward_rows", "sgdm_step", "adam_step", "rmsprop_step", "cuda_forward_train",
+    "cuda_backward", "cuda_sgdm_update", "cuda_adam_update", "cuda_rmsprop_update",
 )
 
 _C_STANDARD = """

@@ -9,6 +9,7 @@ from pathlib import Path
 import jinja2
 
 from .activations import literals as activation_literals
+from .dtypes import c_literal
 
 from .plan import Loop
 
@@ -62,6 +63,26 @@ def dedent(text: str, width: int = 4) -> str:
                      for line in text.split("\n"))
 
 
+def wrap_list(text: str, width: int = 100) -> str:
+    """Return a one-line declaration or call broken after commas so that no line is longer
+    than width, the continuation lines indented one level past the first line's indentation.
+    Text that fits, or that has no argument list, is returned as it is."""
+    if len(text) <= width or "(" not in text or "\n" in text:
+        return text
+    lead = text[:len(text) - len(text.lstrip())]
+    pad = lead + "    "
+    head, rest = text.split("(", 1)
+    parts = rest.split(", ")
+    lines, line = [], head + "(" + parts[0]
+    for part in parts[1:]:
+        if len(line) + len(part) + 3 > width:  # ", " before it, "," after it
+            lines.append(line + ",")
+            line = pad + part
+        else:
+            line += ", " + part
+    return "\n".join([*lines, line])
+
+
 def product(factors) -> str:
     """Return factors joined by ' * ', leaving out literal ones (all ones give '0'-safe '1')."""
     kept = [str(f) for f in factors if str(f) != "1"]
@@ -93,9 +114,11 @@ def environment() -> jinja2.Environment:
     env.filters["add"] = add
     env.filters["mul"] = mul
     env.filters["dedent"] = dedent
+    env.filters["wrap_list"] = wrap_list
     env.filters["value_lines"] = value_lines
     env.tests["printed"] = printed
     env.globals["activation_literals"] = activation_literals
+    env.globals["c_literal"] = c_literal
     return env
 
 

@@ -76,6 +76,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "activation": ("Activation",),
     "skip": ("Skip",),
     "adaptive": ("Adaptive",),
+    "training": ("Training",),
 }
 ALIASES = {alias: key for key, aliases in KEYS.items() for alias in (key, *aliases)}
 REQUIRED = ("num_groups", "format", "input_size")
@@ -130,6 +131,7 @@ class Layer:
     activation: Activation = NONE                # applied to the normalized, scaled output
     skip: bool = False          # normalizes x + skip (an extra input), optionally written to `sum`
     adaptive: bool = False      # modulated per observation and channel by ada_scale, ada_shift
+    training: bool = False      # adds forward_train, backward and the solvers' updates
     num_groups_given: str = ""
     field_prefix: str = ""
 
@@ -342,6 +344,7 @@ def _parse_layer(doc: dict, prefix: str, default_name: str, base_dir: Path,
     activation = parse_activation(get("activation"), fname("activation"))
     skip = parse_switch(get("skip", False), fname("skip"))
     adaptive = parse_switch(get("adaptive", False), fname("adaptive"))
+    training = parse_switch(get("training", False), fname("training"))
 
     params = {}
     for which, default_init, stream in (("scale", "ones", 0), ("offset", "zeros", 1)):
@@ -361,7 +364,7 @@ def _parse_layer(doc: dict, prefix: str, default_name: str, base_dir: Path,
         scale=params["scale"][0], offset=params["offset"][0],
         scale_source=params["scale"][1], offset_source=params["offset"][1],
         options=own, num_groups_given=groups_given, activation=activation,
-        skip=skip, adaptive=adaptive, field_prefix=prefix, **factors,
+        skip=skip, adaptive=adaptive, training=training, field_prefix=prefix, **factors,
     )
 
 

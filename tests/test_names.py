@@ -76,7 +76,11 @@ def test_exported_identifiers_are_the_templates():
     assert all(any(s.startswith(m) for s in listed) for m in families), families
     macros -= families
     assert macros <= listed, macros - listed
-    assert symbols <= set(EXPORTED_SYMBOL_SUFFIXES), symbols - set(EXPORTED_SYMBOL_SUFFIXES)
+    listed = set(EXPORTED_SYMBOL_SUFFIXES)
+    families = {s for s in symbols if s.endswith("_")}   # <n>_cuda_{{ solver }}_update
+    assert all(any(s.startswith(f) for s in listed) for f in families), families
+    symbols -= families
+    assert symbols <= listed, symbols - listed
 
 
 @pytest.mark.parametrize("name", ACCEPTED)

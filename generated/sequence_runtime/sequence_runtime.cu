@@ -258,18 +258,12 @@ cudaError_t launch_kernel(void (*kernel)(Params...), unsigned blocks, unsigned t
 }
 
 /*
- * Check the arguments and sizes, work out the call's shape from the sizes, launch one block
- * per (observation, group).
+ * The shape of a call from its sizes: cudaErrorInvalidValue for a runtime size of 0, above its
+ * bound or one that makes the element count overflow size_t, or a batch the launch cannot hold.
  */
-template <bool BAKED>
-cudaError_t run(const elem_t *x, elem_t *y, size_t batch, size_t t, const elem_t *scale,
-                const elem_t *offset, cudaStream_t stream)
+cudaError_t shape_of(size_t batch, size_t t, shape_t &s)
 {
-    if (x == NULL || y == NULL || (!BAKED && (scale == NULL || offset == NULL))) {
-        return cudaErrorInvalidValue;
-    }
-    /* The elements of one observation; a size of 0, above its bound, or one that makes the
-       count overflow size_t is refused. */
+    /* The elements of one observation. */
     size_t numel = 16u;
     if (t == 0u || t > SEQUENCE_RUNTIME_CUDA_MAX_T || t > SIZE_MAX / numel) {
         return cudaErrorInvalidValue;
@@ -278,10 +272,6 @@ cudaError_t run(const elem_t *x, elem_t *y, size_t batch, size_t t, const elem_t
     if (batch > kMaxBlocks / kGroups || batch > SIZE_MAX / numel) {
         return cudaErrorInvalidValue;
     }
-    if (batch == 0) {
-        return cudaSuccess;
-    }
-    shape_t s;
     s.group_numel = numel / kGroups;
     s.inv_numel = 1.0f / (acc_t)s.group_numel;
     s.batch_stride = 16u;
@@ -295,6 +285,25 @@ cudaError_t run(const elem_t *x, elem_t *y, size_t batch, size_t t, const elem_t
         s.div[j] = s.div[j + 1] * s.extent[j + 1];
     }
     s.channel_div = s.div[1];
+    return cudaSuccess;
+}
+
+/*
+ * Check the arguments and sizes, work out the call's shape from the sizes, launch one block
+ * per (observation, group).
+ */
+template <bool BAKED>
+cudaError_t run(const elem_t *x, elem_t *y, size_t batch, size_t t, const elem_t *scale,
+                const elem_t *offset, cudaStream_t stream)
+{
+    if (x == NULL || y == NULL || (!BAKED && (scale == NULL || offset == NULL))) {
+        return cudaErrorInvalidValue;
+    }
+    shape_t s;
+    const cudaError_t bad = shape_of(batch, t, s);
+    if (bad != cudaSuccess || batch == 0) {
+        return bad;
+    }
     const cudaError_t err = launch_kernel(runtime_group_kernel<BAKED>, (unsigned)(batch * kGroups),
                                           kThreads, 1, stream, x, y, s, scale, offset);
     return err;

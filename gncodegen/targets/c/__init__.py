@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ...plan import Plan
 from ...render import Source, render_template
 from ...spec import Spec
 from ..base import Outcome, RunOptions, Target
 from ..cmake import render_cmake
-from ...verify import verify_layer
+from ...verify import Report, verify_layer
+from ...verify_train import verify_training
 from .record import THREADS, CRecord, as_record, lower_c
-from .runner import build_c_module, c_runner
+from .runner import build_c_module, c_runner, c_train_runners
 
 
 def spec_file_name(spec: Spec) -> str:
@@ -53,8 +56,17 @@ class CTarget(Target):
     def verify(self, spec: Spec, records: tuple[CRecord, ...], sources: list[Source],
                options: RunOptions) -> Outcome:
         module = build_c_module(records, c_sources(sources, records), keep=options.keep)
-        return Outcome(tuple(verify_layer(r.plan.layer, "c", "host", c_runner(r, module))
+        return Outcome(tuple(with_training(r, verify_layer(r.plan.layer, "c", "host",
+                                                           c_runner(r, module)), module)
                              for r in records))
+
+
+def with_training(rec: CRecord, report: Report, module) -> Report:
+    """Return a layer's report with its training entry points' cases added (a training layer)."""
+    if not rec.plan.layer.training:
+        return report
+    run, solve = c_train_runners(rec, module)
+    return replace(report, cases=report.cases + verify_training(rec.plan.layer, run, solve))
 
 
 TARGET = CTarget()

@@ -14,6 +14,71 @@ from .kernel import THREADS, CKernel, kernel_comment, plan_kernel
 
 
 @dataclass(frozen=True)
+class Backward:
+    """How a training layer's backward sweeps one group (templates/c/train.c.j2).
+
+    kind "runs": the innermost loop is a contiguous run within a channel, summed in `lanes`
+    independent partial sums (vectorized without reassociating float additions); "rows":
+    channels are fastest, so each row's channels add into per-channel sums elementwise; "nest":
+    the group's loops as they are, one sum per channel.
+    """
+
+    kind: str
+    lanes: int                      # runs: partial sums per channel
+    outer: tuple[Loop, ...]         # runs, rows: the loops outside the innermost one
+    inner: Loop | None              # runs, rows: the innermost loop (stride 1)
+    compensated: bool               # rows, nest: per-channel sums with Kahan's compensation
+    fold_rows: int = 64             # rows, compensated: rows summed plainly between folds
+    block_groups: int = 1           # rows: neighbouring groups one job sweeps together, so that
+                                    # each row's piece is whole cache lines (or as near as the
+                                    # groups allow)
+
+
+# Partial sums per channel in backward's runs: a vector or two of every SIMD width in single
+# precision (4, 8, 16 floats), fewer in double.
+BACKWARD_LANES = {"single": 16, "double": 8}
+
+
+# The rows kind has each job's piece of a row fill whole cache lines, ROW_BYTES or more of them:
+# a row's loop then runs long enough for its own cost not to count.
+CACHE_LINE = 64
+ROW_BYTES = 256
+
+
+def _row_block(plan: Plan) -> int:
+    """Return the groups a rows job sweeps: the fewest (dividing the groups) whose channels
+    fill whole cache lines, ROW_BYTES or more; else the fewest that fill ROW_BYTES; else every
+    group."""
+    cpg, size = plan.channels_per_group, plan.dtype.bytes
+    divisors = [b for b in range(1, plan.num_groups + 1) if plan.num_groups % b == 0]
+    for fits in (lambda b: b * cpg * size % CACHE_LINE == 0 and b * cpg * size >= ROW_BYTES,
+                 lambda b: b * cpg * size >= ROW_BYTES):
+        found = [b for b in divisors if fits(b)]
+        if found:
+            return found[0]
+    return plan.num_groups
+
+
+def plan_backward(plan: Plan) -> Backward:
+    """Return how backward sweeps a group of the layer."""
+    from .kernel import BLOCK_TERMS, PLAIN_TERMS
+    loops = tuple(lp for lp in plan.layout.group_loops if printed(lp))
+    lanes = BACKWARD_LANES[plan.dtype.acc]
+    terms = plan.group_numel // plan.channels_per_group if not plan.runtime_sizes else None
+    long_sums = terms is None or terms > PLAIN_TERMS
+    if loops and loops[-1].stride == 1 and not loops[-1].runtime_stride:
+        kind = "rows" if loops[-1].is_channel else "runs"
+        run = loops[-1]
+        if kind == "runs" and not run.extent_syms:
+            lanes = min(lanes, 1 << (run.extent.bit_length() - 1))  # a short run: fewer lanes
+        block = 1
+        if kind == "rows":
+            block = _row_block(plan)
+        return Backward(kind, lanes, loops[:-1], run, long_sums, BLOCK_TERMS, block)
+    return Backward("nest", 1, loops, None, long_sums, BLOCK_TERMS)
+
+
+@dataclass(frozen=True)
 class CRecord(TargetRecord):
     """One layer lowered for C: its types, literals and kernel strategy."""
 
@@ -38,6 +103,13 @@ class CRecord(TargetRecord):
     activation_literals: dict = field(default_factory=dict)   # the fused activation's constants
     own_exp: bool = False           # single precision: the activation's e^x and erf are the
                                     # source's own (no libm call, loops stay vectorizable)
+    factor_literals: dict = field(default_factory=dict)  # training: the learn-rate and L2 factors
+    backward: Backward | None = None    # training: how backward sweeps a group
+
+
+# A layer's training factors (MATLAB's ScaleLearnRateFactor, ..., OffsetL2Factor).
+TRAINING_FACTORS = ("scale_learn_rate_factor", "offset_learn_rate_factor", "scale_l2_factor",
+                    "offset_l2_factor")
 
 
 def _uses(loops: tuple[Loop, ...]) -> frozenset[str]:
@@ -92,6 +164,8 @@ def lower_c(plan: Plan, threads: int | None = None) -> CRecord:
         rows_uses=_uses(kernel.row_loops),
         activation_literals=literals(plan.layer.activation, dt.acc),
         own_exp=bool(plan.layer.activation.libm) and dt.acc == "single",
+        factor_literals={k: dt.literal(getattr(plan.layer, k)) for k in TRAINING_FACTORS},
+        backward=plan_backward(plan) if plan.layer.training else None,
         plan=plan, ctype=dt.spelling.ctype, acc=dt.spelling,
         epsilon_literal=dt.literal(plan.layer.epsilon),
         inv_group_numel_literal=dt.literal(1.0 / plan.group_numel) if plan.group_numel else "",

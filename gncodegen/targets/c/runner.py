@@ -24,6 +24,7 @@ from ...build import (STRICT_WARNINGS, cache_root, compiler_version, content_key
                       staged_entry, write_sources)
 from ...render import Source
 from ...verify import Case, Runner
+from ...verify_train import SolverInputs, SolverRunner, TrainCase, TrainOutputs, TrainRunner
 from ...plan import Plan
 from .record import CRecord, as_record
 
@@ -38,9 +39,35 @@ def cdef_for(rec: CRecord) -> str:
     sizes = "".join(f", size_t {r.name}" for r in rec.plan.runtime_sizes)
     fusion = "".join(f", {'' if n == 'sum' else 'const '}{t} *{n}"
                      for n in rec.plan.layer.fusion_args)
-    return (f"int {prefix}_predict(const {t} *x, {t} *y, size_t batch{sizes}{fusion});\n"
+    text = (f"int {prefix}_predict(const {t} *x, {t} *y, size_t batch{sizes}{fusion});\n"
             f"int {prefix}_predict_with_params(const {t} *x, {t} *y, size_t batch{sizes}, "
             f"const {t} *scale, const {t} *offset{fusion});\n")
+    return text + (train_cdef(rec.plan.layer, t, prefix, sizes) if rec.plan.layer.training
+                   else "")
+
+
+def train_cdef(layer, t: str, prefix: str, sizes: str, a: str | None = None) -> str:
+    """Return the declarations of a training layer's entry points (element type t, the
+    statistics' type a: t unless given), for cffi."""
+    a = a or t
+    fusion = "".join(f", {'' if n == 'sum' else 'const '}{t} *{n}" for n in layer.fusion_args)
+    bwd = "".join(f", const {t} *{n}" for n in layer.fusion_args if n != "sum")
+    dada = f", {t} *dada_scale, {t} *dada_shift" if layer.adaptive else ""
+    return (f"int {prefix}_forward_train(const {t} *x, {t} *y, size_t batch{sizes}, "
+            f"const {t} *scale, const {t} *offset{fusion}, {a} *mean, {a} *rstd);\n"
+            f"int {prefix}_backward(const {t} *x, const {t} *dy, {t} *dx, {t} *dscale, "
+            f"{t} *doffset{dada}, size_t batch{sizes}, const {t} *scale, const {t} *offset{bwd}, "
+            f"const {a} *mean, const {a} *rstd);\n"
+            f"int {prefix}_sgdm_update({t} *scale, {t} *offset, {t} *scale_velocity, "
+            f"{t} *offset_velocity, const {t} *dscale, const {t} *doffset, {t} learn_rate, "
+            f"{t} momentum, {t} l2_regularization);\n"
+            f"int {prefix}_adam_update({t} *scale, {t} *offset, {t} *scale_m, {t} *offset_m, "
+            f"{t} *scale_v, {t} *offset_v, const {t} *dscale, const {t} *doffset, "
+            f"unsigned long step, {t} learn_rate, {t} beta1, {t} beta2, {t} epsilon, "
+            f"{t} l2_regularization);\n"
+            f"int {prefix}_rmsprop_update({t} *scale, {t} *offset, {t} *scale_sq, {t} *offset_sq, "
+            f"const {t} *dscale, const {t} *doffset, {t} learn_rate, {t} rho, {t} epsilon, "
+            f"{t} l2_regularization);\n")
 
 
 def with_openmp(layers: tuple[CRecord | Plan, ...], flags: tuple[str, ...]) -> tuple[str, ...]:
@@ -139,3 +166,70 @@ def c_runner(layer: CRecord | Plan, module) -> Runner:
         return y if written is None else (y, written)
 
     return run
+
+
+# The state arrays of each solver's update, in its argument order after scale and offset.
+SOLVER_STATE = {"sgdm": ("scale_velocity", "offset_velocity"),
+                "adam": ("scale_m", "offset_m", "scale_v", "offset_v"),
+                "rmsprop": ("scale_sq", "offset_sq")}
+
+
+def c_train_runners(layer: CRecord | Plan, module) -> tuple[TrainRunner, SolverRunner]:
+    """Return the runners of a training layer's entry points in a built cffi module."""
+    ffi, lib = module.ffi, module.lib
+    rec = as_record(layer)
+    plan = rec.plan
+    lay = plan.layer
+    np_dtype = plan.dtype.numpy
+    ctype = rec.ctype
+    prefix = plan.prefix
+
+    def buf(arr: np.ndarray):
+        return ffi.from_buffer(f"{ctype}[]", arr)
+
+    def own(values) -> np.ndarray:
+        return np.array(values, dtype=np_dtype)  # a copy the call may write
+
+    def call(name: str, *args) -> None:
+        rc = getattr(lib, f"{prefix}_{name}")(*args)
+        if rc != 0:
+            raise RuntimeError(f"{prefix}_{name} returned {rc}")
+
+    def run(tc: TrainCase) -> TrainOutputs:
+        case = tc.case
+        x = own(case.x)
+        y = x if case.in_place else np.full_like(x, np.nan)
+        stats = case.batch * lay.num_groups
+        mean, rstd = np.full(stats, np.nan, np_dtype), np.full(stats, np.nan, np_dtype)
+        scale, offset = own(case.scale), own(case.offset)
+        given = case.fusion_values()
+        written = np.full_like(x, np.nan) if case.want_sum else None
+        fusion = [buf(written) if n == "sum" and written is not None else
+                  ffi.NULL if n == "sum" else buf(own(given[n])) for n in lay.fusion_args]
+        call("forward_train", buf(x), buf(y), case.batch, *case.sizes, buf(scale), buf(offset),
+             *fusion, buf(mean), buf(rstd))
+        # backward from the original x (forward_train in place overwrote its copy); in
+        # place, dx overwrites dy
+        x = own(case.x)
+        dy = own(tc.dy)
+        dx = dy if case.in_place else np.full_like(x, np.nan)
+        dscale = np.full(lay.num_channels, np.nan, np_dtype)
+        doffset = np.full_like(dscale, np.nan)
+        dada = [np.full(case.batch * lay.num_channels, np.nan, np_dtype) for _ in range(2)
+                ] if lay.adaptive else []
+        bwd = [buf(own(given[n])) for n in lay.fusion_args if n != "sum"]
+        call("backward", buf(x), buf(dy), buf(dx), buf(dscale), buf(doffset),
+             *(buf(d) for d in dada), case.batch, *case.sizes, buf(scale), buf(offset), *bwd,
+             buf(mean), buf(rstd))
+        return TrainOutputs(y, mean, rstd, dx, dscale, doffset, *(dada or (None, None)),
+                            sum=written)
+
+    def solve(s: SolverInputs) -> dict:
+        out = {"scale": own(s.scale), "offset": own(s.offset),
+               **{k: own(s.state[k]) for k in SOLVER_STATE[s.solver]}}
+        call(f"{s.solver}_update", *(buf(out[k]) for k in ("scale", "offset",
+                                                            *SOLVER_STATE[s.solver])),
+             buf(own(s.dscale)), buf(own(s.doffset)), *s.hyper.values())
+        return out
+
+    return run, solve

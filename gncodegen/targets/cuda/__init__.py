@@ -20,7 +20,9 @@ from .options import CUDA_ARCH, CUDA_RUNNER
 from ..cmake import render_cmake
 from ...progress import say
 from .render import render_cuda
-from .runner import build_harness, compile_check, cuda_runner, gpu_name
+from .runner import (build_harness, compile_check, cuda_runner, cuda_train_refusals,
+                     cuda_train_runners, gpu_name, train_harness_source)
+from ...verify_train import train_cases, verify_training
 
 
 
@@ -96,6 +98,13 @@ class CudaTarget(Target):
             say(f"cuda: {plan.prefix}: {'on the GPU' if gpu else 'under the host emulation'}")
             exe = build_harness(plan, cp, sources, mode, keep=options.keep)
             report = verify_layer(plan.layer, "cuda", runner, cuda_runner(plan, exe))
+            if plan.layer.training:
+                train_exe = build_harness(plan, cp, sources, mode, keep=options.keep,
+                                          harness=train_harness_source(plan, cp))
+                run, solve = cuda_train_runners(plan, train_exe)
+                cases = list(train_cases(plan.layer))
+                checks += [*verify_training(plan.layer, run, solve, cases),
+                           cuda_train_refusals(plan, train_exe, cases[0])]
             reports.append(replace(report, cases=report.cases + tuple(checks)))
         if gpu:
             notes.append(f"cuda: built with nvcc and ran on the GPU ({gpu})")

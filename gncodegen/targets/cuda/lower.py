@@ -134,6 +134,8 @@ class CudaPlan(TargetRecord):
     dispatch: tuple[Rule, ...]        # the host code's launch rules, in order
     device_query_at: int              # the first rule that needs the device's attributes
     summary: tuple[str, ...]
+    max_grid: int = GRID_LIMIT        # training: blocks one generic launch may have
+    train_threads: int = 256          # training: threads of a generic block (TRAIN_THREADS)
 
     @property
     def params_space(self) -> str:
@@ -335,6 +337,10 @@ def chosen_variant(cp: CudaPlan, batch: int, cc_major: int, sms: int,
 # threads per (observation, group), looping over the group with the index arithmetic of the
 # call's shape (computed on the host from the sizes), loads of one element.
 RUNTIME_THREADS = 256
+# A training layer's forward_train and backward run generic kernels, one block of
+# TRAIN_THREADS per (observation, group) (backward's parameter sums: per channel), on the
+# call's shape as a runtime-size layer's kernel takes it; the solvers one thread a channel.
+TRAIN_THREADS = RUNTIME_THREADS
 
 
 @dataclass(frozen=True)
@@ -356,6 +362,7 @@ class CudaRuntimePlan(TargetRecord):
     summary: tuple[str, ...]
     max_grid: int = GRID_LIMIT        # blocks one launch may have (batch * groups)
     split: None = None                # no split kernels (the header says so by this)
+    train_threads: int = 256          # training: threads of a block (TRAIN_THREADS)
 
     @property
     def params_space(self) -> str:

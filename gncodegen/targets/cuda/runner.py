@@ -27,7 +27,8 @@ from ...build import cache_root, compiler_version, content_key, run_compiler, st
 from ...errors import BuildError, TargetUnavailable
 from ...plan import Plan
 from ...render import Source, render_template
-from ...verify import Case, Runner
+from ...verify import Case, CaseResult, Runner
+from ...verify_train import SolverInputs, SolverRunner, TrainCase, TrainOutputs, TrainRunner
 from .lower import CudaPlan
 
 # g++ ignores nvcc's `#pragma unroll`, and its maybe-uninitialized analysis cannot see that a
@@ -72,14 +73,21 @@ def harness_source(plan: Plan, cp: CudaPlan) -> Source:
                   render_template("cuda/harness.cu.j2", plan=plan, cp=cp))
 
 
+def train_harness_source(plan: Plan, cp: CudaPlan) -> Source:
+    """Return the training test driver for one training layer."""
+    return Source(f"{plan.prefix}_train_harness.cu",
+                  render_template("cuda/train_harness.cu.j2", plan=plan, cp=cp))
+
+
 def build_harness(plan: Plan, cp: CudaPlan, sources: list[Source], mode: str = "emulation",
-                  keep: bool = False) -> Path:
-    """Return the path of a built test driver for one layer (mode: emulation, tsan or gpu)."""
+                  keep: bool = False, harness: Source | None = None) -> Path:
+    """Return the path of a built test driver for one layer (mode: emulation, tsan or gpu):
+    the predict driver, or the one given (the training driver)."""
     names = {f"{plan.prefix}.cu", f"{plan.prefix}_cuda.h"}
     own = [s for s in sources if s.name in names]
     if len(own) != 2:
         raise BuildError(plan.prefix, [], f"sources {sorted(names)} not rendered")
-    harness = harness_source(plan, cp)
+    harness = harness or harness_source(plan, cp)
     files = [*own, harness]
     if mode in ("emulation", "tsan"):
         cc = "g++"
@@ -191,6 +199,78 @@ def cuda_runner(plan: Plan, exe: Path, env: dict | None = None) -> Runner:
         return res.y
 
     return run
+
+
+def cuda_train_runners(plan: Plan, exe: Path, env: dict | None = None
+                       ) -> tuple[TrainRunner, SolverRunner]:
+    """Return the runners of a training layer's CUDA entry points through its training
+    driver (one process a call, on files of raw elements)."""
+    layer = plan.layer
+    dtype = layer.dtype
+    acc = np.float64 if plan.dtype.acc == "double" else np.float32
+
+    def invoke(args: list[str], t: Path) -> None:
+        proc = subprocess.run([str(exe), *args], capture_output=True, text=True,
+                              env={**os.environ, **(env or {})}, timeout=600, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{plan.prefix} CUDA training driver {args[0]} failed "
+                               f"({proc.returncode}): {proc.stdout.strip()} "
+                               f"{proc.stderr.strip()[-2000:]}")
+
+    def run(tc: TrainCase) -> TrainOutputs:
+        case = tc.case
+        with tempfile.TemporaryDirectory(prefix="gn-cuda-train-") as tmp:
+            t = Path(tmp)
+            inputs = {"x": case.x, "dy": tc.dy, "scale": case.scale, "offset": case.offset,
+                      **{k: v for k, v in case.fusion_values().items() if v is not None}}
+            for name, values in inputs.items():
+                (t / f"{name}.bin").write_bytes(to_bits(values, dtype))
+            call = str(case.batch) + (":" + ",".join(map(str, case.sizes)) if case.sizes else "")
+            invoke(["train", tmp, call, "1" if case.in_place else "0",
+                    "1" if case.want_sum else "0"], t)
+
+            def read(name: str, stats: bool = False) -> np.ndarray:
+                raw = (t / f"{name}.bin").read_bytes()
+                return np.frombuffer(raw, dtype=acc).copy() if stats else from_bits(raw, dtype)
+
+            dada = (read("dada_scale"), read("dada_shift")) if layer.adaptive else (None, None)
+            return TrainOutputs(read("y"), read("mean", True), read("rstd", True), read("dx"),
+                                read("dscale"), read("doffset"), *dada,
+                                sum=read("sum") if case.want_sum else None)
+
+    def solve(s: SolverInputs) -> dict:
+        with tempfile.TemporaryDirectory(prefix="gn-cuda-solver-") as tmp:
+            t = Path(tmp)
+            arrays = {"scale": s.scale, "offset": s.offset, **s.state}
+            for name, values in {**arrays, "dscale": s.dscale, "doffset": s.doffset}.items():
+                (t / f"{name}.bin").write_bytes(to_bits(values, dtype))
+            (t / "hyper.txt").write_text(" ".join(repr(float(v)) for v in s.hyper.values()))
+            invoke([s.solver, tmp], t)
+            return {name: from_bits((t / f"{name}.bin").read_bytes(), dtype) for name in arrays}
+
+    return run, solve
+
+
+def cuda_train_refusals(plan: Plan, exe: Path, case: TrainCase, env: dict | None = None
+                        ) -> CaseResult:
+    """Return whether the training entry points refuse NULL pointers and Adam's step 0 with
+    cudaErrorInvalidValue (a CaseResult: passed or not, naming what was not refused)."""
+    with tempfile.TemporaryDirectory(prefix="gn-cuda-train-") as tmp:
+        t = Path(tmp)
+        c = case.case
+        for name, values in {"x": c.x, "dy": case.dy, "scale": c.scale, "offset": c.offset,
+                             **{k: v for k, v in c.fusion_values().items()
+                                if v is not None}}.items():
+            (t / f"{name}.bin").write_bytes(to_bits(values, plan.layer.dtype))
+        call = str(c.batch) + (":" + ",".join(map(str, c.sizes)) if c.sizes else "")
+        proc = subprocess.run([str(exe), "errors", tmp, call], capture_output=True, text=True,
+                              env={**os.environ, **(env or {})}, timeout=600, check=False)
+    codes = dict(line.split() for line in proc.stdout.splitlines() if len(line.split()) == 2)
+    want = codes.pop("invalid_value", None)
+    wrong = sorted(k for k, v in codes.items() if v != want)
+    passed = proc.returncode == 0 and want is not None and bool(codes) and not wrong
+    return CaseResult("train: refused calls" + (f" ({', '.join(wrong)} not refused)"
+                                                if wrong else ""), 0.0, 0.0, 0, passed)
 
 
 # --------------------------------------------------------------------------- ptxas report

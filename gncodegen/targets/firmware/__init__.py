@@ -10,6 +10,12 @@ Besides running, this target checks what firmware engineers ask of the code: it 
 a warning under the strict flags on every compiler (strict.py), makes no double-precision or
 heap calls, holds no mutable state and does not recurse; and it measures the footprint
 (sections and worst stack depth) on a Cortex-M at -Os (footprint.py).
+
+A training layer (`training: true`) also runs a second image whose harness holds its training
+cases and solver updates (train_harness.py): forward_train, backward and the three updates
+are compared with the float64 reference of gncodegen.training, their refusals are checked on
+the core, and the footprint lists the training entry points apart from the prediction kernel,
+whose budgets stay its own.
 """
 
 from __future__ import annotations
@@ -24,17 +30,20 @@ from ...options import SpecOption
 from ...plan import Plan
 from ...render import Source
 from ...spec import Spec
-from ...verify import Case, Report, verify_layer
+from ...verify import Case, CaseResult, Report, size_label, verify_layer
+from ...verify_train import solver_inputs, verify_training
 from ..base import CliOption, Outcome, RunOptions, Target
 from ..c import CTarget, spec_file_name
 from ..c.record import CRecord, as_record
 from .boards import BOARDS, STACK_BUDGET, TEXT_BUDGET, Board, require_tool
-from .footprint import (ALLOWED_CALLS, Footprint, FootprintRow, activation_calls,
-                        check_object_calls,
-                        footprint_flags, footprint_table, measure_footprint)
+from .footprint import (ALLOWED_CALLS, TRAINING_ENTRIES, EntryFootprint, Footprint,
+                        FootprintRow, activation_calls, check_object_calls, footprint_flags,
+                        footprint_table, measure_footprint, training_calls)
 from .harness import (firmware_cases, harness_for, hex_literal, measured_instructions,
                       measured_stack, parse_output, render_harness)
 from .project import project_for, render_project
+from .train_harness import (TrainingCases, TrainPrintout, parse_train_output,
+                            render_train_harness, train_harness_for, training_cases)
 from ...progress import say
 from .qemu import build_image, render_linker_script, run_image, support_sources
 from .strict import STRICT_CONFIGS, STRICT_OPTS, check_strict
@@ -114,23 +123,28 @@ class LayerRun:
     image: Path | None
     measured_stack: int | None = None   # deepest stack a kernel call used in the image
     instructions: int | None = None     # instructions one observation ran in the image
+    training_image: Path | None = None  # a training layer's second image
+    training_skipped: tuple[tuple[int, ...], ...] = ()   # runtime size sets it left out
 
 
 def verify_layer_on(board: Board, layer: CRecord | Plan, layer_sources: list[Source],
                     keep: bool = False, cases: list[Case] | None = None,
                     corrupt=None, opt: str | None = None,
-                    cflags: tuple[str, ...] | None = None) -> LayerRun:
+                    cflags: tuple[str, ...] | None = None,
+                    corrupt_training=None) -> LayerRun:
     """Return the verification of one layer on a firmware board, built at opt (the board's
-    own level unless given) or, with cflags, with exactly a user's flags.
+    own level unless given) or, with cflags, with exactly a user's flags. A training layer
+    also runs its training image, whose cases join the report ("train: ...").
 
     corrupt, when given, edits the parsed outputs before the comparison (tests use it to see
-    a wrong value fail).
+    a wrong value fail); corrupt_training likewise edits a training image's TrainPrintout.
     """
     rec = as_record(layer)
     plan = rec.plan
     layer = plan.layer
     opt = opt or board.opt
     cases = cases if cases is not None else firmware_cases(layer, board)   # fits, before work
+    trained = training_cases(layer, board) if layer.training else None
     if cflags is None:
         for config in STRICT_CONFIGS:
             if config.label == board.name or (board.name == "aarch64-linux"
@@ -149,6 +163,11 @@ def verify_layer_on(board: Board, layer: CRecord | Plan, layer_sources: list[Sou
                           lambda case: outputs[case.name], cases)
     report = replace(report, build=(("compiler", image.compiler),
                                     ("flags", " ".join(image.layer_flags))))
+    training = None
+    if trained is not None:
+        training = _run_training(board, rec, layer_sources, trained, keep, opt, cflags,
+                                 corrupt_training)
+        report = replace(report, cases=report.cases + training.results)
     footprint = None
     if board.cc:
         # Every core measures its own footprint at -Os (a Linux program's stack is not
@@ -159,16 +178,51 @@ def verify_layer_on(board: Board, layer: CRecord | Plan, layer_sources: list[Sou
             # The image ran the very code measured: add what its calls really used and ran.
             footprint = replace(footprint, stack_measured=measured_stack(printout),
                                 instructions=measured_instructions(printout, board, cases))
+            if training is not None:
+                footprint = footprint.with_training_measured(training.printout.stack)
         fused = activation_calls(layer.activation, layer.dtype)
-        bad = check_object_calls(footprint, layer.dtype, board.soft_float, fused)
+        trains = training_calls(layer)
+        bad = check_object_calls(footprint, layer.dtype, board.soft_float, fused, trains)
         if bad:
+            extra = ", ".join(sorted(trains - ALLOWED_CALLS[layer.dtype] - fused))
             raise VerificationError(
                 f"{plan.prefix}: the {board.name} object calls {', '.join(bad)}; "
                 f"{layer.dtype} precision may call only "
                 f"{', '.join(sorted(ALLOWED_CALLS[layer.dtype] | fused))}"
-                f"{' and the float helpers' if board.soft_float else ''}")
+                f"{' and the float helpers' if board.soft_float else ''}"
+                + (f" (its training entry points also {extra})" if extra else ""))
     return LayerRun(report, footprint, image.path, measured_stack(printout),
-                    measured_instructions(printout, board, cases))
+                    measured_instructions(printout, board, cases),
+                    training_image=None if training is None else training.image,
+                    training_skipped=() if trained is None else trained.skipped)
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """What a training layer's training image gave on a board."""
+
+    printout: TrainPrintout
+    results: tuple[CaseResult, ...]     # "train: ..." against the reference
+    image: Path
+
+
+def _run_training(board: Board, rec: CRecord, layer_sources: list[Source],
+                  trained: TrainingCases, keep: bool, opt: str,
+                  cflags: tuple[str, ...] | None, corrupt=None) -> TrainingRun:
+    """Return the run of a training layer's training image on a board: built as the
+    prediction image is, run, read back and compared with the reference."""
+    plan = rec.plan
+    cases = list(trained.cases)
+    solvers = list(solver_inputs(plan.layer))
+    harness = render_train_harness(rec, train_harness_for(plan, board, cases, solvers))
+    image = build_image(board, plan, layer_sources, harness, keep, opt, cflags)
+    # its printout names what failed (an exit status of 1 alone would not)
+    printout = parse_train_output(run_image(image, verdict=True), plan, cases, solvers)
+    if corrupt is not None:
+        printout = corrupt(printout)
+    results = verify_training(plan.layer, lambda tc: printout.cases[tc.name],
+                              lambda s: printout.solvers[s.solver], cases)
+    return TrainingRun(printout, results, image.path)
 
 
 def bound_numel(plan: Plan) -> int | None:
@@ -204,7 +258,7 @@ class FirmwareTarget(CTarget):
 
     def verify(self, spec: Spec, records: tuple[CRecord, ...], sources: list[Source],
                options: RunOptions) -> Outcome:
-        reports, rows, failures, manifest = [], [], [], {}
+        reports, rows, failures, manifest, skipped = [], [], [], {}, []
         cflags = parse_cflags(options.get(CFLAGS))
         for rec in records:
             plan = rec.plan
@@ -214,6 +268,12 @@ class FirmwareTarget(CTarget):
                 say(f"{self.board.name}: {plan.prefix} at {opt} under {self.board.runner_name}")
                 run = verify_layer_on(self.board, rec, layer_sources, keep=options.keep, opt=opt)
                 reports.append(run.report)
+                if run.training_skipped and opt == self.board.opt:
+                    left = "; ".join(size_label(plan.layer, s) for s in run.training_skipped)
+                    skipped.append(
+                        f"{plan.prefix} on {self.board.name}: training verified without the "
+                        f"runtime sizes {left} (their test vectors do not fit the "
+                        f"{self.board.machine} image; the c target verifies them)")
                 if run.footprint is not None and (fp is None or run.footprint.stack_measured
                                                   or run.footprint.instructions):
                     fp = run.footprint     # the one the -Os image also measured, where it ran
@@ -238,7 +298,8 @@ class FirmwareTarget(CTarget):
                                 + (" (a spec may raise text_budget and stack_budget)"
                                    if budget else ""))
         flags = " ".join(footprint_flags(self.board))
-        notes = (*footprint_table(rows), f"footprint measured with: {self.board.cc} {flags}")
+        notes = (*footprint_table(rows), f"footprint measured with: {self.board.cc} {flags}",
+                 *skipped)
         return Outcome(tuple(reports), {"footprint": manifest}, notes, tuple(failures))
 
 
