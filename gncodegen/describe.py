@@ -28,6 +28,8 @@ def layer_rows(plan: Plan) -> list[tuple[str, str]]:
         ("learn rate factors", f"scale {layer.scale_learn_rate_factor:g}, "
                                f"offset {layer.offset_learn_rate_factor:g}"),
         ("L2 factors", f"scale {layer.scale_l2_factor:g}, offset {layer.offset_l2_factor:g}"),
+        ("training", "forward_train, backward, sgdm/adam/rmsprop updates" if layer.training
+         else "no (prediction only)"),
     ]
 
 

@@ -19,7 +19,8 @@ from .dtypes import dtype
 from .spec import Layer
 from .training import (adam_reference, reference_backward, rmsprop_reference, sgdm_reference,
                        train_statistics)
-from .verify import Case, CaseResult, _normal, compare, compare_with_reference, iter_cases
+from .verify import (Case, CaseResult, _normal, compare, compare_sum, compare_with_reference,
+                     iter_cases)
 
 # The forward cases whose inputs the training entry points are verified on (by name, before
 # any runtime sizes are added to it): the in-place one also runs backward with dx == dy.
@@ -136,8 +137,9 @@ def solver_reference(layer: Layer, s: SolverInputs) -> dict:
 def verify_training(layer: Layer, run: TrainRunner, solve: SolverRunner,
                     cases: Iterable[TrainCase] | None = None) -> tuple[CaseResult, ...]:
     """Return the results of every training case and solver update against the reference:
-    forward_train's y, mean and rstd, backward's dx and parameter gradients, and each
-    solver's updated parameters and state. Their names start with "train: "."""
+    forward_train's y (and a skip layer's sum, bit for bit), mean and rstd, backward's dx and
+    parameter gradients, and each solver's updated parameters and state. Their names start
+    with "train: "."""
     dt = dtype(layer.dtype)
     tol = dt.tolerance
     unit = float(np.finfo(dt.accumulator.numpy).eps)  # a unit in the saved mean's last place
@@ -150,6 +152,10 @@ def verify_training(layer: Layer, run: TrainRunner, solve: SolverRunner,
         results.append(replace(compare_with_reference(out.y, case, fixed, case.scale,
                                                       case.offset, tol),
                                case=f"{name}: y"))
+        if case.want_sum:
+            if out.sum is None:
+                raise RuntimeError(f"{layer.name}: forward_train of {case.name!r} returned no sum")
+            results.append(replace(compare_sum(out.sum, case, fixed), case=f"{name}: sum"))
         mean, rstd = train_statistics(case.x, fixed, case.batch, skip=case.skip)
         results.append(_compare_mean(out.mean, mean, rstd, tol, unit, f"{name}: mean"))
         results.append(compare(out.rstd, rstd, tol, f"{name}: rstd"))

@@ -78,3 +78,40 @@ def test_runtime_sizes_table_times_both_builds(bench, capsys):
     assert [r[1] for r in rows] == ["NCHW", "NHWC"]               # E has no spatial size
     assert [r[-1] for r in rows] == ["runs", "rows"]
     assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
+
+
+def test_train_table_times_the_step_beside_pytorch_and_the_floors(bench, capsys):
+    """--train: forward_train + backward of each layout beside PyTorch's forward + backward
+    and the floors, in one run."""
+    assert bench.main(["--shapes", "A", "--quick", "--train"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = next(line for line in out if line.lstrip().startswith("shape")).split()
+    for column in ("fwd", "bwd", "step", "torch/C", "bwd/floor", "step/floor"):
+        assert column in header
+    rows = [line.split() for line in out if line.split()[:1] == ["A"]]
+    assert [r[1] for r in rows] == ["NCHW", "NHWC"]
+    assert all(float(v) > 0 for r in rows for v in r[2:])
+
+
+def test_benchmarked_backward_is_the_real_one(bench):
+    """The training build the benchmark times computes the layer's gradients."""
+    from gncodegen.training import reference_backward
+    for case in bench.cases(["A"]):
+        plan, lib, ffi = bench.build(case, 1, training=True)
+        rng = np.random.default_rng(5)
+        x = rng.standard_normal(case.numel).astype(np.float32)
+        dy = rng.standard_normal(case.numel).astype(np.float32)
+        y, dx = np.empty_like(x), np.empty_like(x)
+        mean = np.empty(case.n * case.g, np.float32)
+        rstd = np.empty_like(mean)
+        ds, do = np.empty(case.c, np.float32), np.empty(case.c, np.float32)
+        one, zero = np.ones(case.c, np.float32), np.zeros(case.c, np.float32)
+        buf = lambda a: ffi.from_buffer("float[]", a)   # noqa: E731
+        assert getattr(lib, f"{plan.prefix}_forward_train")(
+            buf(x), buf(y), case.n, buf(one), buf(zero), buf(mean), buf(rstd)) == 0
+        assert getattr(lib, f"{plan.prefix}_backward")(
+            buf(x), buf(dy), buf(dx), buf(ds), buf(do), case.n, buf(one), buf(zero), buf(mean),
+            buf(rstd)) == 0
+        ref = reference_backward(plan.layer, x, dy, case.n, one, zero)
+        for got, key in ((dx, "dx"), (ds, "dscale"), (do, "doffset")):
+            assert np.abs(got - ref[key]).max() <= 2e-5 * np.abs(ref[key]).max(), key

@@ -25,6 +25,9 @@
  *   fast kernels fuse d*d + s2 and the apply's multiply-add (fmaf) where the target has it
  *   squares that overflow (|x| beyond ~1e19) are summed again scaled by 2^-80 (exact);
  *   limit: |x| up to half the largest value (compact: the largest value / 72), else NaN
+ *   backward: two sweeps a group; the sums of grad and grad*(x - mean) by
+ *   each channel's contiguous runs in 16 partial sums; the observations fold into dscale
+ *   and doffset in order (the same bits on any number of threads)
  */
 #ifndef TRAIN_SGDM_H
 #define TRAIN_SGDM_H

@@ -18,6 +18,7 @@
  *   launch rules, in order (the first that holds picks the kernel):
  *     scalar: x or y not vector-aligned
  *     warp: otherwise
+ *   training: forward_train runs runtime_group_kernel (256 threads a (observation, group)) saving mean and rstd; backward runs backward_params_kernel (a block a channel, the observations in order: no atomics) then backward_dx_kernel (a block a group); the updates a thread a channel
  */
 #ifndef TRAIN_SGDM_CUDA_H
 #define TRAIN_SGDM_CUDA_H

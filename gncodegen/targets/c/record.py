@@ -59,6 +59,18 @@ def _row_block(plan: Plan) -> int:
     return plan.num_groups
 
 
+def backward_lines(bw: Backward, plan: Plan) -> tuple[str, ...]:
+    """Return the words of the header's kernel comment on a training layer's backward."""
+    how = {"runs": f"each channel's contiguous runs in {bw.lanes} partial sums",
+           "rows": f"row by row, {bw.block_groups} group{'s' if bw.block_groups > 1 else ''} "
+                   f"({bw.block_groups * plan.channels_per_group} channels) a job",
+           "nest": "the group's loop nest, one sum a channel"}[bw.kind]
+    return ("backward: two sweeps a group; the sums of grad and grad*(x - mean) by",
+            f"{how}{', compensated' if bw.compensated and bw.kind != 'runs' else ''}; the "
+            "observations fold into dscale",
+            "and doffset in order (the same bits on any number of threads)")
+
+
 def plan_backward(plan: Plan) -> Backward:
     """Return how backward sweeps a group of the layer."""
     from .kernel import BLOCK_TERMS, PLAIN_TERMS
@@ -153,7 +165,8 @@ def lower_c(plan: Plan, threads: int | None = None) -> CRecord:
     """Return the C record of a layer (threads: the spec's unless given)."""
     dt = plan.dtype
     kernel = plan_kernel(plan, THREADS.value(plan.layer) if threads is None else threads)
-    comment = kernel_comment(plan, kernel)
+    backward = plan_backward(plan) if plan.layer.training else None
+    comment = kernel_comment(plan, kernel) + (backward_lines(backward, plan) if backward else ())
     if plan.has_batch:
         batch_rule = f"batch * {plan.observation_numel_expr} overflows size_t"
     else:
@@ -165,7 +178,7 @@ def lower_c(plan: Plan, threads: int | None = None) -> CRecord:
         activation_literals=literals(plan.layer.activation, dt.acc),
         own_exp=bool(plan.layer.activation.libm) and dt.acc == "single",
         factor_literals={k: dt.literal(getattr(plan.layer, k)) for k in TRAINING_FACTORS},
-        backward=plan_backward(plan) if plan.layer.training else None,
+        backward=backward,
         plan=plan, ctype=dt.spelling.ctype, acc=dt.spelling,
         epsilon_literal=dt.literal(plan.layer.epsilon),
         inv_group_numel_literal=dt.literal(1.0 / plan.group_numel) if plan.group_numel else "",

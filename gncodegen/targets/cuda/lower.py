@@ -285,6 +285,7 @@ def lower_cuda(plan: Plan, options: CudaOptions | None = None) -> CudaPlan | Cud
                      + f": {v.why}")
     lines.append("launch rules, in order (the first that holds picks the kernel):")
     lines.extend(f"  {rule_text(r)}" for r in rules)
+    lines.extend(training_lines(layer))
     return CudaPlan(
         plan=plan, scalar=sc, archs=archs, vec=vec, offset_terms=offset_terms(plan),
         offset_type="size_t" if per_batch or plan.observation_numel > INT_MAX else "int",
@@ -343,6 +344,16 @@ RUNTIME_THREADS = 256
 TRAIN_THREADS = RUNTIME_THREADS
 
 
+def training_lines(layer) -> list[str]:
+    """Return the plan comment's words on a training layer's kernels (none otherwise)."""
+    if not layer.training:
+        return []
+    return [f"training: forward_train runs runtime_group_kernel ({TRAIN_THREADS} threads a "
+            "(observation, group)) saving mean and rstd; backward runs backward_params_kernel "
+            "(a block a channel, the observations in order: no atomics) then "
+            "backward_dx_kernel (a block a group); the updates a thread a channel"]
+
+
 @dataclass(frozen=True)
 class CudaRuntimePlan(TargetRecord):
     """The CUDA target's record of a layer with sizes given at run time: what runtime.cu.j2
@@ -391,6 +402,7 @@ def lower_cuda_runtime(plan: Plan) -> CudaRuntimePlan:
     if rescue is not None:
         lines.append(f"overflow rescue: a group whose sum of squares overflows {sc.acc} is "
                      f"summed again with d scaled by {rescue.unit_text}")
+    lines.extend(training_lines(layer))
     return CudaRuntimePlan(
         plan=plan, scalar=sc, archs=archs, threads=RUNTIME_THREADS, rescue=rescue,
         epsilon_literal=c_literal(layer.epsilon, acc),
