@@ -93,6 +93,16 @@ class Layout:
     channels_last: bool              # channel stride 1: one spatial index holds all channels
     runtime_strides: tuple[Loop, ...]  # loops whose stride depends on the batch count
 
+    @property
+    def batch_stride_expr(self) -> str:
+        """The distance between observations as generated code spells it from the sizes: the
+        observation's element count `numel` where B is the slowest dimension, else B's own
+        stride (CBT row-major keeps T outside B: the stride is C alone)."""
+        slowest = self.dims[-1].label == "B" if self.dims else True
+        if slowest:
+            return "numel"
+        return sym_product(self.batch_stride, self.batch_stride_syms)
+
 
 def _labelled(fmt: str) -> list[str]:
     counts: dict[str, int] = {}

@@ -39,6 +39,11 @@ LAYERS = {
     "double": dict(name="rt_f64", num_groups=2, format="SSCB", input_size=[3, None, 4],
                    dtype="double", epsilon=1e-6),
     "ssc": dict(name="rt_ssc", num_groups=1, format="SSC", input_size=[None, None, 2]),
+    # B between other dimensions in memory, with a runtime size outside it (T, B, C fastest
+    # last): the observations are C apart, not an observation's element count
+    "cbt_row": dict(name="rt_cbt_row", num_groups=2, format="CBT", layout="row-major",
+                    input_size=[6, None]),
+    "sbc_col": dict(name="rt_sbc_col", num_groups=4, format="SBC", input_size=[{"max": 9}, 8]),
 }
 
 
@@ -227,7 +232,8 @@ def test_cli_builds_runtime_layers_on_every_target(tmp_path):
 
 
 CUDA_LAYERS = {
-    **{k: LAYERS[k] for k in ("sscb", "cbt", "bssc", "scb_row", "double", "ssc")},
+    **{k: LAYERS[k] for k in ("sscb", "cbt", "bssc", "scb_row", "double", "ssc", "cbt_row",
+                              "sbc_col")},
     "half": dict(name="rt_half", num_groups=2, format="BSSC", layout="row-major",
                  input_size=[None, 3, 8], dtype="half"),
     "bfloat16": dict(name="rt_bf16", num_groups=4, format="SSCB", input_size=[5, None, 8],
