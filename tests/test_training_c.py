@@ -84,6 +84,11 @@ FUSION_SHAPES = {
     "SSCB-col": dict(format="SSCB", input_size=[3, 4, 8], num_groups=4),
     "BSSC-row": dict(format="BSSC", layout="row-major", input_size=[3, 2, 6], num_groups=3),
     "SC-row": dict(format="SC", layout="row-major", input_size=[7, 6], num_groups=3),
+    # channels fastest, groups of 16 channels: backward's rows jobs take 4 groups (256 bytes of
+    # a row) each, so a layer has several blocks, with and without B
+    "BSSC-blocks": dict(format="BSSC", layout="row-major", input_size=[2, 3, 256],
+                        num_groups=16),
+    "SSC-blocks": dict(format="SSC", layout="row-major", input_size=[3, 3, 128], num_groups=8),
 }
 
 # name: (spec keys, the sizes to run at, the activation's name)
@@ -145,6 +150,9 @@ THREAD_SHAPES = {
     "nchw": dict(format="BCSS", layout="row-major", input_size=[8, 32, 32], num_groups=4),
     "all": dict(format="SSCB", input_size=[16, 32, 16], num_groups=4, skip=True, adaptive=True,
                 activation="gelu"),
+    # channels fastest, four blocks of four groups: the threads split the blocks
+    "nhwc-blocks": dict(format="BSSC", layout="row-major", input_size=[16, 16, 256],
+                        num_groups=16),
 }
 SOLVER_FACTORS = {
     "frozen-scale": dict(ScaleLearnRateFactor=0),
@@ -485,7 +493,8 @@ FUSION_IDS = [f"{f}/{s}" for f in FUSIONS for s in FUSION_SHAPES]
 
 
 @pytest.mark.parametrize("fusion_id,batch",
-                         _batches(FUSION_IDS, lambda i: i.split("/")[1] == "SC-row"))
+                         _batches(FUSION_IDS,
+                                  lambda i: i.split("/")[1] in ("SC-row", "SSC-blocks")))
 def test_fusions_match_autograd(fusion_id, batch):
     fusion, shape = fusion_id.split("/")
     lib = _lib(f"fusion:{fusion_id}", *(f"fusion:{fusion}/{s}" for s in FUSION_SHAPES))

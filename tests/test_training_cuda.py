@@ -124,3 +124,20 @@ def test_nvcc_compiles_the_training_kernels_without_spills(key):
     assert any("backward_dx_kernel" in n for n in names), names
     assert any("backward_params_kernel" in n for n in names), names
     assert all(k.spill_stores == 0 and k.spill_loads == 0 for k in kernels), kernels
+
+
+@pytest.mark.parametrize("dtype", ["half", "bfloat16"])
+def test_an_update_that_leaves_a_parameter_fails_in_every_dtype(dtype):
+    """The solver checks can fail at the widest tolerances: each update moves the parameters
+    by more than bfloat16's 5e-2, so an update that skipped scale or offset is caught."""
+    plan, _, _, exe = _driver("sscb", dtype)
+    run, solve = cuda_train_runners(plan, exe)
+    cases = list(train_cases(plan.layer))[:1]
+    for key in ("scale", "offset"):
+        def lazy(s, key=key):
+            out = solve(s)
+            out[key] = getattr(s, key).copy()
+            return out
+        failed = {r.case for r in verify_training(plan.layer, run, lazy, cases) if not r.passed}
+        assert failed == {f"train: {solver}_update: {key}" for solver in ("sgdm", "adam",
+                                                                          "rmsprop")}, failed

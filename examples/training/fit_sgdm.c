@@ -54,18 +54,18 @@ static void write_unsigned(unsigned long value)
 
 /* The loss as "step <k> loss <d.dddd>e<exponent>", without printf (which a Cortex-M image
    may lack). */
-static void write_loss(unsigned step, double loss)
+static void write_loss(unsigned step, float loss)
 {
     int exponent = 0;
-    while (loss >= 10.0 && exponent < 99) {
-        loss /= 10.0;
+    while (loss >= 10.0f && exponent < 99) {
+        loss /= 10.0f;
         ++exponent;
     }
-    while (loss > 0.0 && loss < 1.0 && exponent > -99) {
-        loss *= 10.0;
+    while (loss > 0.0f && loss < 1.0f && exponent > -99) {
+        loss *= 10.0f;
         --exponent;
     }
-    const unsigned long digits = (unsigned long)(loss * 1e4 + 0.5); /* d.dddd as ddddd */
+    const unsigned long digits = (unsigned long)(loss * 1e4f + 0.5f); /* d.dddd as ddddd */
     fw_write("step ");
     write_unsigned(step);
     fw_write(" loss ");
@@ -98,21 +98,21 @@ int main(void)
     }
     memset(scale_velocity, 0, sizeof scale_velocity);
     memset(offset_velocity, 0, sizeof offset_velocity);
-    double first = 0.0;
-    double loss = 0.0;
+    float first = 0.0f; /* in float: a Cortex-M4 has no double-precision FPU */
+    float loss = 0.0f;
     for (unsigned step = 0; step <= STEPS; ++step) {
         if (train_sgdm_forward_train(x, y, BATCH, scale, offset, mean, rstd) != TRAIN_SGDM_OK) {
             fw_write("forward_train failed\n");
             fw_exit(1);
         }
         /* loss = mean of (y - target)^2 / 2, and its gradient at y */
-        loss = 0.0;
+        loss = 0.0f;
         for (size_t i = 0; i < NUMEL; ++i) {
             const float e = y[i] - target[i];
-            loss += 0.5 * (double)e * (double)e;
+            loss += 0.5f * e * e;
             dy[i] = e / (float)NUMEL;
         }
-        loss /= (double)NUMEL;
+        loss /= (float)NUMEL;
         if (step == 0) {
             first = loss;
         }
@@ -127,7 +127,7 @@ int main(void)
         }
     }
     /* Written so that a NaN fails. */
-    const int fitted = loss <= first * 1e-3;
+    const int fitted = loss <= first * 1e-3f;
     fw_write(fitted ? "fit ok\nend\n" : "fit FAILED\nend\n");
     fw_exit(fitted ? 0 : 1);
     return 0;

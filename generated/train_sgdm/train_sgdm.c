@@ -616,15 +616,15 @@ static void train_sgdm_sgdm_step(float *p, float *velocity, const float *dp, flo
 }
 
 /* One parameter's Adam step with g = dp + l2 * p: m and v are the decaying averages of g and g^2,
-   p -= step * m / (sqrt(v) + epsilon), step the learning rate with the bias correction. */
-static void train_sgdm_adam_step(float *p, float *m, float *v, const float *dp, float step,
+   p -= rate * m / (sqrt(v) + epsilon), rate the learning rate with the bias correction. */
+static void train_sgdm_adam_step(float *p, float *m, float *v, const float *dp, float rate,
     float beta1, float beta2, float epsilon, float l2)
 {
     for (size_t c = 0; c < TRAIN_SGDM_NUM_CHANNELS; ++c) {
         const float g = dp[c] + l2 * p[c];
         m[c] = beta1 * m[c] + (1.0f - beta1) * g;
         v[c] = beta2 * v[c] + (1.0f - beta2) * g * g;
-        p[c] -= step * m[c] / (sqrtf(v[c]) + epsilon);
+        p[c] -= rate * m[c] / (sqrtf(v[c]) + epsilon);
     }
 }
 

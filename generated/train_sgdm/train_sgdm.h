@@ -45,7 +45,7 @@ extern "C" {
 
 /* Return codes. */
 #define TRAIN_SGDM_OK 0
-#define TRAIN_SGDM_ERR_NULL (-1)  /* x, y, scale or offset is NULL */
+#define TRAIN_SGDM_ERR_NULL (-1)  /* x, y, scale or offset is NULL (training: any pointer but sum) */
 #define TRAIN_SGDM_ERR_BATCH (-2) /* batch * 288 overflows size_t */
 #define TRAIN_SGDM_ERR_STEP (-4)  /* adam_update's step is 0 (it counts from 1) */
 
@@ -79,7 +79,8 @@ extern const float train_sgdm_initial_offset[8];
  * As train_sgdm_predict_with_params, also saving each (observation, group)'s statistics for
  * backward: mean[n * TRAIN_SGDM_NUM_GROUPS + g] (rounded once to float) and
  * rstd[n * TRAIN_SGDM_NUM_GROUPS + g] = 1/sqrt(variance + epsilon), batch * TRAIN_SGDM_NUM_GROUPS each.
- * It normalizes with predict's kernel (not the tiny-group one), saving as it goes.
+ * It normalizes with predict's kernel (not the tiny-group one), saving as it goes. In place
+ * (y == x) is allowed, but backward needs the x forward_train read: keep a copy.
  */
 int train_sgdm_forward_train(const float *x, float *y, size_t batch, const float *scale,
     const float *offset, float *mean, float *rstd);
@@ -90,9 +91,10 @@ int train_sgdm_forward_train(const float *x, float *y, size_t batch, const float
  * x, scale, offset are as forward_train took them; mean and rstd are what it saved.
  *
  * Numerics: x^ is taken from the saved mean and rstd, with the residual mean of x - mean summed
- * first where |mean| * rstd > 4 (a large mean, which the saved mean holds rounded); each
- * observation's sums of grad and grad * x^ are taken per channel, and the parameters' gradients
- * summed over the batch in order, so threads give the same bits.
+ * first where |mean| * rstd > 4 (a large mean, which the saved mean holds rounded; one more
+ * read of the group); each observation's sums of grad and grad * x^ are taken per channel, and
+ * the parameters' gradients summed over the batch in order, so threads give the same bits.
+ * Its stack holds each group's per-channel sums (2 channels a group).
  */
 int train_sgdm_backward(const float *x, const float *dy, float *dx, float *dscale, float *doffset,
     size_t batch, const float *scale, const float *offset, const float *mean, const float *rstd);
